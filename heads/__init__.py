@@ -1,0 +1,32 @@
+"""Model-parallel Partial FC head: margins, distributed softmax CE, sparse optimizer, checkpoints.
+
+Public interface used by the trainer::
+
+    margin = CombinedMarginLoss(s=64.0, m1=1.0, m2=0.5, m3=0.0)
+    head = PartialFC(embedding_size, num_classes, sample_rate, margin, process_group=None)
+    loss, stats = head(local_embeddings, local_labels)
+    head_opt = build_head_optimizer(head, name="sgd", lr=0.1)
+    save_head(directory, head, head_opt); load_head(directory, head, head_opt)
+"""
+
+from heads.checkpoint import load_head, save_head
+from heads.comm import Topology, resolve_group, shard_range
+from heads.dist_softmax import margin_softmax_cross_entropy
+from heads.margin import CombinedMarginLoss
+from heads.optim import OPTIMIZERS, HeadOptimizer, build_head_optimizer
+from heads.partial_fc import PartialFC, sample_classes
+
+__all__ = [
+    "CombinedMarginLoss",
+    "PartialFC",
+    "HeadOptimizer",
+    "OPTIMIZERS",
+    "build_head_optimizer",
+    "save_head",
+    "load_head",
+    "margin_softmax_cross_entropy",
+    "sample_classes",
+    "shard_range",
+    "resolve_group",
+    "Topology",
+]

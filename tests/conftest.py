@@ -1,0 +1,35 @@
+"""Shared pytest setup: the `gpu` marker skips without CUDA; DeepSpeed runs on CPU here."""
+
+import os
+
+import pytest
+import torch
+
+# DeepSpeed picks its accelerator at import; without CUDA it must be told to use the CPU one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/arcscale/torch_extensions")
+)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LFW_ROOT = os.environ.get(
+    "ARCSCALE_LFW", os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "lfw")
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def lfw_root():
+    """Path to the real LFW data (../shared/data/lfw); the tests that need it fail without it."""
+    if not os.path.isdir(os.path.join(LFW_ROOT, "lfw-deepfunneled")):
+        pytest.fail(f"LFW data not found at {LFW_ROOT} (set ARCSCALE_LFW)")
+    return LFW_ROOT

@@ -1,0 +1,372 @@
+"""Experiment configuration: frozen dataclasses loaded from YAML, dotted CLI overrides, validation.
+
+Names follow insightface's arcface_torch (`configs/base.py`) where a user would look for them
+(`network`, `embedding_size`, `sample_rate`, `margin_list`, `batch_size` per device,
+`gradient_acc`, `num_classes`, `num_image`, `num_epoch`, `warmup_epoch`, `val_targets`,
+`frequent`, `verbose`, `seed`).
+Every error is a `ConfigError` whose message names the file and the dotted field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone. `network` is a name from `models.list_models()`; `kwargs` go to its builder."""
+
+    network: str = "r50"
+    embedding_size: int = 512
+    grad_checkpointing: bool = False
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training data. `kind`: `rec` (insightface `train.rec/.idx` in folder `rec`), `folder`
+    (one sub-folder per identity under `rec`) or `synthetic` (random images, no files).
+    `batch_size` is the micro-batch per device; `num_image`/`num_classes` as arcface_torch."""
+
+    kind: str = "rec"
+    rec: str = ""
+    num_classes: int = 0
+    num_image: int = 0
+    batch_size: int = 128
+    num_workers: int = 2
+    dali: bool = False
+    flip: bool = True
+    skip_corrupt: bool = False
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Partial FC head and its margin `cos(m1*theta + m2) - m3`, scale `s`."""
+
+    sample_rate: float = 1.0
+    margin_list: tuple = (1.0, 0.5, 0.0)
+    scale: float = 64.0
+    interclass_filtering_threshold: float = 0.0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """One optimizer recipe for backbone and head. arcface_torch: SGD lr 0.1 momentum 0.9
+    wd 5e-4 for ResNets, AdamW lr 1e-3 wd 0.1 for ViTs. `clip_grad` is DeepSpeed's
+    `gradient_clipping` of the backbone (0 disables)."""
+
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    gradient_acc: int = 1
+    clip_grad: float = 5.0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Polynomial decay (power 2, as arcface_torch's PolyScheduler) after linear warmup, per step.
+    `max_steps` > 0 overrides the step count derived from `num_epoch`."""
+
+    num_epoch: int = 20
+    warmup_epoch: int = 0
+    max_steps: int = 0
+    power: float = 2.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """DeepSpeed engine. `zero_stage` (-1: from the Accelerate launch config or the JSON),
+    `precision` fp32/fp16/bf16 ("": same fallbacks), `ds_config` a JSON in `ds_configs/` whose
+    "auto" fields are filled from this config ("": the Accelerate config's
+    `deepspeed_config_file`, else the stage's default). `offload` moves optimizer state (and
+    ZeRO-3 parameters) to CPU. `timeout_s` bounds every collective; `max_bad_steps` consecutive
+    non-finite losses stop the run."""
+
+    zero_stage: int = -1
+    precision: str = ""
+    ds_config: str = ""
+    offload: bool = False
+    timeout_s: int = 1800
+    max_bad_steps: int = 20
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Console line and TensorBoard scalars every `frequent` optimizer steps (rank 0)."""
+
+    frequent: int = 10
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Verification every `verbose` steps and at the end on `val_targets`: names of `<name>.bin`
+    in `data.rec` (as arcface_torch) or paths to `.bin` files."""
+
+    val_targets: tuple = ()
+    verbose: int = 2000
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """`every` optimizer steps (0: only at the end); `keep_last` complete checkpoints kept;
+    `resume`: false, true (latest in `output`) or a checkpoint directory path."""
+
+    every: int = 0
+    keep_last: int = 3
+    resume: Any = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole experiment. `output` is the run directory (checkpoints, TensorBoard, eval.jsonl)."""
+
+    output: str = "work_dirs/run"
+    seed: int = 2048
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+_CHOICES = {
+    "data.kind": ("rec", "folder", "synthetic"),
+    "optim.optimizer": ("sgd", "adamw"),
+    "engine.precision": ("", "fp32", "fp16", "bf16"),
+    "engine.zero_stage": (-1, 0, 1, 2, 3),
+}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Checks/converts one YAML value to the annotated type; raises ConfigError naming `where`."""
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(value)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls: type, raw: dict, prefix: str, src: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: '{prefix or 'top level'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"{src}: unknown key '{key}' (valid here: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        where = f"{src}: {prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.", src)
+        else:
+            kwargs[name] = _coerce(value, tp, where)
+    return cls(**kwargs)
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any, src: str) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{src}: '{dotted}' goes through non-mapping '{part}'")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`["optim.lr=0.05", "eval.val_targets=[lfw]"]` -> `[(dotted key, YAML-parsed value)]`.
+
+    Raises:
+        ConfigError: an override without `=`.
+    """
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override '{item}' is not of the form key=value")
+        key, text = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(text) if text != "" else ""))
+    return out
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Loads a YAML experiment file, applies dotted `key=value` overrides, validates.
+
+    Args:
+        path: YAML file (None: defaults only).
+        overrides: e.g. `["optim.lr=0.05", "data.batch_size=64"]`; values are parsed as YAML.
+
+    Returns:
+        A frozen, validated `Config`.
+
+    Raises:
+        ConfigError: missing file, YAML syntax error, unknown key, wrong type or bad value; the
+            message names the file (or "command line") and the dotted field.
+    """
+    src = path or "<defaults>"
+    raw: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path}: config file not found")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(raw, key, value, "command line")
+    if overrides:
+        src = f"{src} + command line"
+    cfg = _build(Config, raw, "", src)
+    validate(cfg, src)
+    return cfg
+
+
+def validate(cfg: Config, src: str = "<config>") -> None:
+    """Cross-field checks. Raises ConfigError naming `src` and the field."""
+
+    def bad(field_name: str, why: str) -> ConfigError:
+        return ConfigError(f"{src}: {field_name}: {why}")
+
+    for dotted, choices in _CHOICES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise bad(dotted, f"must be one of {list(choices)}, got {value!r}")
+    positive = {
+        "model.embedding_size": cfg.model.embedding_size,
+        "data.batch_size": cfg.data.batch_size,
+        "data.num_classes": cfg.data.num_classes,
+        "optim.gradient_acc": cfg.optim.gradient_acc,
+        "optim.lr": cfg.optim.lr,
+        "logging.frequent": cfg.logging.frequent,
+        "eval.verbose": cfg.eval.verbose,
+        "eval.batch_size": cfg.eval.batch_size,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "engine.timeout_s": cfg.engine.timeout_s,
+        "engine.max_bad_steps": cfg.engine.max_bad_steps,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise bad(name, f"must be > 0, got {value}")
+    if not 0.0 < cfg.head.sample_rate <= 1.0:
+        raise bad("head.sample_rate", f"must be in (0, 1], got {cfg.head.sample_rate}")
+    if len(cfg.head.margin_list) != 3:
+        raise bad("head.margin_list", f"must be [m1, m2, m3], got {list(cfg.head.margin_list)}")
+    if len(cfg.optim.betas) != 2:
+        raise bad("optim.betas", f"must be [beta1, beta2], got {list(cfg.optim.betas)}")
+    if cfg.data.kind != "synthetic" and not cfg.data.rec:
+        raise bad("data.rec", f"required for data.kind={cfg.data.kind}")
+    if cfg.data.kind == "synthetic" and cfg.data.num_image <= 0:
+        raise bad("data.num_image", "synthetic data needs num_image > 0")
+    if cfg.schedule.num_epoch <= 0 and cfg.schedule.max_steps <= 0:
+        raise bad("schedule.num_epoch", "one of num_epoch or max_steps must be > 0")
+    if cfg.schedule.warmup_epoch < 0:
+        raise bad("schedule.warmup_epoch", "must be >= 0")
+    if cfg.checkpoint.every < 0:
+        raise bad("checkpoint.every", "must be >= 0")
+    if not isinstance(cfg.checkpoint.resume, (bool, str)):
+        raise bad("checkpoint.resume", f"must be true/false or a path: {cfg.checkpoint.resume!r}")
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (tuples as lists) for YAML dumps and logs."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, path: str, resolved: dict | None = None) -> None:
+    """Writes the config, and the derived values as a trailing comment block, atomically."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if resolved:
+        text += "# resolved:\n" + "".join(f"#   {k}: {v}\n" for k, v in resolved.items())
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Values derived once from the config, the world size and the dataset; never written back.
+
+    `global_batch` = batch_size * world_size * gradient_acc samples per optimizer step.
+    """
+
+    world_size: int
+    num_image: int
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def resolve(cfg: Config, world_size: int, num_image: int) -> Resolved:
+    """Derives step counts as arcface_torch does (`num_image // global_batch` steps per epoch).
+
+    Raises:
+        ConfigError: when the dataset is smaller than one global batch.
+    """
+    global_batch = cfg.data.batch_size * world_size * cfg.optim.gradient_acc
+    steps_per_epoch = num_image // global_batch
+    if steps_per_epoch == 0 and cfg.schedule.max_steps <= 0:
+        raise ConfigError(
+            f"data.batch_size: global batch {global_batch} (batch_size {cfg.data.batch_size} x "
+            f"world size {world_size} x gradient_acc {cfg.optim.gradient_acc}) exceeds the "
+            f"{num_image} images of the dataset"
+        )
+    total = cfg.schedule.max_steps or steps_per_epoch * cfg.schedule.num_epoch
+    warmup = min(total, steps_per_epoch * cfg.schedule.warmup_epoch)
+    return Resolved(world_size, num_image, global_batch, max(steps_per_epoch, 1), total, warmup)

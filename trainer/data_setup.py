@@ -1,0 +1,121 @@
+"""Builds the training dataset and loader from the config; checks data files before any
+process-group work so that a bad path fails in one line (exit code 2)."""
+
+from __future__ import annotations
+
+import os
+
+from trainer.config import Config, ConfigError
+
+
+def rec_paths(cfg: Config) -> tuple[str, str]:
+    """(`train.rec`, `train.idx`) of `data.rec` (a folder, or the `.rec` file itself)."""
+    rec = cfg.data.rec
+    if os.path.isdir(rec):
+        rec = os.path.join(rec, "train.rec")
+    return rec, os.path.splitext(rec)[0] + ".idx"
+
+
+def data_dir(cfg: Config) -> str:
+    rec = cfg.data.rec
+    return rec if os.path.isdir(rec) else os.path.dirname(rec)
+
+
+def val_bin_paths(cfg: Config) -> dict[str, str]:
+    """`eval.val_targets` -> {name: path}: a name is `<data folder>/<name>.bin` (arcface_torch),
+    anything with a `/` or ending in `.bin` is a path."""
+    out = {}
+    for target in cfg.eval.val_targets:
+        target = str(target)
+        if target.endswith(".bin") or os.sep in target:
+            name, path = os.path.splitext(os.path.basename(target))[0], target
+        else:
+            name, path = target, os.path.join(data_dir(cfg), f"{target}.bin")
+        out[name] = path
+    return out
+
+
+def preflight(cfg: Config) -> None:
+    """Checks files and dataset metadata named by the config.
+
+    Raises:
+        ConfigError: a missing `.rec`/`.idx`/folder or `.bin`, or a `data.num_classes` that
+            disagrees with the dataset's `property` file.
+    """
+    if cfg.data.kind == "rec":
+        rec, idx = rec_paths(cfg)
+        for path in (rec, idx):
+            if not os.path.isfile(path):
+                raise ConfigError(f"data.rec: file not found: {path}")
+        prop = os.path.join(os.path.dirname(rec), "property")
+        if os.path.isfile(prop):
+            from data.recordio import read_property
+
+            num_classes = read_property(prop)[0]
+            if num_classes != cfg.data.num_classes:
+                raise ConfigError(
+                    f"data.num_classes: config says {cfg.data.num_classes} but {prop} says "
+                    f"{num_classes}"
+                )
+    elif cfg.data.kind == "folder" and not os.path.isdir(cfg.data.rec):
+        raise ConfigError(f"data.rec: image folder not found: {cfg.data.rec}")
+    for name, path in val_bin_paths(cfg).items():
+        if not os.path.isfile(path):
+            raise ConfigError(f"eval.val_targets: '{name}': file not found: {path}")
+
+
+def build_dataset(cfg: Config):
+    """The map-style dataset of `data.kind` (uint8 HWC RGB images, int labels).
+
+    Raises:
+        ConfigError: labels that do not fit `data.num_classes`.
+    """
+    from data.datasets import ImageFolderDataset, RecordDataset, SyntheticDataset
+
+    if cfg.data.kind == "synthetic":
+        return SyntheticDataset(cfg.data.num_image, cfg.data.num_classes, seed=cfg.seed)
+    if cfg.data.kind == "folder":
+        ds = ImageFolderDataset(cfg.data.rec)
+    else:
+        rec, idx = rec_paths(cfg)
+        ds = RecordDataset(rec, idx, num_classes=cfg.data.num_classes)
+    if ds.num_classes > cfg.data.num_classes:
+        raise ConfigError(
+            f"data.num_classes: {cfg.data.rec} has {ds.num_classes} classes, config says "
+            f"{cfg.data.num_classes}"
+        )
+    return ds
+
+
+def build_loader(cfg: Config, dataset, rank: int, world_size: int, device):
+    """DALI on a GPU when `data.dali` is set (RecordIO only), the CPU loader otherwise."""
+    if cfg.data.dali and device.type == "cuda":
+        if cfg.data.kind != "rec":
+            raise ConfigError("data.dali: DALI reads RecordIO only (data.kind=rec)")
+        from data.dali_loader import build_dali_loader
+
+        rec, idx = rec_paths(cfg)
+        return build_dali_loader(
+            rec,
+            idx,
+            cfg.data.batch_size,
+            rank,
+            world_size,
+            cfg.seed,
+            device_id=device.index or 0,
+            num_threads=cfg.data.num_workers,
+            flip=cfg.data.flip,
+        )
+    from data.loader import build_cpu_loader
+
+    return build_cpu_loader(
+        dataset,
+        cfg.data.batch_size,
+        rank,
+        world_size,
+        cfg.seed,
+        num_workers=cfg.data.num_workers,
+        flip=cfg.data.flip,
+        persistent_workers=cfg.data.num_workers > 0,
+        pin_memory=device.type == "cuda",
+    )

@@ -1,0 +1,90 @@
+"""One optimizer step: `gradient_acc` micro-batches through the engine and the Partial FC head.
+
+Order per micro-batch: engine forward -> head loss (fp32) -> `accelerator.backward` (which, at
+the accumulation boundary, also runs `engine.step()`: clipping, overflow check, update).
+At the boundary the head unscales its gradients by the loss scale S the engine used and steps
+only if the engine applied its step too, so an fp16 overflow skips both together.
+A non-finite loss is never backpropagated (design.md, reliability issue).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainer.engine import loss_scale
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did. `loss` is the mean finite micro-batch loss (nan if none)."""
+
+    loss: float
+    applied: bool
+    bad_micro_batches: int
+    loss_scale: float
+    num_sampled: float
+
+
+def train_step(
+    accelerator,
+    engine,
+    head,
+    head_opt,
+    micro_batches,
+    precision: str,
+    device: torch.device,
+) -> StepResult:
+    """Runs one optimizer step over `micro_batches` (a list of `gradient_acc` (images, labels)).
+
+    Args:
+        accelerator: the Accelerator that prepared `engine` (its `accumulate` marks the boundary).
+        engine: DeepSpeed engine of the backbone; embeddings come out in its dtype.
+        head, head_opt: the Partial FC head (outside ZeRO) and its optimizer.
+        micro_batches: list of (images float32 (B,3,112,112), labels int64 (B,)).
+        precision: "fp32", "fp16" or "bf16": the engine's parameter dtype for the inputs.
+        device: where the engine and head live.
+
+    Returns:
+        StepResult; `applied` is False when the engine skipped (fp16 overflow), the head's
+        gradients were non-finite, or every micro-batch had a non-finite loss.
+    """
+    dtype = DTYPES[precision]
+    scale = loss_scale(engine)  # the S this step's backward multiplies by
+    losses, bad, sampled = [], 0, 0.0
+    stepped = False
+    for images, labels in micro_batches:
+        with accelerator.accumulate(engine):
+            boundary = accelerator.sync_gradients
+            images = images.to(device, dtype, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            embeddings = engine(images)
+            loss, stats = head(embeddings, labels)
+            sampled += float(stats.get("num_sampled", 0))
+            if torch.isfinite(loss):  # the loss is replicated: every rank takes the same branch
+                losses.append(loss.detach())
+                accelerator.backward(loss)
+                stepped |= boundary
+            elif len(micro_batches) > 1:
+                # Keep DeepSpeed's accumulation window in step with a zero contribution.
+                bad += 1
+                accelerator.backward(embeddings.float().sum() * 0.0)
+                stepped |= boundary
+            else:
+                bad += 1
+    applied = stepped and bool(engine.was_step_applied()) and bad < len(micro_batches)
+    head_finite = head_opt.unscale_(loss_scale=scale)
+    if applied and head_finite:
+        head_opt.step()
+    head_opt.zero_grad()
+    mean_loss = torch.stack(losses).mean().item() if losses else float("nan")
+    return StepResult(
+        loss=mean_loss,
+        applied=applied and head_finite,
+        bad_micro_batches=bad,
+        loss_scale=scale,
+        num_sampled=sampled / max(len(micro_batches), 1),
+    )
