@@ -1,0 +1,98 @@
+"""Data-loading throughput: CPU loader (1 and 2 workers) and the DALI CPU pipeline.
+
+    python benchmarks/bench_data.py [--rec work_dirs/lfw_demo/train.rec] [--batch-size 128]
+        [--batches 40] [--dali-threads 2]
+
+Reads the LFW demo ``.rec`` (built with ``tools/prepare_lfw.py`` when missing) and prints a
+Markdown table of images/s per rank, decode + flip + normalize included, after one warm-up
+batch (worker start-up and pipeline build are reported separately). Speed only, never pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script: make the repo's packages importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from data.dali_loader import build_dali_loader
+from data.datasets import RecordDataset
+from data.loader import build_cpu_loader
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_REC = os.path.join(REPO_ROOT, "work_dirs", "lfw_demo", "train.rec")
+
+
+def ensure_rec(rec_path: str) -> None:
+    """Build the LFW demo split with ``tools/prepare_lfw.py`` if ``rec_path`` is missing."""
+    if os.path.isfile(rec_path):
+        return
+    from tools.prepare_lfw import main as prepare_main
+
+    if prepare_main(["--out", os.path.dirname(rec_path), "--no-progress"]) != 0:
+        raise SystemExit(f"bench_data: could not build {rec_path} with tools/prepare_lfw.py")
+
+
+def measure(loader, batches: int) -> dict:
+    """Time ``batches`` batches after the first one; returns start-up seconds and images/s."""
+    t0 = time.perf_counter()
+    it = iter(loader)
+    images, _ = next(it)
+    startup = time.perf_counter() - t0
+    n, t1 = 0, time.perf_counter()
+    for _ in range(batches):
+        try:
+            images, _ = next(it)
+        except StopIteration:
+            break
+        n += images.shape[0]
+    elapsed = time.perf_counter() - t1
+    del it
+    return {"startup_s": startup, "images": n, "seconds": elapsed, "img_per_s": n / elapsed}
+
+
+def run(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    ensure_rec(args.rec)
+    ds = RecordDataset(args.rec)
+    rows = []
+    for workers in (1, 2):
+        loader = build_cpu_loader(ds, args.batch_size, 0, 1, seed=0, num_workers=workers)
+        rows.append(
+            (f"CPU loader, {workers} worker{'s' * (workers > 1)}", measure(loader, args.batches))
+        )
+    dali = build_dali_loader(
+        args.rec, None, args.batch_size, 0, 1, seed=0, num_threads=args.dali_threads
+    )
+    rows.append((f"DALI CPU pipeline, {args.dali_threads} threads", measure(dali, args.batches)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rec", default=DEFAULT_REC, help="RecordIO file (default: LFW demo)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batches", type=int, default=40, help="timed batches after one warm-up")
+    p.add_argument("--dali-threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # the main process only flips and normalizes
+    rows = run(args)
+    print(
+        f"\nData loading, {args.rec} (batch {args.batch_size}, 112x112 JPEG, flip+normalize), "
+        f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}\n"
+    )
+    print("| loader | images/s | timed images | start-up + first batch (s) |")
+    print("|---|---:|---:|---:|")
+    for name, r in rows:
+        print(f"| {name} | {r['img_per_s']:.0f} | {r['images']} | {r['startup_s']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,266 @@
+"""Map-style face datasets: insightface RecordIO, an image folder, and a synthetic source.
+
+Every dataset yields ``(image, label)`` with ``image`` a uint8 (H, W, 3) RGB array (or whatever
+``transform`` maps it to) and ``label`` a Python int in ``[0, num_classes)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from data.decode import decode_image
+from data.recordio import RecordIOReader, read_property, unpack
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageFolderDataset",
+    "RecordDataset",
+    "SyntheticDataset",
+    "image_keys_of",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+Transform = Callable[[np.ndarray], Any]
+
+
+def _label_to_int(label: Any, where: str) -> int:
+    """Header label (float, or float32 array whose first element is the class) -> int."""
+    flat = np.asarray(label, dtype=np.float64).reshape(-1)
+    if flat.size == 0:
+        raise ValueError(f"{where}: empty label array")
+    value = float(flat[0])
+    if not np.isfinite(value) or value != int(value):
+        raise ValueError(f"{where}: label {value!r} is not an integer class id")
+    return int(value)
+
+
+def image_keys_of(reader: RecordIOReader, name: str) -> list[int]:
+    """Keys of the image records of an insightface-style RecordIO file.
+
+    insightface writes a header at key 0 with ``flag > 0`` and ``label = [first_identity_key,
+    end_identity_key]``: images are keys ``range(1, int(label[0]))`` and the records after them
+    describe identities (empty payloads). Without such a header every key in the index is an
+    image. Reference: insightface arcface_torch ``dataset.py`` (``MXFaceDataset``).
+
+    Args:
+        reader: an open reader. name: the file named in errors.
+
+    Returns:
+        list of int keys, in index order.
+
+    Raises:
+        ValueError: the header names image keys missing from the index, or none at all.
+    """
+    keys = list(reader.keys)
+    if not keys:
+        raise ValueError(f"{name}: the index lists no records")
+    if 0 not in keys:
+        return keys
+    header, _ = unpack(reader.read(0))
+    if header.flag <= 0:
+        return keys
+    end = int(np.asarray(header.label).reshape(-1)[0])
+    image_keys = list(range(1, end))
+    if not image_keys:
+        raise ValueError(f"{name} key 0: header says there are no images (label={end})")
+    present = set(keys)
+    missing = [k for k in (image_keys[0], image_keys[-1]) if k not in present]
+    if missing:
+        raise ValueError(
+            f"{name} key 0: header declares image keys 1..{end - 1} but key "
+            f"{missing[0]} is not in the index"
+        )
+    return image_keys
+
+
+def _num_classes_of(reader: RecordIOReader, rec_path: str) -> int:
+    """num_classes from the ``property`` file, else from the header's identity-record range."""
+    folder = os.path.dirname(os.path.abspath(rec_path))
+    if os.path.isfile(os.path.join(folder, "property")):
+        return int(read_property(folder)[0])
+    if 0 in set(reader.keys):
+        header, _ = unpack(reader.read(0))
+        label = np.asarray(header.label).reshape(-1)
+        if header.flag > 0 and label.size >= 2 and label[1] > label[0]:
+            return int(label[1]) - int(label[0])
+    raise ValueError(
+        f"{rec_path}: num_classes unknown: pass num_classes= or write a 'property' file "
+        f"('num_classes,112,112') next to the .rec"
+    )
+
+
+class RecordDataset:
+    """Images and labels of an insightface/MXNet ``.rec`` + ``.idx`` pair.
+
+    Args:
+        rec_path: path to ``train.rec``.
+        idx_path: path to the index; default: ``rec_path`` with ``.idx``.
+        num_classes: number of identities; default: from ``property`` next to the rec, else from
+            the identity-record range in the header record.
+        transform: applied to the uint8 (H, W, 3) RGB image.
+
+    Item ``i`` is ``(transform(image), label)``; ``label`` is a Python int.
+
+    Raises:
+        ValueError: unknown num_classes; from ``__getitem__``: a label outside
+            ``[0, num_classes)`` or an undecodable image, naming the file and the key.
+        RecordIOError: from the reader, for a malformed file.
+        IndexError: index out of range.
+    """
+
+    def __init__(
+        self,
+        rec_path: str,
+        idx_path: str | None = None,
+        num_classes: int | None = None,
+        transform: Transform | None = None,
+    ) -> None:
+        self.rec_path = str(rec_path)
+        self.idx_path = str(idx_path) if idx_path else os.path.splitext(self.rec_path)[0] + ".idx"
+        self.reader = RecordIOReader(self.rec_path, self.idx_path)
+        self.keys = image_keys_of(self.reader, self.rec_path)
+        self.num_classes = (
+            int(num_classes) if num_classes is not None else _num_classes_of(self.reader, rec_path)
+        )
+        if self.num_classes <= 0:
+            raise ValueError(f"{rec_path}: num_classes must be positive, got {self.num_classes}")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read_label(self, index: int) -> int:
+        """Label of item ``index`` (reads the record, skips the image decode)."""
+        key = self.keys[index]
+        header, _ = unpack(self.reader.read(key))
+        return self._check_label(header.label, key)
+
+    def _check_label(self, raw: Any, key: int) -> int:
+        where = f"{self.rec_path} key {key}"
+        label = _label_to_int(raw, where)
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"{where}: label {label} outside [0, {self.num_classes})")
+        return label
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        if not -len(self.keys) <= index < len(self.keys):
+            raise IndexError(f"{self.rec_path}: index {index} out of range ({len(self.keys)})")
+        key = self.keys[index]
+        header, payload = unpack(self.reader.read(key))  # reader errors name file and key
+        label = self._check_label(header.label, key)
+        image = decode_image(payload, where=f"{self.rec_path} key {key}")
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+class ImageFolderDataset:
+    """``root/<identity>/<image>``: one sub-folder per identity, labels by sorted folder name.
+
+    Args:
+        root: dataset folder.
+        transform: applied to the uint8 (H, W, 3) RGB image.
+
+    Item ``i`` is ``(transform(image), label)``; files are sorted within each identity.
+
+    Raises:
+        FileNotFoundError: ``root`` missing.
+        ValueError: no identity folders, an empty identity folder, a file directly under
+            ``root``, or a file whose extension is not in ``IMAGE_EXTENSIONS`` (nothing is skipped);
+            from ``__getitem__``: an undecodable image, naming the file.
+    """
+
+    def __init__(self, root: str, transform: Transform | None = None) -> None:
+        self.root = str(root)
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"{self.root}: image folder not found")
+        entries = sorted(os.listdir(self.root))
+        stray = [e for e in entries if not os.path.isdir(os.path.join(self.root, e))]
+        if stray:
+            raise ValueError(
+                f"{self.root}: expected only identity folders, found file {stray[0]!r}"
+            )
+        if not entries:
+            raise ValueError(f"{self.root}: no identity folders")
+        self.classes = entries
+        self.samples: list[tuple[str, int]] = []
+        for label, name in enumerate(entries):
+            folder = os.path.join(self.root, name)
+            files = sorted(os.listdir(folder))
+            if not files:
+                raise ValueError(f"{folder}: identity folder is empty")
+            for f in files:
+                path = os.path.join(folder, f)
+                if not f.lower().endswith(IMAGE_EXTENSIONS) or not os.path.isfile(path):
+                    raise ValueError(
+                        f"{path}: not an image file (allowed: {', '.join(IMAGE_EXTENSIONS)})"
+                    )
+                self.samples.append((path, label))
+        self.num_classes = len(entries)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        with open(path, "rb") as fh:
+            image = decode_image(fh.read(), where=path)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+class SyntheticDataset:
+    """Random uint8 images with cyclic labels, so any run can start without a dataset.
+
+    Item ``i`` is a fixed (H, W, 3) uint8 image drawn from ``np.random.default_rng([seed, i])``
+    (the same in every process and on every call) and label ``i % num_classes``.
+
+    Args:
+        num_samples: dataset length (> 0).
+        num_classes: number of identities (> 0).
+        image_size: H = W in pixels.
+        seed: changes every image.
+        transform: applied to the uint8 image.
+
+    Raises:
+        ValueError: non-positive sizes. IndexError: index out of range.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        num_classes: int,
+        image_size: int = 112,
+        seed: int = 0,
+        transform: Transform | None = None,
+    ) -> None:
+        for name, v in (("num_samples", num_samples), ("num_classes", num_classes)):
+            if int(v) <= 0:
+                raise ValueError(f"SyntheticDataset: {name} must be positive, got {v}")
+        if int(image_size) <= 0:
+            raise ValueError(f"SyntheticDataset: image_size must be positive, got {image_size}")
+        self.num_samples = int(num_samples)
+        self.num_classes = int(num_classes)
+        self.image_size = int(image_size)
+        self.seed = int(seed)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"SyntheticDataset: index {index} out of range ({self.num_samples})")
+        rng = np.random.default_rng([self.seed, index])
+        s = self.image_size
+        image = rng.integers(0, 256, size=(s, s, 3), dtype=np.uint8)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, index % self.num_classes

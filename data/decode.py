@@ -1,0 +1,124 @@
+"""Image decoding and the ArcFace input normalization.
+
+JPEG goes through simplejpeg (libjpeg-turbo, no Python-side copies), everything else through
+OpenCV, and Pillow is the last resort for formats neither handles (e.g. some CMYK JPEGs).
+"""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+import simplejpeg
+import torch
+from PIL import Image
+
+__all__ = ["decode_image", "normalize"]
+
+# OpenCV would otherwise spawn its own thread pool inside every DataLoader worker.
+cv2.setNumThreads(1)
+
+
+def _to_rgb3(img: np.ndarray) -> np.ndarray:
+    """Gray (H, W) / (H, W, 1) or RGBA (H, W, 4) -> (H, W, 3) RGB uint8, C-contiguous."""
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    elif img.shape[2] == 4:
+        img = img[:, :, :3]
+    return np.ascontiguousarray(img)
+
+
+def _decode_jpeg(buf: bytes) -> np.ndarray | None:
+    try:
+        return simplejpeg.decode_jpeg(buf, colorspace="RGB")
+    except (ValueError, RuntimeError):
+        return None  # e.g. CMYK or damaged headers: let the generic decoders try
+
+
+def _decode_cv2(buf: bytes) -> np.ndarray | None:
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    img = cv2.imdecode(arr, cv2.IMREAD_UNCHANGED)
+    if img is None or img.dtype != np.uint8:
+        return None  # 16-bit PNGs and the like go to PIL, which converts to 8-bit
+    if img.ndim == 3 and img.shape[2] == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if img.ndim == 3 and img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    return img
+
+
+def _decode_pil(buf: bytes) -> np.ndarray | None:
+    try:
+        with Image.open(io.BytesIO(buf)) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception:  # PIL raises many unrelated types for bad data
+        return None
+
+
+def decode_image(buf: bytes, where: str = "<bytes>") -> np.ndarray:
+    """Decode an encoded image (JPEG, PNG, BMP, WebP, ...) to RGB.
+
+    Args:
+        buf: encoded image bytes.
+        where: names the source in error messages, e.g. ``"train.rec key 17"``.
+
+    Returns:
+        ``np.ndarray`` uint8 of shape (H, W, 3), RGB channel order, C-contiguous.
+        Gray images are replicated to three channels; alpha is dropped.
+
+    Raises:
+        ValueError: if ``buf`` is empty or no decoder can read it; the message contains ``where``.
+    """
+    if not isinstance(buf, (bytes, bytearray, memoryview)):
+        raise ValueError(f"{where}: expected encoded image bytes, got {type(buf).__name__}")
+    buf = bytes(buf)
+    if len(buf) == 0:
+        raise ValueError(f"{where}: empty image payload")
+    img = None
+    if simplejpeg.is_jpeg(buf):
+        img = _decode_jpeg(buf)
+    if img is None:
+        img = _decode_cv2(buf)
+    if img is None:
+        img = _decode_pil(buf)
+    if img is None:
+        head = buf[:8].hex()
+        raise ValueError(
+            f"{where}: cannot decode image ({len(buf)} bytes, starts with 0x{head}); "
+            "not a JPEG/PNG/BMP/WebP file or corrupted"
+        )
+    return _to_rgb3(img)
+
+
+def normalize(images: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """Map uint8 RGB images to the ArcFace input range: ``(x / 255 - 0.5) / 0.5`` in [-1, 1].
+
+    Reference: insightface arcface_torch ``dataset.py`` (ToTensor + Normalize(0.5, 0.5)).
+
+    Args:
+        images: uint8, shape (H, W, 3) or (N, H, W, 3) (channels last), numpy array or torch
+            tensor (any device).
+
+    Returns:
+        float32, shape (3, H, W) or (N, 3, H, W) (channels first), same container type
+        (and device for tensors) as the input.
+
+    Raises:
+        ValueError: wrong dtype, rank or channel count.
+    """
+    if images.dtype not in (np.uint8, torch.uint8):
+        raise ValueError(f"normalize: expected uint8 images, got dtype {images.dtype}")
+    if images.ndim not in (3, 4) or images.shape[-1] != 3:
+        raise ValueError(
+            f"normalize: expected shape (H, W, 3) or (N, H, W, 3), got {tuple(images.shape)}"
+        )
+    perm = (2, 0, 1) if images.ndim == 3 else (0, 3, 1, 2)
+    if isinstance(images, torch.Tensor):
+        x = images.permute(*perm).to(torch.float32)
+        return x.div_(127.5).sub_(1.0).contiguous()
+    x = images.transpose(perm).astype(np.float32)
+    # (x/255 - 0.5)/0.5 == x/127.5 - 1 up to one float32 rounding
+    return np.ascontiguousarray(x / np.float32(127.5) - np.float32(1.0))

@@ -1,0 +1,221 @@
+"""CPU training loader: DataLoader workers decode to uint8, the main process flips and normalizes.
+
+Workers ship uint8 (4x smaller than float32); the flip decision of a sample is a hash of
+``(seed, epoch, sample index)``, so it is the same for any worker count and after a resume.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from data.decode import normalize
+from data.sampler import DistributedShardSampler
+
+__all__ = ["TrainLoader", "build_cpu_loader", "flip_mask"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """Vectorized splitmix64 finalizer (Steele et al., 2014) on uint64."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(_MASK64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def flip_mask(indices: np.ndarray | torch.Tensor, seed: int, epoch: int) -> np.ndarray:
+    """Horizontal-flip decisions (p = 0.5) for dataset ``indices`` in ``epoch``.
+
+    Returns:
+        bool array of the same length; a pure function of ``(seed, epoch, index)``.
+    """
+    idx = np.asarray(indices, dtype=np.int64).astype(np.uint64)
+    key = _splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
+    key = _splitmix64(key ^ np.uint64(epoch & _MASK64))
+    return (_splitmix64(idx ^ key) >> np.uint64(63)).astype(bool)
+
+
+class _IndexedUint8:
+    """Dataset view returning ``(uint8 HWC image, label, index)``, checking the image shape."""
+
+    def __init__(self, dataset: Any, image_size: int) -> None:
+        self.dataset = dataset
+        self.shape = (image_size, image_size, 3)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
+        image, label = self.dataset[index]
+        if (
+            not isinstance(image, np.ndarray)
+            or image.dtype != np.uint8
+            or image.shape != self.shape
+        ):
+            got = (
+                type(image).__name__,
+                getattr(image, "dtype", None),
+                getattr(image, "shape", None),
+            )
+            raise ValueError(
+                f"{type(self.dataset).__name__} index {index}: the CPU loader needs uint8 images "
+                f"of shape {self.shape} (no dataset transform), got {got}"
+            )
+        return image, int(label), int(index)
+
+
+def _collate(items: list[tuple[np.ndarray, int, int]]) -> tuple[torch.Tensor, ...]:
+    images = torch.from_numpy(np.stack([it[0] for it in items]))
+    labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
+    indices = torch.tensor([it[2] for it in items], dtype=torch.int64)
+    return images, labels, indices
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker from the loader generator; align numpy/random for transforms
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class TrainLoader:
+    """Iterable over ``(images, labels)`` batches of one rank, resumable mid-epoch.
+
+    Yields:
+        images: float32 (B, 3, H, W) in [-1, 1] (``(x/255 - 0.5)/0.5``), randomly flipped.
+        labels: int64 (B,).
+
+    ``len()`` is the number of batches per rank in a full epoch. ``state_dict()`` is
+    ``{"epoch", "offset"}`` with offset in global samples (see ``DistributedShardSampler``),
+    counting only the batches already handed out, not the ones prefetched by workers.
+    """
+
+    def __init__(
+        self,
+        loader: DataLoader,
+        sampler: DistributedShardSampler,
+        batch_size: int,
+        seed: int,
+        flip: bool,
+        pin_memory: bool = False,
+    ) -> None:
+        self.loader = loader
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.seed = seed
+        self.flip = flip
+        self.pin_memory = pin_memory
+        self._start = 0
+        self._batches = 0
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.sampler.drop_last else -(-n // self.batch_size)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (a pending mid-epoch resume survives only the same epoch)."""
+        if epoch != self.sampler.epoch:
+            self._start = 0
+            self._batches = 0
+        self.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        """``{"epoch": e, "offset": global samples handed out in epoch e}``."""
+        if self.sampler.start_offset:  # loaded, not yet iterated
+            return self.sampler.state_dict()
+        return self.sampler.state_after(self._batches * self.batch_size, start=self._start)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at ``state`` on the next ``iter()``; call ``set_epoch`` with the same epoch."""
+        self.sampler.load_state_dict(state)
+        self._start = self.sampler.start_offset
+        self._batches = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._start = self.sampler.start_offset
+        self._batches = 0
+        epoch = self.sampler.epoch
+        for images, labels, indices in self.loader:
+            if self.flip:
+                mask = torch.from_numpy(flip_mask(indices.numpy(), self.seed, epoch))
+                if mask.any():
+                    images[mask] = images[mask].flip(2)  # NHWC: axis 2 is width
+            images = normalize(images)
+            if self.pin_memory:  # pin the float batch the trainer copies, not the uint8 one
+                images, labels = images.pin_memory(), labels.pin_memory()
+            batch = images, labels
+            self._batches += 1
+            yield batch
+
+
+def build_cpu_loader(
+    dataset: Any,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    num_workers: int = 2,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    flip: bool = True,
+    persistent_workers: bool = False,
+    pin_memory: bool = False,
+    prefetch_factor: int = 2,
+    image_size: int = 112,
+) -> TrainLoader:
+    """Build the CPU training loader of one rank.
+
+    Args:
+        dataset: map-style dataset yielding ``(uint8 (H, W, 3) RGB, int label)`` with no
+            transform (e.g. ``RecordDataset``, ``ImageFolderDataset``, ``SyntheticDataset``).
+        batch_size: per-rank batch size B.
+        rank, world_size: this process' place among the data-parallel ranks.
+        seed: fixes the epoch permutations (shared by ranks) and the flips.
+        num_workers: DataLoader worker processes (0 decodes in the main process).
+        shuffle, drop_last: see ``DistributedShardSampler``; drop_last also drops a short last
+            batch, so every rank yields the same number of full batches.
+        flip: random horizontal flip with p = 0.5 per sample.
+        persistent_workers, prefetch_factor: passed to ``DataLoader``.
+        pin_memory: pin each normalized batch (for asynchronous copies to a GPU).
+        image_size: expected H = W of the decoded images.
+
+    Returns:
+        ``TrainLoader`` yielding float32 (B, 3, image_size, image_size) in [-1, 1] and int64 (B,).
+
+    Raises:
+        ValueError: bad batch size or worker count, or from the sampler; a wrong image shape or
+            dtype raises when the batch is loaded.
+    """
+    if batch_size < 1:
+        raise ValueError(f"build_cpu_loader: batch_size must be positive, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"build_cpu_loader: num_workers must be >= 0, got {num_workers}")
+    sampler = DistributedShardSampler(len(dataset), rank, world_size, seed, shuffle, drop_last)
+    generator = torch.Generator()
+    generator.manual_seed(int(seed) * 1000 + int(rank))
+    extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
+    loader = DataLoader(
+        _IndexedUint8(dataset, image_size),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        drop_last=drop_last,
+        worker_init_fn=_seed_worker,
+        generator=generator,
+        persistent_workers=persistent_workers and num_workers > 0,
+        **extra,
+    )
+    return TrainLoader(loader, sampler, batch_size, seed, flip, pin_memory)

@@ -1,0 +1,164 @@
+"""DALI loader: same labels and pixels as the CPU loader, sharding, flips, resume, GPU decode."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from data.dali_loader import build_dali_loader, write_image_index
+from data.datasets import RecordDataset
+from data.loader import build_cpu_loader
+from tests.test_datasets import lfw_faces, write_lfw_rec
+
+pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (extra 'dali')")
+
+B = 4
+
+
+@pytest.fixture(scope="module")
+def lfw_rec(lfw_root, tmp_path_factory):
+    """24 real LFW faces (8 people x 3) in insightface layout (header + identity records)."""
+    folder = tmp_path_factory.mktemp("dali_rec")
+    rec, idx, labels, _ = write_lfw_rec(str(folder), lfw_faces(lfw_root, 8, 3))
+    ds = RecordDataset(rec, idx)
+    cpu = build_cpu_loader(ds, B, 0, 1, seed=0, num_workers=0, shuffle=False, flip=False)
+    ref = torch.cat([x for x, _ in cpu])
+    ref_labels = torch.cat([y for _, y in cpu])
+    assert ref_labels.tolist() == labels
+    return {"rec": rec, "idx": idx, "ref": ref, "labels": ref_labels, "cache": str(folder / "c")}
+
+
+def _epoch(loader):
+    images, labels = zip(*list(loader))
+    return torch.cat(images), torch.cat(labels)
+
+
+def _match(images, ref):
+    """Index of the nearest reference image and mean abs diff in uint8 units, per image."""
+    d = (images[:, None] - ref[None]).abs().mean(dim=(2, 3, 4)) * 127.5
+    best = d.min(dim=1)
+    return best.indices, best.values
+
+
+def test_filtered_index_has_only_images(lfw_rec):
+    path, n = write_image_index(lfw_rec["rec"], lfw_rec["idx"], lfw_rec["cache"])
+    with open(path) as fh:
+        keys = [int(line.split()[0]) for line in fh]
+    assert n == 24 and keys == list(range(1, 25))  # no header (0) nor identity records (25..32)
+    assert write_image_index(lfw_rec["rec"], lfw_rec["idx"], lfw_rec["cache"]) == (path, n)
+
+
+def test_dali_cpu_matches_cpu_loader(lfw_rec):
+    loader = build_dali_loader(
+        lfw_rec["rec"], lfw_rec["idx"], B, 0, 1, seed=3, flip=False, cache_dir=lfw_rec["cache"]
+    )
+    assert len(loader) == 24 // B
+    images, labels = _epoch(loader)
+    assert images.dtype == torch.float32 and images.shape == (24, 3, 112, 112)
+    assert labels.dtype == torch.int64 and images.device.type == "cpu"
+    idx, diff = _match(images, lfw_rec["ref"])
+    assert diff.max() < 2.0  # JPEG decoder tolerance, in 0..255 units
+    assert sorted(idx.tolist()) == list(range(24))  # each sample exactly once per epoch
+    assert torch.equal(labels, lfw_rec["labels"][idx])
+    assert idx.tolist() != list(range(24))  # shuffled
+
+
+def test_dali_two_ranks_cover_epoch_and_flip(lfw_rec):
+    seen = []
+    for rank in range(2):
+        kw = {"rank": rank, "world_size": 2, "seed": 5, "cache_dir": lfw_rec["cache"]}
+        loader = build_dali_loader(lfw_rec["rec"], lfw_rec["idx"], B, **kw)
+        assert len(loader) == 24 // 2 // B
+        loader.set_epoch(1)
+        images, labels = _epoch(loader)
+        again = _epoch(build_dali_loader(lfw_rec["rec"], lfw_rec["idx"], B, **kw))
+        assert not torch.equal(again[0], images)  # epoch 0 differs from epoch 1
+        loader.set_epoch(1)
+        assert torch.equal(_epoch(loader)[0], images)  # same (seed, epoch, rank): same batches
+        unflipped, diff = _match(images, lfw_rec["ref"])
+        mirrored, mdiff = _match(images.flip(3), lfw_rec["ref"])
+        is_flip = mdiff < diff
+        idx = torch.where(is_flip, mirrored, unflipped)
+        assert torch.minimum(diff, mdiff).max() < 2.0
+        assert torch.equal(labels, lfw_rec["labels"][idx])
+        assert 0 < int(is_flip.sum()) < len(is_flip)
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(24))
+
+
+def test_dali_resume_fast_forwards(lfw_rec):
+    def make():
+        return build_dali_loader(
+            lfw_rec["rec"], lfw_rec["idx"], B, 0, 1, seed=8, cache_dir=lfw_rec["cache"]
+        )
+
+    ref = list(make())
+    first = make()
+    it = iter(first)
+    got = [next(it) for _ in range(2)]
+    state = first.state_dict()
+    assert state == {"epoch": 0, "offset": 2 * B}
+    resumed = make()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(0)
+    got += list(resumed)
+    assert len(got) == len(ref)
+    for (x, y), (xr, yr) in zip(got, ref):
+        assert torch.equal(x, xr) and torch.equal(y, yr)
+    with pytest.raises(ValueError, match="same world size and batch size"):
+        resumed.load_state_dict({"epoch": 0, "offset": 3})
+
+
+def test_missing_dali_gives_clear_error(monkeypatch, lfw_rec):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    with pytest.raises(ImportError, match="needs NVIDIA DALI"):
+        build_dali_loader(lfw_rec["rec"], lfw_rec["idx"], B, 0, 1, seed=0)
+
+
+@pytest.fixture(scope="session")
+def lfw_demo():
+    """work_dirs/lfw_demo from tools/prepare_lfw.py (built once, ~40 s; reused when up to date)."""
+    from tools.prepare_lfw import DEFAULT_OUT, main
+
+    assert main(["--out", DEFAULT_OUT, "--no-progress"]) == 0
+    return DEFAULT_OUT
+
+
+@pytest.mark.slow
+def test_dali_cpu_matches_cpu_loader_on_lfw_demo(lfw_demo):
+    rec = f"{lfw_demo}/train.rec"
+    ds = RecordDataset(rec)
+    batches = 4
+    cpu = build_cpu_loader(ds, 32, 0, 1, seed=0, num_workers=0, shuffle=False, flip=False)
+    dali = build_dali_loader(rec, None, 32, 0, 1, seed=0, flip=False, shuffle=False)
+    assert len(dali) == len(cpu) == len(ds) // 32
+    for i, ((x, y), (xd, yd)) in enumerate(zip(cpu, dali)):
+        assert torch.equal(y, yd)
+        assert (x - xd).abs().mean() * 127.5 < 2.0
+        if i + 1 == batches:
+            break
+    else:
+        raise AssertionError("fewer batches than expected")
+
+
+@pytest.mark.gpu
+def test_dali_mixed_decoder_on_gpu(lfw_rec):
+    loader = build_dali_loader(
+        lfw_rec["rec"],
+        lfw_rec["idx"],
+        B,
+        0,
+        1,
+        seed=3,
+        device_id=0,
+        flip=False,
+        cache_dir=lfw_rec["cache"],
+    )
+    images, labels = _epoch(loader)
+    assert images.is_cuda and labels.is_cuda and labels.dtype == torch.int64
+    idx, diff = _match(images.cpu(), lfw_rec["ref"])
+    assert diff.max() < 2.0  # nvJPEG vs libjpeg-turbo
+    assert sorted(idx.tolist()) == list(range(24))
+    assert torch.equal(labels.cpu(), lfw_rec["labels"][idx])
