@@ -1,0 +1,184 @@
+"""Check a RecordIO face dataset: counts, label range, image sizes, and that every image decodes.
+
+    python tools/inspect_rec.py REC [--idx IDX] [--num-classes C] [--workers N]
+
+With an index (``--idx``, default REC with ``.idx`` when that file exists) records are read by key;
+without one the file is scanned and records are named by byte offset. An insightface header
+(key 0, ``flag > 0``) is recognised: keys 1..label[0]-1 are images, label[0]..label[1]-1 identity
+records, whose ``[start, end)`` ranges must hold images of exactly that label. Labels must lie in
+[0, C) where C is ``--num-classes`` or the ``property`` file next to REC. Exits 1 and lists the bad
+keys when any record is malformed, does not decode or breaks a rule above.
+"""
+
+import argparse
+import collections
+import multiprocessing as mp
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repo's packages importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data.decode import decode_image
+from data.recordio import RecordIOError, RecordIOReader, read_property, record_label, unpack
+
+_reader = None  # per-worker reader (set by _init_worker)
+
+
+def check_image(record, where, num_classes=None):
+    """Unpack and decode one image record.
+
+    Returns:
+        (label: int, (height, width)).
+    Raises:
+        ValueError (RecordIOError included): malformed record, undecodable image, label outside
+            [0, num_classes).
+    """
+    header, payload = unpack(record)
+    label = record_label(header)
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        raise ValueError(f"{where}: label {label} outside [0, {num_classes})")
+    img = decode_image(payload, where=where)
+    return label, img.shape[:2]
+
+
+def _init_worker(reader):
+    global _reader
+    _reader = reader
+
+
+def _check_keys(job):
+    keys, num_classes = job
+    out = []
+    for key in keys:
+        try:
+            out.append((key, *check_image(_reader.read(key), f"key {key}", num_classes), None))
+        except ValueError as e:
+            out.append((key, None, None, str(e)))
+    return out
+
+
+def _iter_results(reader, image_keys, num_classes, workers):
+    if reader.idx_path is None:  # no index: one sequential scan, named by offset
+        for offset, record in reader.scan():
+            try:
+                header, payload = unpack(record)
+                if header.flag >= 2 and not payload:  # insightface header/identity record
+                    yield offset, None, None, None
+                    continue
+                yield (offset, *check_image(record, f"offset {offset}", num_classes), None)
+            except ValueError as e:
+                yield offset, None, None, str(e)
+        return
+    chunks = [(image_keys[i : i + 256], num_classes) for i in range(0, len(image_keys), 256)]
+    if workers <= 1:
+        _init_worker(reader)
+        for chunk in chunks:
+            yield from _check_keys(chunk)
+        return
+    with mp.Pool(workers, initializer=_init_worker, initargs=(reader,)) as pool:
+        for part in pool.imap(_check_keys, chunks):
+            yield from part
+
+
+def inspect(rec_path, idx_path=None, num_classes=None, workers=1):
+    """Check every record of ``rec_path``; returns a report dict (counts, sizes, ``bad``).
+
+    ``bad`` is a list of (key or offset, reason). Raises RecordIOError for unreadable files.
+    """
+    reader = RecordIOReader(rec_path, idx_path)
+    bad, identities = [], []
+    image_keys, header_keys = list(reader.keys), 0
+    if 0 in reader:
+        header, _ = unpack(reader.read(0))
+        if header.flag >= 2:  # insightface layout
+            first_id, end_id = int(header.label[0]), int(header.label[1])
+            header_keys = 1
+            image_keys = list(range(1, first_id))
+            identities = list(range(first_id, end_id))
+            missing = [k for k in image_keys + identities if k not in reader]
+            bad += [(k, "key named by the header record is not in the index") for k in missing]
+            image_keys = [k for k in image_keys if k in reader]
+    labels, sizes, meta = {}, collections.Counter(), 0
+    for key, label, size, error in _iter_results(reader, image_keys, num_classes, workers):
+        if error is not None:
+            bad.append((key, error))
+            continue
+        if label is None:
+            meta += 1
+            continue
+        labels[key] = label
+        sizes[size] += 1
+    for c, key in enumerate(k for k in identities if k in reader):
+        header, _ = unpack(reader.read(key))
+        if header.flag < 2:
+            bad.append((key, f"identity record has flag {header.flag}, expected a [start, end)"))
+            continue
+        start, end = int(header.label[0]), int(header.label[1])
+        wrong = [k for k in range(start, end) if k in labels and labels[k] != c]
+        if wrong:
+            bad.append(
+                (key, f"identity {c} range [{start}, {end}) holds other labels: {wrong[:5]}")
+            )
+    values = list(labels.values())
+    return {
+        "records": len(reader) if reader.idx_path else None,
+        "images": len(values),
+        "identities": len(set(values)),
+        "label_range": (min(values), max(values)) if values else None,
+        "identity_records": len(identities) if reader.idx_path else meta,
+        "unchecked_keys": (
+            len(reader) - len(image_keys) - len(identities) - header_keys if reader.idx_path else 0
+        ),
+        "sizes": dict(sizes),
+        "bytes": os.path.getsize(rec_path),
+        "bad": bad,
+    }
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("rec", help="the .rec file")
+    p.add_argument("--idx", help="its .idx (default: REC with .idx if present, else a scan)")
+    p.add_argument("--num-classes", type=int, help="expected classes (default: property file)")
+    p.add_argument("--workers", type=int, default=1, help="decoding processes (with an index)")
+    return p
+
+
+def main(argv=None) -> int:
+    """CLI entry point; 0 when every record is fine, 1 otherwise (bad keys are listed)."""
+    args = build_parser().parse_args(argv)
+    idx = args.idx
+    if idx is None and os.path.isfile(os.path.splitext(args.rec)[0] + ".idx"):
+        idx = os.path.splitext(args.rec)[0] + ".idx"
+    num_classes = args.num_classes
+    prop = os.path.join(os.path.dirname(os.path.abspath(args.rec)), "property")
+    try:
+        if num_classes is None and os.path.isfile(prop):
+            num_classes = read_property(prop)[0]
+        report = inspect(args.rec, idx, num_classes, args.workers)
+    except (OSError, RecordIOError) as e:
+        print(f"inspect_rec: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.rec}: {report['bytes'] / 2**20:.1f} MiB, index: {idx or 'none (scanned)'}")
+    print(
+        f"  images: {report['images']}  identities: {report['identities']} "
+        f"(num_classes {num_classes})  label range: {report['label_range']}  "
+        f"header/identity records: {report['identity_records']}"
+    )
+    if report["unchecked_keys"]:
+        print(f"  keys outside the header's ranges (not checked): {report['unchecked_keys']}")
+    for (h, w), n in sorted(report["sizes"].items(), key=lambda kv: -kv[1]):
+        print(f"  size {w}x{h}: {n} images")
+    if report["bad"]:
+        print(f"  BAD records: {len(report['bad'])}", file=sys.stderr)
+        for key, reason in report["bad"][:50]:
+            print(f"    {key}: {reason}", file=sys.stderr)
+        print(f"  bad keys: {[k for k, _ in report['bad']]}", file=sys.stderr)
+        return 1
+    print("  all records OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
