@@ -1,0 +1,63 @@
+"""Activation checkpointing shared by every backbone.
+
+`checkpoint_module(module, x)` runs `module(x)` under non-reentrant `torch.utils.checkpoint`, so
+its activations are freed after the forward and recomputed in the backward. Recomputing a module
+that holds BatchNorm layers in train mode would update their running statistics a second time
+(momentum applied twice per step, `num_batches_tracked` counted twice); the recompute context
+below freezes those buffers so that a checkpointed model ends a step with exactly the same
+parameters, gradients *and* buffers as an uncheckpointed one. Dropout / drop-path draw the same
+random numbers on recompute because `preserve_rng_state=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["checkpoint_module"]
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
+    """Keep BatchNorm running stats of `module` unchanged while the context is open.
+
+    momentum=0 makes the running-average update a no-op (new = 1*old + 0*batch);
+    `num_batches_tracked` is restored on exit since the update still increments it.
+    """
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            count = None if m.num_batches_tracked is None else m.num_batches_tracked.clone()
+            saved.append((m, m.momentum, count))
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, count in saved:
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
+
+
+def checkpoint_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run `module(x)` with activation checkpointing (non-reentrant, RNG state preserved).
+
+    Args:
+        module: any sub-module taking one tensor (a residual block, a transformer block).
+        x: its input, any shape/dtype the module accepts.
+
+    Returns:
+        `module(x)`, numerically identical to the plain call; in the backward pass the forward is
+        recomputed with BatchNorm running statistics frozen (see module docstring).
+
+    Reference: Chen et al., "Training Deep Nets with Sublinear Memory Cost", 2016.
+    """
+
+    def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        return contextlib.nullcontext(), _frozen_batchnorm_stats(module)
+
+    return checkpoint(module, x, use_reentrant=False, preserve_rng_state=True, context_fn=contexts)
