@@ -1,0 +1,191 @@
+"""Speed and memory of the Partial FC head vs a plain full-softmax head, world size 1.
+
+For each class count C, one forward + backward + optimizer step is timed for
+- ``reference``: ``nn.Linear(D, C)`` centers, normalized logits, the same ``CombinedMarginLoss``
+  (ArcFace 64/0.5), ``F.cross_entropy`` and ``torch.optim.SGD`` (momentum 0.9, wd 5e-4);
+- ``PartialFC`` with each ``--sample-rates`` value and the sparse-row ``HeadOptimizer`` (same SGD),
+on the same inputs in the same process. Memory is the peak above the level measured just before
+the head was built, so it includes centers, optimizer state, gradients and activations: on CPU
+from the process RSS sampled every millisecond by a thread (Linux ``/proc``), on GPU from
+``torch.cuda.max_memory_allocated``. Ratios are against the reference (lower is better).
+
+    python -m benchmarks.bench_head --classes 100000 1000000 --iters 3
+    python -m benchmarks.bench_head --device cuda --classes 1000000 10000000
+    python -m benchmarks.bench_head --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+from heads import CombinedMarginLoss, PartialFC, build_head_optimizer
+
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakMemory:
+    """Peak memory above the level at ``__enter__``, in bytes (``.peak`` after exit)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        self.base = rss_bytes()
+        self._high = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._high = max(self._high, rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._high, rss_bytes()) - self.base
+        return False
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_reference(num_classes, dim, margin, device):
+    fc = torch.nn.Linear(dim, num_classes, bias=False, device=device)
+    torch.nn.init.normal_(fc.weight, 0.0, 0.01)
+    opt = torch.optim.SGD(fc.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    def step(x, y):
+        logits = margin(F.linear(F.normalize(x), F.normalize(fc.weight)), y)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, (fc, opt)
+
+
+def build_partial_fc(num_classes, dim, margin, device, sample_rate):
+    head = PartialFC(dim, num_classes, sample_rate, margin).to(device)
+    opt = build_head_optimizer(head, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    def step(x, y):
+        loss, _ = head(x, y)
+        loss.backward()
+        opt.unscale_()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    return step, (head, opt)
+
+
+def measure(builder, x, y, iters, device):
+    """Mean seconds per step (after one warm-up step) and peak memory in bytes."""
+    with PeakMemory(device) as mem:
+        step, keep = builder()
+        step(x, y)  # warm-up: allocates optimizer state, first-call overheads
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step(x, y)
+        sync(device)
+        seconds = (time.perf_counter() - t0) / iters
+        del step, keep
+    gc.collect()
+    return seconds, mem.peak
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--classes", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.3, 0.1])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, one iteration (CI)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.classes, args.batch, args.dim, args.iters = [2000], 16, 32, 1
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    margin = CombinedMarginLoss(64.0, 1.0, 0.5, 0.0)
+    rows = []
+    # Library start-up (thread pools, kernels) must not be billed to the first configuration.
+    wx, wy = torch.randn(4, args.dim).to(device), torch.arange(4).to(device)
+    measure(lambda: build_reference(100, args.dim, margin, device), wx, wy, 1, device)
+    measure(lambda: build_partial_fc(100, args.dim, margin, device, 0.5), wx, wy, 1, device)
+    for num_classes in args.classes:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(args.batch, args.dim, generator=g).to(device)
+        y = torch.randint(0, num_classes, (args.batch,), generator=g).to(device)
+        ref_s, ref_mem = measure(
+            lambda c=num_classes: build_reference(c, args.dim, margin, device),
+            x,
+            y,
+            args.iters,
+            device,
+        )
+        rows.append(dict(C=num_classes, impl="reference", rate=1.0, s=ref_s, mem=ref_mem))
+        for rate in args.sample_rates:
+            s, mem = measure(
+                lambda c=num_classes, r=rate: build_partial_fc(c, args.dim, margin, device, r),
+                x,
+                y,
+                args.iters,
+                device,
+            )
+            rows.append(dict(C=num_classes, impl="PartialFC", rate=rate, s=s, mem=mem))
+        for r in rows:
+            if r["C"] == num_classes:
+                r["t_ratio"], r["m_ratio"] = r["s"] / ref_s, r["mem"] / max(ref_mem, 1)
+    header = (
+        f"{'classes':>10} {'head':>10} {'rate':>5} {'ms/step':>9} {'peak MiB':>9} "
+        f"{'time x':>7} {'mem x':>6}"
+    )
+    print(f"device={device} batch={args.batch} dim={args.dim} iters={args.iters} world_size=1")
+    print(header)
+    for r in rows:
+        print(
+            f"{r['C']:>10} {r['impl']:>10} {r['rate']:>5.2f} {r['s'] * 1e3:>9.1f} "
+            f"{r['mem'] / 2**20:>9.1f} {r['t_ratio']:>7.2f} {r['m_ratio']:>6.2f}"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

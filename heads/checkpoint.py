@@ -1,0 +1,168 @@
+"""Save and load the sharded head in global class order, across world-size changes.
+
+Every rank writes ``<directory>/head/shard_<start>_<end>.pt`` (atomically: temporary name, then
+``os.replace``) holding its rows ``[start, end)`` of the centers (fp32), the optimizer's per-row
+state, its hyper-parameters and the sampling RNG state. ``load_head`` reads, for each rank, the
+rows of its own class range from whichever saved shards overlap it, so a checkpoint written by W
+ranks resumes on any W' (2 -> 1, 2 -> 3, ...). Files are opened with ``mmap=True`` so only the
+overlapping rows are read from disk.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+import torch.distributed as dist
+
+from heads.optim import HeadOptimizer
+from heads.partial_fc import PartialFC
+
+__all__ = ["save_head", "load_head", "head_dir", "FORMAT"]
+
+FORMAT = "arcscale.head.v1"
+_SHARD_RE = re.compile(r"^shard_(\d+)_(\d+)\.pt$")
+
+
+def head_dir(directory: str) -> str:
+    """Folder holding the shard files of a checkpoint directory."""
+    return os.path.join(directory, "head")
+
+
+def save_head(directory: str, head: PartialFC, head_opt: HeadOptimizer | None = None) -> str:
+    """Write this rank's shard of ``head`` (and ``head_opt``'s state) under ``directory/head``.
+
+    Collective when the head's world size is > 1: ranks meet at a barrier after writing, so on
+    return every shard of the checkpoint is complete.
+
+    Args:
+        directory: checkpoint directory (created if missing).
+        head: the ``PartialFC`` to save.
+        head_opt: its ``HeadOptimizer``, or ``None`` to save the centers only.
+
+    Returns:
+        path of the shard file written by this rank.
+    """
+    folder = head_dir(directory)
+    os.makedirs(folder, exist_ok=True)
+    start, end = head.class_start, head.class_start + head.num_local
+    payload = {
+        "format": FORMAT,
+        "num_classes": head.num_classes,
+        "embedding_size": head.embedding_size,
+        "start": start,
+        "end": end,
+        "world_size": head.topo.world_size,
+        "weight": head.weight.detach().float().cpu().contiguous(),
+        "rng_state": head.get_rng_state().cpu(),
+        "rng_device": head.weight.device.type,
+        "optimizer": None,
+    }
+    if head_opt is not None:
+        sd = head_opt.state_dict()
+        sd["state"] = {k: v.detach().cpu().contiguous() for k, v in sd["state"].items()}
+        payload["optimizer"] = sd
+    path = os.path.join(folder, f"shard_{start}_{end}.pt")
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    if head.topo.world_size > 1:
+        dist.barrier(group=head.topo.group)
+    return path
+
+
+def _list_shards(folder: str) -> list[tuple[int, int, str]]:
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"heads/checkpoint.py: no head checkpoint folder {folder}")
+    shards = []
+    for name in os.listdir(folder):
+        m = _SHARD_RE.match(name)
+        if m:
+            shards.append((int(m.group(1)), int(m.group(2)), os.path.join(folder, name)))
+    shards.sort()
+    for (_, e0, p0), (s1, _, p1) in zip(shards, shards[1:]):
+        if s1 < e0:
+            raise ValueError(
+                f"heads/checkpoint.py: overlapping shards in {folder}: {os.path.basename(p0)} and "
+                f"{os.path.basename(p1)} (two saves into one directory?)"
+            )
+    return shards
+
+
+def _check_meta(payload: dict, path: str, head: PartialFC, head_opt: HeadOptimizer | None):
+    if payload.get("format") != FORMAT:
+        raise ValueError(f"heads/checkpoint.py: {path}: format {payload.get('format')!r} unknown")
+    for key, want in (("num_classes", head.num_classes), ("embedding_size", head.embedding_size)):
+        if payload[key] != want:
+            raise ValueError(
+                f"heads/checkpoint.py: {path}: {key}={payload[key]} but the head has {want}"
+            )
+    if head_opt is None:
+        return
+    saved = payload["optimizer"]
+    if saved is None or saved["name"] != head_opt.name:
+        raise ValueError(
+            f"heads/checkpoint.py: {path}: saved optimizer "
+            f"{None if saved is None else saved['name']!r} but loading into {head_opt.name!r}"
+        )
+    missing = set(head_opt.state_keys()) - set(saved["state"])
+    if missing:
+        raise ValueError(f"heads/checkpoint.py: {path}: optimizer state lacks {sorted(missing)}")
+
+
+@torch.no_grad()
+def load_head(directory: str, head: PartialFC, head_opt: HeadOptimizer | None = None) -> None:
+    """Fill this rank's rows of ``head`` (and ``head_opt``'s state) from ``directory/head``.
+
+    Works for any saved world size: the rows ``[class_start, class_start + num_local)`` are
+    assembled from every saved shard that overlaps them. Hyper-parameters (lr, ...) come from
+    the checkpoint; the sampling RNG state is restored when a shard has exactly this range and
+    was saved from the same device type.
+
+    Raises:
+        FileNotFoundError: ``directory/head`` is missing.
+        ValueError: shard files overlap, num_classes/embedding_size/optimizer mismatch, or the
+            saved shards do not cover this rank's range (the message names the directory and
+            the missing class ranges).
+    """
+    folder = head_dir(directory)
+    start, end = head.class_start, head.class_start + head.num_local
+    shards = [s for s in _list_shards(folder) if s[0] < end and s[1] > start]
+    # Check every file before touching the head, so a failed load leaves it unchanged.
+    payloads = []
+    for s, e, path in shards:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        _check_meta(payload, path, head, head_opt)
+        payloads.append((s, e, payload))
+    gaps, cursor = [], start
+    for s, e, _ in shards:
+        if s > cursor:
+            gaps.append((cursor, s))
+        cursor = max(cursor, e)
+    if cursor < end:
+        gaps.append((cursor, end))
+    if gaps:
+        raise ValueError(
+            f"heads/checkpoint.py: {folder} does not cover classes {gaps} of this rank's range "
+            f"[{start}, {end})"
+        )
+    if head_opt is not None:
+        head_opt._ensure_state()
+    for s, e, payload in payloads:
+        lo, hi = max(s, start), min(e, end)
+        src, dst = slice(lo - s, hi - s), slice(lo - start, hi - start)
+        head.weight[dst].copy_(payload["weight"][src])
+        if head_opt is not None:
+            for key in head_opt.state_keys():
+                head_opt.state[key][dst].copy_(payload["optimizer"]["state"][key][src])
+        same_rng = payload.get("rng_device") == head.weight.device.type
+        if (s, e) == (start, end) and same_rng:
+            head.set_rng_state(payload["rng_state"])
+    if head_opt is not None and payloads:
+        hyper = payloads[0][2]["optimizer"]
+        head_opt.lr = float(hyper["lr"])
+        head_opt.momentum = float(hyper["momentum"])
+        head_opt.weight_decay = float(hyper["weight_decay"])
+        head_opt.betas = tuple(float(b) for b in hyper["betas"])
+        head_opt.eps = float(hyper["eps"])

@@ -1,0 +1,296 @@
+"""PartialFC: parity with a plain single-process full softmax on 1-3 gloo ranks, sampling.
+
+The reference is written out here with F.normalize, F.linear, the arccos margin formula and
+F.cross_entropy; nothing in it comes from heads/. Tolerances: fp32 values are compared relative
+to the largest reference magnitude (1e-5), since the center gradients reach ~1e2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from heads import (
+    CombinedMarginLoss,
+    PartialFC,
+    build_head_optimizer,
+    init_centers,
+    sample_classes,
+)
+from tests.distributed import DistributedError, run_distributed
+
+C = 1003  # uneven over 2 and 3 ranks
+D = 32
+D_IN = 12
+S = 64.0
+LOSS_SCALE = 512.0
+MARGINS = {
+    "arcface": (1.0, 0.5, 0.0, 0.0),
+    "cosface": (1.0, 0.0, 0.4, 0.0),
+    "combined": (0.9, 0.4, 0.15, 0.0),
+    "arcface_filtered": (1.0, 0.5, 0.0, 0.25),
+}
+
+
+def close(actual, expected, rel=1e-5):
+    """Max abs error within ``rel`` times the reference's largest magnitude."""
+    scale = max(float(expected.abs().max()), 1.0)
+    err = float((actual.double() - expected.double()).abs().max())
+    assert err <= rel * scale, f"max error {err:.3g} > {rel} * {scale:.3g}"
+
+
+def shard(rank, world):
+    base, extra = divmod(C, world)
+    n = base + (rank < extra)
+    return rank * base + min(rank, extra), n
+
+
+def make_problem(seed, n_rows):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_rows, D_IN, generator=g)
+    y = torch.randint(0, C, (n_rows,), generator=g)
+    y[1] = y[0]  # a class that is positive twice
+    centers = torch.randn(C, D, generator=g) * 0.01
+    backbone = torch.nn.Linear(D_IN, D)
+    with torch.no_grad():
+        backbone.weight.copy_(torch.randn(D, D_IN, generator=g))
+        backbone.bias.copy_(torch.randn(D, generator=g))
+    return z, y, centers, backbone
+
+
+def reference_loss(emb, y, centers, m1, m2, m3, thr):
+    cos = F.linear(F.normalize(emb), F.normalize(centers))
+    onehot = F.one_hot(y, centers.shape[0]).bool()
+    if thr > 0:
+        cos = cos.masked_fill((cos > thr) & ~onehot, 0.0)
+    theta = torch.arccos(cos[onehot])
+    logits = torch.where(onehot, 0.0, cos * S)
+    logits = logits.masked_scatter(onehot, S * (torch.cos(m1 * theta + m2) - m3))
+    return F.cross_entropy(logits, y)
+
+
+def reference(case):
+    name, sizes, seed = case
+    m1, m2, m3, thr = MARGINS[name]
+    z, y, centers, backbone = make_problem(seed, sum(sizes))
+    centers = centers.clone().requires_grad_(True)
+    emb = backbone(z)
+    emb.retain_grad()
+    loss = reference_loss(emb, y, centers, m1, m2, m3, thr)
+    loss.backward()
+    return {
+        "loss": loss.detach(),
+        "emb_grad": emb.grad,
+        "center_grad": centers.grad,
+        "bb_grad": [p.grad for p in backbone.parameters()],
+    }
+
+
+def parity_worker(rank, world, cases):
+    """Per case: loss, embedding grad, averaged backbone grads, unscaled head rows and grads."""
+    import torch.distributed as dist
+
+    out = []
+    for name, sizes, seed in cases:
+        m1, m2, m3, thr = MARGINS[name]
+        z, y, centers, backbone = make_problem(seed, sum(sizes))
+        start, n = shard(rank, world)
+        head = PartialFC(D, C, 1.0, CombinedMarginLoss(S, m1, m2, m3, thr), process_group=None)
+        assert (head.class_start, head.num_local) == (start, n)
+        with torch.no_grad():
+            head.weight.copy_(centers[start : start + n])
+        opt = build_head_optimizer(head, "sgd", lr=0.1)
+        off = sum(sizes[:rank])
+        emb = backbone(z[off : off + sizes[rank]])
+        emb.retain_grad()
+        loss, stats = head(emb, y[off : off + sizes[rank]])
+        (loss * LOSS_SCALE).backward()  # what engine.backward does with an fp16 loss scale
+        for p in backbone.parameters():  # DeepSpeed: all-reduce and average over ranks
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        finite = opt.unscale_(LOSS_SCALE)
+        rows, grad = opt.grad_rows
+        out.append(
+            {
+                "loss": loss.detach(),
+                "emb_grad": emb.grad / LOSS_SCALE,
+                "bb_grad": [p.grad / LOSS_SCALE for p in backbone.parameters()],
+                "rows": rows + start,
+                "grad": grad,
+                "finite": finite,
+                "stats": stats,
+            }
+        )
+    return out
+
+
+def cases_for(world):
+    if world == 1:
+        uneven = [[9], [12]]
+    elif world == 2:
+        uneven = [[7, 4], [6, 6]]
+    else:
+        uneven = [[5, 0, 3], [4, 4, 4]]
+    cases = [(name, uneven[0], 10 + i) for i, name in enumerate(MARGINS)]
+    cases.append(("arcface", uneven[1], 99))
+    return cases
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_parity_with_single_process_full_softmax(world):
+    cases = cases_for(world)
+    results = run_distributed(parity_worker, world, args=(cases,))
+    for i, case in enumerate(cases):
+        ref = reference(case)
+        sizes = case[1]
+        per_rank = [r[i] for r in results]
+        losses = [r["loss"] for r in per_rank]
+        assert all(torch.equal(losses[0], x) for x in losses), f"{case}: loss differs by rank"
+        close(losses[0], ref["loss"])
+        # Each rank's embedding gradient is W x exact; the backbone's averaging divides by W.
+        emb_grad = torch.cat([r["emb_grad"] for r in per_rank]) / world
+        assert emb_grad.shape == (sum(sizes), D)
+        close(emb_grad, ref["emb_grad"])
+        for r in per_rank:
+            for got, want in zip(r["bb_grad"], ref["bb_grad"]):
+                close(got, want)
+            assert r["finite"] is True
+            assert r["stats"]["global_batch"] == sum(sizes)
+        rows = torch.cat([r["rows"] for r in per_rank])
+        assert torch.equal(rows, torch.arange(C)), "sample_rate=1 must cover every class once"
+        close(torch.cat([r["grad"] for r in per_rank]), ref["center_grad"])
+
+
+def sampled_worker(rank, world, sample_rate, seed):
+    z, y, centers, backbone = make_problem(seed, 24)
+    start, n = shard(rank, world)
+    head = PartialFC(D, C, sample_rate, CombinedMarginLoss(S, 1.0, 0.5, 0.0), seed=7)
+    with torch.no_grad():
+        head.weight.copy_(centers[start : start + n])
+        emb = backbone(z)
+    half = len(y) // 2
+    sl = slice(0, half) if rank == 0 else slice(half, len(y)) if rank == 1 else slice(0, 0)
+    loss, stats = head(emb[sl], y[sl])
+    return {"loss": loss.detach(), "stats": stats, "n": n, "start": start}
+
+
+def test_sampled_loss_on_two_ranks_matches_reference_on_the_sampled_classes():
+    """Loss with sampling equals the full-softmax reference restricted to the kept classes."""
+    seed, rate = 5, 0.2
+    results = run_distributed(sampled_worker, 2, args=(rate, seed))
+    z, y, centers, backbone = make_problem(seed, 24)
+    kept = []
+    for rank, r in enumerate(results):
+        head_rng = torch.Generator().manual_seed(7 * 1_000_003 + rank)
+        index, _ = sample_classes(y, r["start"], r["n"], int(rate * r["n"]), head_rng)
+        assert r["stats"]["num_sampled"] == int(rate * r["n"]) == index.numel()
+        kept.append(index + r["start"])
+    kept = torch.cat(kept)
+    assert set(y.tolist()) <= set(kept.tolist()), "a positive center was not sampled"
+    with torch.no_grad():
+        remap = torch.searchsorted(kept, y)
+        want = reference_loss(backbone(z), remap, centers[kept], 1.0, 0.5, 0.0, 0.0)
+    assert torch.equal(results[0]["loss"], results[1]["loss"])
+    close(results[0]["loss"], want)
+
+
+def test_sample_classes_keeps_positives_and_remaps():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([3, 17, 17, 40, 55, 99, 120, 3])
+    start, count = 10, 100  # classes 10..109
+    index, local = sample_classes(labels, start, count, 12, g)
+    assert index.numel() == 12
+    assert torch.equal(index, index.sort().values) and index.unique().numel() == 12
+    in_shard = (labels >= start) & (labels < start + count)
+    assert torch.equal(local[~in_shard], torch.full_like(local[~in_shard], -1))
+    # remapped labels point at the right center
+    assert torch.equal(index[local[in_shard]] + start, labels[in_shard])
+    # more positives than num_sample: exactly the positives
+    index2, local2 = sample_classes(labels, start, count, 2, g)
+    assert torch.equal(index2 + start, torch.tensor([17, 40, 55, 99]))
+    assert torch.equal(index2[local2[in_shard]] + start, labels[in_shard])
+    # num_sample >= count keeps the whole shard, labels just shift
+    index3, local3 = sample_classes(labels, start, count, count, g)
+    assert torch.equal(index3, torch.arange(count))
+    assert torch.equal(local3[in_shard], labels[in_shard] - start)
+
+
+def test_sampling_is_uniform_over_negatives():
+    g = torch.Generator().manual_seed(1)
+    labels = torch.tensor([0, 1])
+    hits = torch.zeros(50)
+    for _ in range(2000):
+        index, _ = sample_classes(labels, 0, 50, 7, g)
+        hits[index] += 1
+    assert hits[0] == hits[1] == 2000
+    freq = hits[2:] / 2000  # 5 of 48 negatives per draw
+    assert (freq - 5 / 48).abs().max() < 0.03
+
+
+def test_fixed_seed_is_reproducible_and_seeds_differ():
+    y = torch.randint(0, C, (16,), generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(16, D, generator=torch.Generator().manual_seed(1))
+
+    def run(seed):
+        head = PartialFC(D, C, 0.1, CombinedMarginLoss(), seed=seed)
+        return [head(emb, y)[0].detach() for _ in range(3)], head
+
+    a, _ = run(0)
+    b, _ = run(0)
+    c, _ = run(1)
+    assert all(torch.equal(x, z) for x, z in zip(a, b))
+    assert not all(torch.equal(x, z) for x, z in zip(a, c))
+
+
+def test_initial_centers_do_not_depend_on_world_size():
+    full = init_centers(C, 0, C, D, seed=4, block=100)
+    for world in (2, 3):
+        parts = [init_centers(C, *shard(r, world), D, seed=4, block=100) for r in range(world)]
+        assert torch.equal(torch.cat(parts), full)
+    assert torch.unique(full, dim=0).shape[0] == C  # no two classes share a center
+    assert abs(full.std().item() - 0.01) < 5e-4 and abs(full.mean().item()) < 5e-4
+    assert not torch.equal(init_centers(C, 0, C, D, seed=5, block=100), full)
+    head = PartialFC(D, C, 1.0, CombinedMarginLoss(), seed=4)
+    assert torch.equal(head.weight, init_centers(C, 0, C, D, seed=4))
+
+
+def test_single_process_without_group_low_precision_and_stats():
+    torch.manual_seed(0)
+    head = PartialFC(D, 50, 0.5, CombinedMarginLoss())
+    x = torch.randn(6, D, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.tensor([0, 1, 1, 2, 49, 49])
+    loss, stats = head(x, y)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert stats == {"num_sampled": 25, "num_positive": 4, "global_batch": 6}
+    loss.backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
+    ref = reference_loss(x.detach().float(), y, head.weight, 1.0, 0.5, 0.0, 0.0)
+    # with sampling the loss is over fewer classes: never above the full-softmax loss
+    assert loss.item() <= ref.item() + 1e-4
+    with torch.no_grad():  # no grad: nothing recorded for the optimizer
+        head(x, y)
+    assert head.num_recorded == 1
+
+
+def test_input_errors_name_the_file():
+    head = PartialFC(D, 10, 1.0, CombinedMarginLoss())
+    with pytest.raises(ValueError, match="partial_fc.py.*local_labels must be in"):
+        head(torch.randn(2, D), torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match=r"partial_fc.py.*\(B, 32\)"):
+        head(torch.randn(2, D + 1), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="partial_fc.py.*int64"):
+        head(torch.randn(2, D), torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="sample_rate"):
+        PartialFC(D, 10, 0.0, CombinedMarginLoss())
+
+
+def _raising_worker(rank, world):
+    if rank == 1:
+        raise KeyError("boom on rank 1")
+    return rank
+
+
+def test_distributed_helper_reraises_worker_errors():
+    with pytest.raises(DistributedError, match="rank 1 of 2 failed(.|\n)*boom on rank 1"):
+        run_distributed(_raising_worker, 2, timeout=60)
