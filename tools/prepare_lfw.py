@@ -47,14 +47,16 @@ def split_lfw(lfw_root, eval_folds):
         eval_folds: 1-based fold numbers whose pairs form the held-out set.
     Returns:
         (samples: list of (path, label) for training, names: training identities by label,
-        pairs: held-out (name1, i, name2, j, issame) tuples).
+        pairs: held-out (name1, i, name2, j, issame) tuples, matched and mismatched
+        alternating within each fold, so that any contiguous k-fold split of the held-out set
+        (insightface's 10-fold protocol on fewer than 10 LFW folds) is balanced).
     Raises:
         FileNotFoundError / ValueError: missing files, bad pairs.txt or folds.
     """
     image_root = os.path.join(lfw_root, "lfw-deepfunneled")
     folds = parse_pairs(os.path.join(lfw_root, "pairs.txt"))
     chosen = parse_folds(",".join(map(str, eval_folds)), len(folds))
-    pairs = [pair for k in chosen for pair in folds[k - 1]]
+    pairs = [pair for k in chosen for pair in _interleave(folds[k - 1])]
     held_out = {p[0] for p in pairs} | {p[2] for p in pairs}
     samples, names = [], []
     for name in sorted(os.listdir(image_root)):
@@ -71,8 +73,15 @@ def split_lfw(lfw_root, eval_folds):
     return samples, names, pairs
 
 
+def _interleave(fold):
+    """(m0..mn-1, u0..un-1) -> (m0, u0, m1, u1, ...): LFW lists matched pairs before mismatched."""
+    half = len(fold) // 2
+    return [p for pair in zip(fold[:half], fold[half:]) for p in pair]
+
+
 def _settings(args):
     return {
+        "pair_order": "interleaved",
         "lfw": os.path.abspath(args.lfw),
         "eval_folds": args.eval_folds,
         "crop": list(LFW_CROP),

@@ -1,0 +1,183 @@
+"""Score a face-recognition backbone on verification ``.bin`` sets (insightface protocol).
+
+    python tools/eval_verification.py --model backbone.onnx --bin work_dirs/lfw_demo/lfw_heldout.bin
+    python tools/eval_verification.py --model work_dirs/run/backbone.pt --network mbf --bin ...
+    python tools/eval_verification.py --untrained --network mbf --bin ...   # random-init baseline
+
+The model is an ONNX file (run with onnxruntime on CPU), PyTorch weights or a checkpoint folder
+(loaded by ``tools.convert_to_onnx.load_backbone``), or with ``--untrained`` a freshly initialized
+network of the registry. Prints XNorm, flip-test accuracy (mean+-std over 10 folds) and TAR@FAR per
+target; writes ``results.json`` and ``roc.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repo's packages importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from trainer.verification import embed_views, evaluate_views, format_results, plot_roc
+
+EmbedFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def load_bin(path: str):
+    """``data.verification_bin.load_bin``, imported on first use."""
+    from data.verification_bin import load_bin as _load
+
+    return _load(path)
+
+
+def onnx_embedder(path: str, batch_size: int) -> tuple[EmbedFn, int, bool]:
+    """onnxruntime (CPU) session as an embed function.
+
+    Returns:
+        ``(embed_fn, batch_size, fixed)``: a model exported with a fixed batch dimension forces
+        that batch size, and ``fixed`` asks the caller to pad the last batch.
+    """
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    fixed = isinstance(inp.shape[0], int) and inp.shape[0] > 0
+    if fixed:
+        batch_size = inp.shape[0]
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(sess.run(None, {inp.name: x.numpy()})[0])
+
+    return embed, batch_size, fixed
+
+
+def torch_embedder(model: torch.nn.Module, device: str) -> EmbedFn:
+    """A backbone in eval mode on ``device`` as an embed function."""
+    model = model.to(device).eval()
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        return model(x.to(device))
+
+    return embed
+
+
+def build_untrained(
+    network: str, embedding_size: int, seed: int, model_kwargs: dict | None = None
+) -> torch.nn.Module:
+    """Randomly initialized backbone ``network`` from the ``models`` registry (seeded).
+
+    Raises:
+        models.UnknownModelError: ``network`` is not registered.
+    """
+    import models
+
+    torch.manual_seed(seed)
+    return models.create(network, embedding_size=embedding_size, **(model_kwargs or {}))
+
+
+def untrained_spec(args: argparse.Namespace) -> tuple[str, int, dict]:
+    """(network, embedding size, builder kwargs) for ``--untrained``: from ``--config`` (a training
+    config such as a run's ``config.yaml``, so the baseline is the same kind of network) with
+    ``--network``/``--embedding-size`` taking precedence when given."""
+    if not args.config:
+        return args.network, args.embedding_size or 512, {}
+    from trainer.config import load_config
+
+    cfg = load_config(args.config)
+    network = args.network or cfg.model.network
+    kwargs = dict(cfg.model.kwargs) if network == cfg.model.network else {}
+    return network, args.embedding_size or cfg.model.embedding_size, kwargs
+
+
+def make_embedder(args: argparse.Namespace) -> tuple[EmbedFn, int, bool, str]:
+    """Embed function, batch size, pad flag and a description of the model, from the CLI."""
+    if args.untrained:
+        network, embedding_size, kwargs = untrained_spec(args)
+        model = build_untrained(network, embedding_size, args.seed, kwargs)
+        return (
+            torch_embedder(model, args.device),
+            args.batch_size,
+            False,
+            f"untrained {network} {kwargs or ''} (seed {args.seed})".replace("  ", " "),
+        )
+    if not os.path.exists(args.model):
+        raise FileNotFoundError(f"--model: no such file or folder {args.model}")
+    if args.model.endswith(".onnx"):
+        fn, bs, fixed = onnx_embedder(args.model, args.batch_size)
+        return fn, bs, fixed, args.model
+    from tools.convert_to_onnx import load_backbone  # heavy (models, checkpoints): lazy
+
+    model = load_backbone(args.model, args.network)
+    return torch_embedder(model, args.device), args.batch_size, False, args.model
+
+
+def target_name(path: str) -> str:
+    """``work_dirs/lfw_demo/lfw_heldout.bin`` -> ``lfw_heldout``."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="backbone.onnx, backbone.pt or a checkpoint folder")
+    p.add_argument(
+        "--network", default=None, help="backbone name (mbf, r50, ...) for .pt/--untrained"
+    )
+    p.add_argument("--untrained", action="store_true", help="score a random-init --network")
+    p.add_argument("--bin", action="append", required=True, help="verification .bin (repeatable)")
+    p.add_argument("--out", default="work_dirs/eval", help="folder for results.json and roc.png")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--nfolds", type=int, default=10)
+    p.add_argument("--far-target", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0, help="init seed for --untrained")
+    p.add_argument("--embedding-size", type=int, default=None, help="D for --untrained (512)")
+    p.add_argument(
+        "--config", default=None, help="training config for --untrained (network, D, kwargs)"
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.untrained == bool(args.model):
+        p.error("give exactly one of --model and --untrained")
+    if args.untrained and not (args.network or args.config):
+        p.error("--untrained needs --network or --config")
+    names = [target_name(b) for b in args.bin]
+    if len(set(names)) != len(names):
+        p.error(f"--bin targets must have distinct file names, got {names}")
+    return args
+
+
+def main(argv=None) -> dict[str, dict]:
+    """Run the evaluation; returns target name -> metrics (without ROC arrays)."""
+    args = parse_args(argv)
+    embed_fn, batch_size, pad, desc = make_embedder(args)
+    print(f"model: {desc}")
+    results, summary = {}, {}
+    for path in args.bin:
+        name = target_name(path)
+        images, issame = load_bin(path)
+        t0 = time.perf_counter()
+        plain, flipped = embed_views(embed_fn, np.asarray(images), batch_size, pad_to_batch=pad)
+        res = evaluate_views(
+            plain, flipped, np.asarray(issame), nrof_folds=args.nfolds, far_target=args.far_target
+        )
+        res["time_s"] = time.perf_counter() - t0
+        for line in format_results(name, None, res):
+            print(line)
+        results[name] = res
+        summary[name] = {k: v for k, v in res.items() if k != "roc"}
+    os.makedirs(args.out, exist_ok=True)
+    plot_roc(results, os.path.join(args.out, "roc.png"), title=f"ROC: {os.path.basename(desc)}")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"model": desc, "targets": summary}, f, indent=2)
+    print(f"wrote {args.out}/results.json and roc.png")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Verification during training, with the forward passes spread over every rank.
+
+Under ZeRO-3 each rank holds a slice of the backbone parameters and every forward gathers them
+collectively, so all ranks must run forwards, and the same number of them. Each rank embeds one
+contiguous slice of the images, padded to the common slice length, and the embeddings are
+all-gathered. Protocol and log lines follow insightface's ``CallBackVerification``
+(``recognition/arcface_torch/utils/utils_callbacks.py``); metrics are in ``trainer.verification``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trainer.verification import embed_views, evaluate_views, format_results
+
+
+def _default_loader(path: str):
+    from data.verification_bin import load_bin  # data/ is optional for metric-only users
+
+    return load_bin(path)
+
+
+def slice_bounds(num: int, rank: int, world_size: int) -> tuple[int, int, int]:
+    """``(start, stop, padded_len)`` of rank's contiguous slice of ``num`` items.
+
+    Every rank gets ``padded_len = ceil(num / world_size)`` rows to embed; the last ranks may get
+    fewer real rows (possibly none) and pad the rest.
+    """
+    per = -(-num // world_size)
+    start = min(rank * per, num)
+    return start, min(start + per, num), per
+
+
+class VerificationCallback:
+    """Evaluate ``.bin`` verification sets at a training step, on every rank together.
+
+    Args:
+        bin_paths: target name -> path of an insightface ``.bin`` (pickle of JPEG bytes + issame).
+            Loaded once at construction and kept in memory as uint8.
+        rank, world_size: this process's position; ``world_size == 1`` needs no process group.
+        process_group: group for the all-gather (None = default group when ``world_size > 1``).
+        batch_size: images per forward call.
+        log_fn: receives each log line (str); called on rank 0 only.
+        tb_writer: optional TensorBoard ``SummaryWriter`` (rank 0 only) for ``val/<name>/accuracy``,
+            ``val/<name>/tar_at_far`` and ``val/<name>/xnorm``.
+        out_dir: if given, rank 0 appends one JSON line per target to ``out_dir/eval.jsonl``.
+        loader: path -> ``(images uint8 (2P, H, W, 3), issame bool (P,))``; default
+            ``data.verification_bin.load_bin``.
+        image_size: expected ``(H, W)`` of the images.
+        far_target: FAR of the reported TAR.
+        nrof_folds: folds of the accuracy cross-validation (10 as insightface; see
+            ``trainer.verification.kfold_accuracy`` for sets whose pairs are sorted by class).
+
+    Raises:
+        ValueError: empty ``bin_paths``, a bad rank, or a ``.bin`` whose images are not
+            ``image_size`` or whose pair count does not match its images (names the file).
+        FileNotFoundError: a missing ``.bin``.
+
+    Attributes:
+        highest: target name -> best ``accuracy_mean`` seen so far (same value on every rank).
+    """
+
+    def __init__(
+        self,
+        bin_paths: dict[str, str],
+        rank: int,
+        world_size: int,
+        process_group=None,
+        batch_size: int = 64,
+        log_fn: Callable[[str], None] = print,
+        tb_writer=None,
+        out_dir: str | None = None,
+        loader: Callable | None = None,
+        image_size: tuple[int, int] = (112, 112),
+        far_target: float = 1e-3,
+        nrof_folds: int = 10,
+    ):
+        if not bin_paths:
+            raise ValueError("VerificationCallback: bin_paths is empty")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"VerificationCallback: rank {rank} not in [0, {world_size})")
+        if batch_size < 1:
+            raise ValueError(f"VerificationCallback: batch_size must be >= 1, got {batch_size}")
+        self.rank, self.world_size, self.group = rank, world_size, process_group
+        self.batch_size, self.far_target, self.nrof_folds = batch_size, far_target, nrof_folds
+        self.log_fn, self.tb_writer, self.out_dir = log_fn, tb_writer, out_dir
+        load = loader or _default_loader
+        self.sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name, path in bin_paths.items():
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"verification target {name!r}: no file {path}")
+            images, issame = load(path)
+            images, issame = np.asarray(images), np.asarray(issame, dtype=bool)
+            if images.ndim != 4 or tuple(images.shape[1:3]) != tuple(image_size):
+                raise ValueError(f"{path}: images {images.shape}, expected (N, *{image_size}, 3)")
+            if images.shape[0] != 2 * issame.shape[0]:
+                raise ValueError(f"{path}: {images.shape[0]} images for {issame.shape[0]} pairs")
+            self.sets[name] = (images, issame)
+        self.highest = {name: 0.0 for name in self.sets}
+        if out_dir and rank == 0:
+            os.makedirs(out_dir, exist_ok=True)
+
+    def _gather(self, local: np.ndarray, device: torch.device) -> np.ndarray:
+        if self.world_size == 1:
+            return local
+        t = torch.from_numpy(local).to(device)
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t, group=self.group)
+        return torch.cat(parts).cpu().numpy()
+
+    def embed(
+        self, images: np.ndarray, model_forward: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Plain and mirrored embeddings (N, D) float32 of all ``images``, on every rank.
+
+        Each rank embeds its slice padded to ``ceil(N / world_size)`` rows (repeating its last
+        image, or image 0 when its slice is empty), so every rank makes the same number of
+        ``model_forward`` calls with the same batch shapes.
+        """
+        n = images.shape[0]
+        start, stop, per = slice_bounds(n, self.rank, self.world_size)
+        mine = images[start:stop] if stop > start else images[:1]
+        if mine.shape[0] < per:
+            mine = np.concatenate([mine, np.repeat(mine[-1:], per - mine.shape[0], axis=0)])
+        device = None
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            nonlocal device
+            y = model_forward(x)
+            device = y.device
+            return y
+
+        plain, flipped = embed_views(forward, mine, self.batch_size)
+        both = np.ascontiguousarray(np.concatenate([plain, flipped], axis=1))
+        full = self._gather(both, device)  # (per * W, 2D), rank-major
+        # Keep each rank's real rows, dropping its padding.
+        keep = []
+        for r in range(self.world_size):
+            r_start, r_stop, _ = slice_bounds(n, r, self.world_size)
+            keep.append(full[r * per : r * per + (r_stop - r_start)])
+        real = np.concatenate(keep)
+        d = plain.shape[1]
+        return real[:, :d], real[:, d:]
+
+    def __call__(
+        self, step: int, model_forward: Callable[[torch.Tensor], torch.Tensor]
+    ) -> dict[str, dict]:
+        """Evaluate every target at ``step``; must be called on all ranks together.
+
+        Args:
+            step: global training step (for logs and TensorBoard).
+            model_forward: float32 (B, 3, 112, 112) CPU tensor in [-1, 1] -> (B, D) embeddings.
+                It owns device placement, dtype casts and train/eval mode: this callback knows
+                nothing of DeepSpeed. Forwards run under ``torch.no_grad()``.
+        Returns:
+            target name -> ``trainer.verification.evaluate`` dict plus ``highest_accuracy``, on
+            every rank (metrics are computed from the same gathered embeddings everywhere, so
+            decisions such as "save best" agree across ranks).
+        """
+        out = {}
+        for name, (images, issame) in self.sets.items():
+            t0 = time.perf_counter()
+            plain, flipped = self.embed(images, model_forward)
+            res = evaluate_views(
+                plain, flipped, issame, nrof_folds=self.nrof_folds, far_target=self.far_target
+            )
+            self.highest[name] = max(self.highest[name], res["accuracy_mean"])
+            res["highest_accuracy"] = self.highest[name]
+            res["time_s"] = time.perf_counter() - t0
+            out[name] = res
+            if self.rank == 0:
+                self._report(step, name, res)
+        return out
+
+    def _report(self, step: int, name: str, res: dict) -> None:
+        lines = format_results(name, step, res)
+        lines.insert(2, f"[{name}][{step}]Highest Accuracy-Flip: {res['highest_accuracy']:1.5f}")
+        for line in lines:
+            self.log_fn(line)
+        if self.tb_writer is not None:
+            for key, tag in (
+                ("accuracy_mean", "accuracy"),
+                ("tar_at_far", "tar_at_far"),
+                ("xnorm", "xnorm"),
+            ):
+                self.tb_writer.add_scalar(f"val/{name}/{tag}", res[key], step)
+        if self.out_dir:
+            record = {"step": step, "target": name}
+            record.update({k: v for k, v in res.items() if k != "roc"})
+            with open(os.path.join(self.out_dir, "eval.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
