@@ -214,7 +214,7 @@ def train(cfg, settings, ds_config) -> None:
 
     batches = _micro_batches(loader)
     bad_steps, skipped = 0, 0
-    last_saved = ckpt.latest_checkpoint(cfg.output) if rank == 0 else None
+    last_saved = ckpt.latest_checkpoint(cfg.output)  # same answer on every rank (shared disk)
     t_start = time.time()
     try:
         while step < res.total_steps:

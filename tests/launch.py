@@ -1,0 +1,100 @@
+"""Helpers for tests that run the real entry point through `accelerate launch` / `deepspeed`."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+STEP_RE = re.compile(r"^Step (\d+)/(\d+) Epoch (\d+) Loss (\S+) LR (\S+)", re.M)
+
+# A tiny IResNet on the LFW demo data: each 2-process step takes well under a second on 2 cores.
+TINY = [
+    "model.network=r18",
+    "model.embedding_size=64",
+    "model.kwargs={base_width: 8}",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "logging.frequent=1",
+    "logging.progress_bar=false",
+    "eval.batch_size=256",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/arcscale/torch_extensions"))
+    env["PYTHONUNBUFFERED"] = "1"
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def accelerate(
+    config: str, overrides: list[str], accel_cfg: str, extra: list[str] = (), timeout=600
+):
+    """`accelerate launch --config_file accel_cfg [extra] -m trainer.train config overrides`."""
+    cmd = [
+        os.path.join(BIN, "accelerate"),
+        "launch",
+        "--config_file",
+        os.path.join(REPO, accel_cfg),
+        "--main_process_port",
+        str(free_port()),
+        *extra,
+        "-m",
+        "trainer.train",
+        config,
+        *overrides,
+    ]
+    return subprocess.run(
+        cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def losses(stdout: str) -> dict[int, float]:
+    """{step: loss} from the console lines `Step N/M Epoch E Loss X LR Y ...`."""
+    return {int(m.group(1)): float(m.group(4)) for m in STEP_RE.finditer(stdout)}
+
+
+def lrs(stdout: str) -> dict[int, float]:
+    return {int(m.group(1)): float(m.group(5)) for m in STEP_RE.finditer(stdout)}
+
+
+def check(proc: subprocess.CompletedProcess) -> str:
+    """Asserts a launch succeeded, showing its output tail otherwise; returns stdout."""
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+        f"--- stderr\n{proc.stderr[-6000:]}"
+    )
+    return proc.stdout
+
+
+def make_lfw_rec(lfw_root: str, out: str, num_people: int = 16, max_per_person: int = 60) -> str:
+    """A small insightface-style `.rec` of real LFW faces in `out`: the first `num_people`
+    people (sorted) with 20..`max_per_person` images, labels 0..num_people-1. Returns `out`."""
+    from tools.folder2rec import convert
+
+    root = os.path.join(lfw_root, "lfw-deepfunneled")
+    people = [
+        p
+        for p in sorted(os.listdir(root))
+        if 20 <= len(os.listdir(os.path.join(root, p))) <= max_per_person
+    ][:num_people]
+    samples = [
+        (os.path.join(root, p, f), label)
+        for label, p in enumerate(people)
+        for f in sorted(os.listdir(os.path.join(root, p)))
+    ]
+    convert(samples, out, crop=(59, 56, 191, 188), insightface_header=True, progress=False)
+    return out

@@ -1,0 +1,236 @@
+"""End-to-end training through the real launchers: 2 CPU processes over gloo, LFW demo data.
+
+Each launch costs ~10 s of start-up, so the cases are grouped; a module-scoped fixture prepares
+the LFW `.rec` and held-out `.bin` once (tools/prepare_lfw.py on ../shared/data/lfw).
+"""
+
+import glob
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+from tests.launch import BIN, REPO, TINY, accelerate, check, free_port, launch_env, losses, lrs
+
+pytestmark = pytest.mark.slow
+CONFIG = os.path.join(REPO, "configs", "lfw_demo_mbf.yaml")
+
+
+NUM_SMALL = 16
+
+
+@pytest.fixture(scope="module")
+def lfw_data(lfw_root, tmp_path_factory):
+    """A 16-identity `.rec` of real LFW faces (people with 20-60 images: a loss that can fall in
+    20 steps) and the demo's identity-disjoint `lfw_heldout.bin` for the verification callback."""
+    from tools import prepare_lfw
+    from tools.folder2rec import convert
+
+    demo = os.path.join(REPO, "work_dirs", "lfw_demo")
+    assert prepare_lfw.main(["--lfw", lfw_root, "--out", demo, "--no-progress"]) == 0
+    root = os.path.join(lfw_root, "lfw-deepfunneled")
+    people = [
+        p for p in sorted(os.listdir(root)) if 20 <= len(os.listdir(os.path.join(root, p))) <= 60
+    ][:NUM_SMALL]
+    samples = [
+        (os.path.join(root, p, f), label)
+        for label, p in enumerate(people)
+        for f in sorted(os.listdir(os.path.join(root, p)))
+    ]
+    out = str(tmp_path_factory.mktemp("lfw16"))
+    convert(samples, out, crop=(59, 56, 191, 188), insightface_header=True, progress=False)
+    os.symlink(os.path.join(demo, "lfw_heldout.bin"), os.path.join(out, "lfw_heldout.bin"))
+    return out
+
+
+def _overrides(tmp, data, steps, *more):
+    return [
+        *TINY,
+        f"output={tmp}",
+        f"data.rec={data}",
+        f"data.num_classes={NUM_SMALL}",
+        f"schedule.max_steps={steps}",
+        "schedule.warmup_epoch=0",
+        *more,
+    ]
+
+
+def _head_rows(ckpt_dir):
+    """All head rows of a checkpoint in global class order (whatever the shard layout)."""
+    parts = []
+    for path in sorted(glob.glob(os.path.join(ckpt_dir, "head", "*.pt"))):
+        shard = torch.load(path, weights_only=False)
+        parts.append((shard["start"], shard["weight"]))
+    return torch.cat([w for _, w in sorted(parts, key=lambda p: p[0])])
+
+
+def test_zero_stages_agree_and_artifacts(lfw_data, tmp_path):
+    """ZeRO-1/2/3 fp32 give the same loss curve (20 steps, same seed and data); the loss falls;
+    the run writes the verification line, TensorBoard events, eval.jsonl and checkpoints."""
+    curves = {}
+    for stage in (1, 2, 3):
+        out = tmp_path / f"z{stage}"
+        extra = ["eval.val_targets=[lfw_heldout]", "eval.verbose=10", "checkpoint.every=10"]
+        ov = _overrides(
+            out,
+            lfw_data,
+            20,
+            "engine.precision=fp32",
+            "head.sample_rate=0.5",
+            "optim.lr=0.02",
+            *extra,
+        )
+        stdout = check(accelerate(CONFIG, ov, f"accelerate_configs/cpu_2proc_zero{stage}.yaml"))
+        assert f"ZeRO-{stage} fp32" in stdout
+        curves[stage] = losses(stdout)
+        assert sorted(curves[stage]) == list(range(1, 21))
+        assert "[lfw_heldout][10]" in stdout and "Accuracy-Flip" in stdout
+        assert glob.glob(str(out / "tensorboard" / "events.out.tfevents.*"))
+        evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+        assert {e["step"] for e in evals} == {10, 20}
+        latest = (out / "checkpoints" / "latest").read_text().strip()
+        assert latest == "step_20"
+        step_dir = out / "checkpoints" / "step_20"
+        for name in ("meta.json", "backbone.pt", "rng_rank0.pt", "rng_rank1.pt"):
+            assert (step_dir / name).is_file(), name
+        assert (out / "backbone.pt").is_file() and (out / "config.yaml").is_file()
+        assert not glob.glob(str(out / "checkpoints" / "*.tmp"))
+    first5 = sum(curves[1][s] for s in range(1, 6)) / 5
+    last5 = sum(curves[1][s] for s in range(16, 21)) / 5
+    assert last5 < first5 - 0.5, curves[1]
+    for stage in (2, 3):
+        for step, loss in curves[1].items():
+            assert abs(curves[stage][step] - loss) < 1e-3, (stage, step, loss, curves[stage][step])
+
+
+def test_bf16_vit_with_checkpointing_and_deepspeed_launcher(lfw_data, tmp_path):
+    """A tiny ViT under ZeRO-2 bf16 with activation checkpointing; then the `deepspeed` launcher."""
+    out = tmp_path / "vit"
+    vit = [
+        "model.network=vit_t",
+        "model.kwargs={embed_dim: 32, depth: 2, num_heads: 2}",
+        "model.grad_checkpointing=true",
+        "optim.optimizer=adamw",
+        "optim.lr=0.003",
+        "optim.weight_decay=0.1",
+        "engine.precision=bf16",
+    ]
+    stdout = check(
+        accelerate(
+            CONFIG, _overrides(out, lfw_data, 12, *vit), "accelerate_configs/cpu_2proc_zero2.yaml"
+        )
+    )
+    curve = losses(stdout)
+    assert "ZeRO-2 bf16" in stdout and len(curve) == 12
+    assert all(torch.isfinite(torch.tensor(v)) for v in curve.values())
+
+    out2 = tmp_path / "ds"
+    cmd = [
+        os.path.join(BIN, "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        os.path.join(REPO, "trainer", "train.py"),
+        CONFIG,
+        *_overrides(out2, lfw_data, 6, "engine.zero_stage=1", "engine.precision=fp32"),
+    ]
+    env = launch_env()
+    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    stdout = check(proc)
+    assert "world size 2" in stdout and len(losses(stdout)) == 6
+
+
+def test_two_nodes_on_one_machine(lfw_data, tmp_path):
+    """`accelerate launch --num_machines 2 --machine_rank 0/1` as two processes: trains, saves."""
+    port = free_port()
+    out = tmp_path / "nodes"
+    procs = []
+    for rank in (0, 1):
+        extra = [
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+        ]
+        cmd = [
+            os.path.join(BIN, "accelerate"),
+            "launch",
+            "--config_file",
+            os.path.join(REPO, "accelerate_configs", "cpu_2proc_zero2.yaml"),
+            *extra,
+            "-m",
+            "trainer.train",
+            CONFIG,
+            *_overrides(out, lfw_data, 6, "engine.precision=fp32", "checkpoint.every=3"),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=launch_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (so, se) in zip(procs, outs):
+        assert p.returncode == 0, so[-3000:] + se[-5000:]
+    assert "world size 2" in outs[0][0] and len(losses(outs[0][0])) == 6
+    assert (out / "checkpoints" / "step_6" / "meta.json").is_file()
+    assert json.loads((out / "checkpoints" / "step_6" / "meta.json").read_text())["world_size"] == 2
+
+
+def test_resume_continues_and_reshards(lfw_data, tmp_path):
+    """Resume from step 5 of a 10-step run reproduces steps 6-10 (loss and LR); resuming the
+    2-process checkpoint on 1 and 3 processes restores the head rows exactly."""
+    out = tmp_path / "full"
+    base = ["engine.precision=fp32", "checkpoint.every=5", "checkpoint.keep_last=5"]
+    full = check(
+        accelerate(
+            CONFIG, _overrides(out, lfw_data, 10, *base), "accelerate_configs/cpu_2proc_zero2.yaml"
+        )
+    )
+    ref_loss, ref_lr = losses(full), lrs(full)
+    step5 = out / "checkpoints" / "step_5"
+    assert step5.is_dir()
+
+    out2 = tmp_path / "resumed"
+    resumed = check(
+        accelerate(
+            CONFIG,
+            _overrides(out2, lfw_data, 10, *base, f"checkpoint.resume={step5}"),
+            "accelerate_configs/cpu_2proc_zero2.yaml",
+        )
+    )
+    assert "resumed from" in resumed
+    got_loss, got_lr = losses(resumed), lrs(resumed)
+    assert sorted(got_loss) == list(range(6, 11))
+    for s in range(6, 11):
+        assert got_lr[s] == pytest.approx(ref_lr[s], rel=1e-6)
+        assert got_loss[s] == pytest.approx(ref_loss[s], abs=1e-4), (s, got_loss, ref_loss)
+
+    saved = _head_rows(step5)
+    for nproc in (1, 3):
+        out3 = tmp_path / f"w{nproc}"
+        proc = accelerate(
+            CONFIG,
+            _overrides(out3, lfw_data, 5, *base, f"checkpoint.resume={step5}"),
+            "accelerate_configs/cpu_2proc_zero2.yaml",
+            extra=["--num_processes", str(nproc)],
+        )
+        stdout = check(proc)
+        assert f"world size {nproc}" in stdout and "resumed from" in stdout
+        again = out3 / "checkpoints" / "step_5"
+        assert json.loads((again / "meta.json").read_text())["world_size"] == nproc
+        assert torch.equal(_head_rows(again), saved)
