@@ -55,6 +55,7 @@ def _worker(rank, world, stage, precision, gas):
         {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)},
         ACCELERATE_USE_DEEPSPEED="true",
     )
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.utils import safe_get_full_fp32_param
 
     from heads import CombinedMarginLoss, PartialFC, build_head_optimizer
@@ -79,6 +80,9 @@ def _worker(rank, world, stage, precision, gas):
     ds = build_ds_config(cfg, EngineSettings(stage, precision, "ds_configs/zero2_bf16.json"))
     if precision == "fp16":
         ds["fp16"]["initial_scale_power"] = 8  # S = 256: the head must divide it out
+        # DeepSpeed's CPU accelerator refuses fp16 unless oneDNN has fp16 kernels (AVX512-FP16);
+        # torch's fp16 CPU ops still run, so the loss-scale path can be checked without them.
+        get_accelerator().is_fp16_supported = lambda: True
     accelerator = create_accelerator(cfg, ds, precision)
     model = _backbone()
     init = {k: p.detach().clone() for k, p in model.named_parameters()}
