@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 
 from data.decode import decode_image
-from data.recordio import RecordIOReader, read_property, unpack
+from data.recordio import RecordIOError, RecordIOReader, read_property, unpack
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "CorruptRecordError",
     "ImageFolderDataset",
     "RecordDataset",
     "SyntheticDataset",
@@ -26,6 +27,14 @@ __all__ = [
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 Transform = Callable[[np.ndarray], Any]
+
+
+class CorruptRecordError(ValueError):
+    """A record or image file that cannot be read or decoded (bad magic, truncated, bad JPEG).
+
+    The message names the file, the key and the byte offset. The CPU loader skips exactly these
+    with ``data.skip_corrupt``; label errors are plain ``ValueError`` and always stop a run.
+    """
 
 
 def _label_to_int(label: Any, where: str) -> int:
@@ -108,8 +117,10 @@ class RecordDataset:
 
     Raises:
         ValueError: unknown num_classes; from ``__getitem__``: a label outside
-            ``[0, num_classes)`` or an undecodable image, naming the file and the key.
-        RecordIOError: from the reader, for a malformed file.
+            ``[0, num_classes)``, naming the file and the key.
+        CorruptRecordError: from ``__getitem__``: a malformed record (bad magic, truncated) or
+            an undecodable image, naming the file, key and offset.
+        RecordIOError: from the reader, for a malformed index.
         IndexError: index out of range.
     """
 
@@ -140,6 +151,28 @@ class RecordDataset:
         header, _ = unpack(self.reader.read(key))
         return self._check_label(header.label, key)
 
+    def scan_labels(self, max_keys: int = 10_000) -> int:
+        """Checks the labels of up to ``max_keys`` records spread evenly over the file.
+
+        Catches a wrong ``num_classes`` at start-up instead of hours into a run; a record past
+        the sample still fails at first sight in ``__getitem__``. Unreadable records are left to
+        the loader (``data.skip_corrupt``). Returns the number of labels checked.
+
+        Raises:
+            ValueError: a label outside ``[0, num_classes)``, naming the file and key.
+        """
+        n = len(self.keys)
+        picks = np.unique(np.linspace(0, n - 1, num=min(n, max_keys)).astype(np.int64))
+        checked = 0
+        for i in picks.tolist():
+            try:
+                header, _ = unpack(self.reader.read(self.keys[i]))
+            except RecordIOError:
+                continue
+            self._check_label(header.label, self.keys[i])
+            checked += 1
+        return checked
+
     def _check_label(self, raw: Any, key: int) -> int:
         where = f"{self.rec_path} key {key}"
         label = _label_to_int(raw, where)
@@ -151,9 +184,15 @@ class RecordDataset:
         if not -len(self.keys) <= index < len(self.keys):
             raise IndexError(f"{self.rec_path}: index {index} out of range ({len(self.keys)})")
         key = self.keys[index]
-        header, payload = unpack(self.reader.read(key))  # reader errors name file and key
+        try:
+            header, payload = unpack(self.reader.read(key))  # reader errors name file and key
+        except RecordIOError as e:
+            raise CorruptRecordError(f"{e} [offset {self.reader.offset_of(key)}]") from None
         label = self._check_label(header.label, key)
-        image = decode_image(payload, where=f"{self.rec_path} key {key}")
+        try:
+            image = decode_image(payload, where=f"{self.rec_path} key {key}")
+        except ValueError as e:
+            raise CorruptRecordError(f"{e} [offset {self.reader.offset_of(key)}]") from None
         if self.transform is not None:
             image = self.transform(image)
         return image, label
@@ -210,7 +249,10 @@ class ImageFolderDataset:
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
         with open(path, "rb") as fh:
-            image = decode_image(fh.read(), where=path)
+            try:
+                image = decode_image(fh.read(), where=path)
+            except ValueError as e:
+                raise CorruptRecordError(str(e)) from None
         if self.transform is not None:
             image = self.transform(image)
         return image, label

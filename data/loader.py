@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from data.datasets import CorruptRecordError
 from data.decode import normalize
 from data.sampler import DistributedShardSampler
 
@@ -44,17 +45,27 @@ def flip_mask(indices: np.ndarray | torch.Tensor, seed: int, epoch: int) -> np.n
 
 
 class _IndexedUint8:
-    """Dataset view returning ``(uint8 HWC image, label, index)``, checking the image shape."""
+    """Dataset view returning ``(uint8 HWC image, label, index, corrupt message or None)``,
+    checking the image shape. With ``skip_corrupt`` a ``CorruptRecordError`` item is replaced by
+    the next readable index (the batch keeps its size, which the all-gather needs)."""
 
-    def __init__(self, dataset: Any, image_size: int) -> None:
+    def __init__(self, dataset: Any, image_size: int, skip_corrupt: bool = False) -> None:
         self.dataset = dataset
         self.shape = (image_size, image_size, 3)
+        self.skip_corrupt = skip_corrupt
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
-        image, label = self.dataset[index]
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int, int, str | None]:
+        try:
+            image, label = self.dataset[index]
+            note = None
+        except CorruptRecordError as e:
+            if not self.skip_corrupt:
+                raise
+            index, image, label = self._replacement(index, e)
+            note = str(e)
         if (
             not isinstance(image, np.ndarray)
             or image.dtype != np.uint8
@@ -69,14 +80,24 @@ class _IndexedUint8:
                 f"{type(self.dataset).__name__} index {index}: the CPU loader needs uint8 images "
                 f"of shape {self.shape} (no dataset transform), got {got}"
             )
-        return image, int(label), int(index)
+        return image, int(label), int(index), note
+
+    def _replacement(self, index: int, first: Exception) -> tuple[int, Any, Any]:
+        n = len(self.dataset)
+        for step in range(1, min(n, 64)):
+            try:
+                j = (index + step) % n
+                return (j, *self.dataset[j])
+            except CorruptRecordError:
+                continue
+        raise RuntimeError(f"data.skip_corrupt: no readable record near index {index}: {first}")
 
 
-def _collate(items: list[tuple[np.ndarray, int, int]]) -> tuple[torch.Tensor, ...]:
+def _collate(items: list[tuple[np.ndarray, int, int, str | None]]) -> tuple:
     images = torch.from_numpy(np.stack([it[0] for it in items]))
     labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
     indices = torch.tensor([it[2] for it in items], dtype=torch.int64)
-    return images, labels, indices
+    return images, labels, indices, [it[3] for it in items if it[3] is not None]
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -96,6 +117,8 @@ class TrainLoader:
     ``len()`` is the number of batches per rank in a full epoch. ``state_dict()`` is
     ``{"epoch", "offset"}`` with offset in global samples (see ``DistributedShardSampler``),
     counting only the batches already handed out, not the ones prefetched by workers.
+    ``corrupt`` lists the messages of the records this rank skipped in the current iteration
+    (``skip_corrupt``; each was replaced by the next readable sample).
     """
 
     def __init__(
@@ -115,6 +138,7 @@ class TrainLoader:
         self.pin_memory = pin_memory
         self._start = 0
         self._batches = 0
+        self.corrupt: list[str] = []  # records skipped by this rank in the current iteration
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -147,7 +171,9 @@ class TrainLoader:
         self._start = self.sampler.start_offset
         self._batches = 0
         epoch = self.sampler.epoch
-        for images, labels, indices in self.loader:
+        self.corrupt = []
+        for images, labels, indices, corrupt in self.loader:
+            self.corrupt.extend(corrupt)
             if self.flip:
                 mask = torch.from_numpy(flip_mask(indices.numpy(), self.seed, epoch))
                 if mask.any():
@@ -174,6 +200,7 @@ def build_cpu_loader(
     pin_memory: bool = False,
     prefetch_factor: int = 2,
     image_size: int = 112,
+    skip_corrupt: bool = False,
 ) -> TrainLoader:
     """Build the CPU training loader of one rank.
 
@@ -190,6 +217,8 @@ def build_cpu_loader(
         persistent_workers, prefetch_factor: passed to ``DataLoader``.
         pin_memory: pin each normalized batch (for asynchronous copies to a GPU).
         image_size: expected H = W of the decoded images.
+        skip_corrupt: replace a sample whose record raises ``CorruptRecordError`` by the next
+            readable one and list it in ``TrainLoader.corrupt`` (else the error stops the run).
 
     Returns:
         ``TrainLoader`` yielding float32 (B, 3, image_size, image_size) in [-1, 1] and int64 (B,).
@@ -207,7 +236,7 @@ def build_cpu_loader(
     generator.manual_seed(int(seed) * 1000 + int(rank))
     extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
     loader = DataLoader(
-        _IndexedUint8(dataset, image_size),
+        _IndexedUint8(dataset, image_size, skip_corrupt),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,

@@ -158,7 +158,7 @@ def save_checkpoint(
         os.makedirs(tmp)
     _barrier()
     engine.save_checkpoint(os.path.join(tmp, "engine"), tag="engine")
-    save_head(os.path.join(tmp, "head"), head, head_opt)
+    save_head(tmp, head, head_opt)
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     _barrier()
     if rank == 0:
@@ -237,7 +237,7 @@ def load_checkpoint(path: str, engine, head, head_opt, rank: int, world_size: in
                 f"backbone.pt, backbone optimizer state restarts; head re-sharded exactly"
             )
         load_backbone_weights(engine, os.path.join(path, "backbone.pt"))
-    load_head(os.path.join(path, "head"), head, head_opt)
+    load_head(path, head, head_opt)
     rng_file = os.path.join(path, f"rng_rank{rank}.pt")
     if saved_world == world_size and os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))

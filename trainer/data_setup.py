@@ -68,7 +68,8 @@ def build_dataset(cfg: Config):
     """The map-style dataset of `data.kind` (uint8 HWC RGB images, int labels).
 
     Raises:
-        ConfigError: labels that do not fit `data.num_classes`.
+        ConfigError: labels that do not fit `data.num_classes` (a `.rec` is scanned at up to
+            10k evenly spaced keys; a bad label past those stops the run at first sight).
     """
     from data.datasets import ImageFolderDataset, RecordDataset, SyntheticDataset
 
@@ -78,7 +79,16 @@ def build_dataset(cfg: Config):
         ds = ImageFolderDataset(cfg.data.rec)
     else:
         rec, idx = rec_paths(cfg)
-        ds = RecordDataset(rec, idx, num_classes=cfg.data.num_classes)
+        from data.recordio import RecordIOError
+
+        try:  # a cut-short .rec or a bad .idx fails here, naming the key and offset
+            ds = RecordDataset(rec, idx, num_classes=cfg.data.num_classes)
+        except RecordIOError as e:
+            raise ConfigError(f"data.rec: {e}") from None
+        try:
+            ds.scan_labels(10_000)
+        except ValueError as e:
+            raise ConfigError(f"data.num_classes={cfg.data.num_classes}: {e}") from None
     if ds.num_classes > cfg.data.num_classes:
         raise ConfigError(
             f"data.num_classes: {cfg.data.rec} has {ds.num_classes} classes, config says "
@@ -92,6 +102,8 @@ def build_loader(cfg: Config, dataset, rank: int, world_size: int, device):
     if cfg.data.dali and device.type == "cuda":
         if cfg.data.kind != "rec":
             raise ConfigError("data.dali: DALI reads RecordIO only (data.kind=rec)")
+        if cfg.data.skip_corrupt:
+            raise ConfigError("data.skip_corrupt: not supported by the DALI loader (data.dali)")
         from data.dali_loader import build_dali_loader
 
         rec, idx = rec_paths(cfg)
@@ -118,4 +130,5 @@ def build_loader(cfg: Config, dataset, rank: int, world_size: int, device):
         flip=cfg.data.flip,
         persistent_workers=cfg.data.num_workers > 0,
         pin_memory=device.type == "cuda",
+        skip_corrupt=cfg.data.skip_corrupt,
     )

@@ -37,6 +37,7 @@ def train_step(
     micro_batches,
     precision: str,
     device: torch.device,
+    nan_loss: bool = False,
 ) -> StepResult:
     """Runs one optimizer step over `micro_batches` (a list of `gradient_acc` (images, labels)).
 
@@ -47,10 +48,13 @@ def train_step(
         micro_batches: list of (images float32 (B,3,112,112), labels int64 (B,)).
         precision: "fp32", "fp16" or "bf16": the engine's parameter dtype for the inputs.
         device: where the engine and head live.
+        nan_loss: fault-injection hook (ARCSCALE_FAULT_NAN_LOSS, see docs/reliability.md):
+            replace the head loss of every micro-batch with NaN.
 
     Returns:
         StepResult; `applied` is False when the engine skipped (fp16 overflow), the head's
-        gradients were non-finite, or every micro-batch had a non-finite loss.
+        gradients were non-finite, or a micro-batch had a non-finite loss (then the head skips
+        its step; with `gradient_acc` > 1 the engine still steps on the finite micro-batches).
     """
     dtype = DTYPES[precision]
     scale = loss_scale(engine)  # the S this step's backward multiplies by
@@ -63,6 +67,8 @@ def train_step(
             labels = labels.to(device, non_blocking=True)
             embeddings = engine(images)
             loss, stats = head(embeddings, labels)
+            if nan_loss:
+                loss = loss * float("nan")
             sampled += float(stats.get("num_sampled", 0))
             if torch.isfinite(loss):  # the loss is replicated: every rank takes the same branch
                 losses.append(loss.detach())
@@ -76,7 +82,9 @@ def train_step(
             else:
                 bad += 1
     applied = stepped and bool(engine.was_step_applied()) and bad < len(micro_batches)
-    head_finite = head_opt.unscale_(loss_scale=scale)
+    # A forward whose loss was not backpropagated left no head gradient (sparse_grad raises):
+    # skip the head step. `bad` is the same on every rank, so the collective in unscale_ is safe.
+    head_finite = head_opt.unscale_(loss_scale=scale) if bad == 0 else False
     if applied and head_finite:
         head_opt.step()
     head_opt.zero_grad()

@@ -27,6 +27,78 @@ class TrainingDiverged(RuntimeError):
     """The loss stayed non-finite for `engine.max_bad_steps` consecutive steps."""
 
 
+def parse_faults(env=None) -> dict:
+    """Reads the fault-injection hooks (tests only; docs/reliability.md) from the environment.
+
+    `ARCSCALE_FAULT_NAN_LOSS="5-100"` (or "3,7-9"): the head loss is NaN at those 1-based steps.
+    `ARCSCALE_FAULT_EXIT="rank=1,step=4"`: that rank calls `os._exit(1)` before that step.
+
+    Returns:
+        {"nan_steps": set of int, "exit": (rank, step) or None}.
+
+    Raises:
+        ConfigError: a malformed value, naming the variable.
+    """
+    env = os.environ if env is None else env
+    nan_steps: set[int] = set()
+    spec = env.get("ARCSCALE_FAULT_NAN_LOSS", "").strip()
+    try:
+        for part in filter(None, spec.split(",")):
+            lo, _, hi = part.partition("-")
+            nan_steps.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ConfigError(
+            f"ARCSCALE_FAULT_NAN_LOSS: expected steps like '5-100', got {spec!r}"
+        ) from None
+    exit_at = None
+    spec = env.get("ARCSCALE_FAULT_EXIT", "").strip()
+    if spec:
+        try:
+            fields = dict(item.split("=", 1) for item in spec.split(","))
+            exit_at = (int(fields["rank"]), int(fields["step"]))
+        except (ValueError, KeyError):
+            raise ConfigError(
+                f"ARCSCALE_FAULT_EXIT: expected 'rank=R,step=S', got {spec!r}"
+            ) from None
+    return {"nan_steps": nan_steps, "exit": exit_at}
+
+
+def check_batch(cfg, settings, env=None) -> None:
+    """A number in the DeepSpeed JSON that disagrees with the config is an error, not overwritten.
+
+    Raises:
+        ConfigError: `train_micro_batch_size_per_gpu` != `data.batch_size`, or
+            `train_batch_size` != batch_size x gradient_acc x WORLD_SIZE (what DeepSpeed asserts).
+    """
+    from trainer.engine import load_ds_json
+
+    env = os.environ if env is None else env
+    base = load_ds_json(settings.ds_config_path)
+    micro = base.get("train_micro_batch_size_per_gpu", "auto")
+    if micro != "auto" and int(micro) != cfg.data.batch_size:
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} but {settings.ds_config_path} sets "
+            f"train_micro_batch_size_per_gpu {micro} (use 'auto' or make them equal)"
+        )
+    total = base.get("train_batch_size", "auto")
+    world = int(env.get("WORLD_SIZE", 1))
+    want = cfg.data.batch_size * cfg.optim.gradient_acc * world
+    if total != "auto" and int(total) != want:
+        raise ConfigError(
+            f"data.batch_size: {settings.ds_config_path} sets train_batch_size {total} but "
+            f"batch_size {cfg.data.batch_size} x gradient_acc {cfg.optim.gradient_acc} x "
+            f"world size {world} = {want} (use 'auto')"
+        )
+
+
+def _collective_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(e)
+    markers = ("gloo", "NCCL", "Timed out", "timed out", "Connection closed", "Connection reset")
+    return isinstance(e, getattr(dist, "DistError", ())) or any(m in text for m in markers)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="trainer.train", description="Train a face-recognition model (ArcFace + Partial FC)."
@@ -52,23 +124,43 @@ def main(argv=None) -> int:
         preflight(cfg)
         settings = resolve_engine_settings(cfg)
         ds_config = build_ds_config(cfg, settings)
+        check_batch(cfg, settings)
+        faults = parse_faults()
     except ConfigError as e:
         print(f"arcscale: config error: {e}", file=sys.stderr, flush=True)
         return 2
     try:
-        train(cfg, settings, ds_config)
+        train(cfg, settings, ds_config, faults)
     except ConfigError as e:
         print(f"arcscale: config error: {e}", file=sys.stderr, flush=True)
         return 2
     except TrainingDiverged as e:
         print(f"arcscale: training stopped: {e}", file=sys.stderr, flush=True)
         return 3
+    except Exception as e:
+        if not _collective_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(
+            f"arcscale: a collective failed on rank {os.environ.get('RANK', '?')} "
+            f"(engine.timeout_s={cfg.engine.timeout_s}): another rank probably died or hangs, "
+            f"see its log; last checkpoint: {_latest_or_none(cfg.output)} ({first[:300]})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 4
     finally:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _latest_or_none(output: str) -> str:
+    from trainer.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(output) or "none"
 
 
 def _seed_everything(seed: int) -> None:
@@ -81,8 +173,8 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg, settings, ds_config) -> None:
-    """The training loop (see design.md "What flows where")."""
+def train(cfg, settings, ds_config, faults=None) -> None:
+    """The training loop (see design.md "What flows where"); `faults` from `parse_faults`."""
     import models
     from heads import CombinedMarginLoss, PartialFC, build_head_optimizer
     from trainer import checkpoint as ckpt
@@ -212,7 +304,17 @@ def train(cfg, settings, ds_config) -> None:
             cfg.output, at_step, engine, head, head_opt, meta, rank, cfg.checkpoint.keep_last, log
         )
 
-    batches = _micro_batches(loader)
+    faults = faults or {"nan_steps": set(), "exit": None}
+
+    def report_corrupt(epoch: int, when: str) -> None:
+        if loader_corrupt := getattr(loader, "corrupt", None):
+            print(
+                f"[arcscale] rank {rank} epoch {epoch}{when}: skipped {len(loader_corrupt)} "
+                f"corrupt records (data.skip_corrupt); first: {loader_corrupt[0]}",
+                flush=True,
+            )
+
+    batches = _micro_batches(loader, report_corrupt)
     bad_steps, skipped = 0, 0
     last_saved = ckpt.latest_checkpoint(cfg.output)  # same answer on every rank (shared disk)
     t_start = time.time()
@@ -223,9 +325,20 @@ def train(cfg, settings, ds_config) -> None:
             )
             set_backbone_lr(engine, lr)
             head_opt.set_lr(lr)
+            if faults["exit"] == (rank, step + 1):
+                msg = f"arcscale: fault injection: rank {rank} exits at step {step + 1}"
+                print(msg, file=sys.stderr, flush=True)
+                os._exit(1)
             micro = [next(batches) for _ in range(cfg.optim.gradient_acc)]
             result = train_step(
-                accelerator, engine, head, head_opt, micro, settings.precision, device
+                accelerator,
+                engine,
+                head,
+                head_opt,
+                micro,
+                settings.precision,
+                device,
+                nan_loss=step + 1 in faults["nan_steps"],
             )
             step += 1
             if not result.applied:
@@ -249,9 +362,12 @@ def train(cfg, settings, ds_config) -> None:
             logger.step(step, loader.epoch, scalars, cfg.logging.frequent)
             if step % cfg.eval.verbose == 0 and step < res.total_steps:
                 evaluate(step)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and bad_steps:
+                log(f"[checkpoint] step {step}: not saved, the loss is non-finite")
+            elif cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 save(step)
                 last_saved = os.path.join(ckpt.checkpoint_root(cfg.output), f"step_{step}")
+        report_corrupt(loader.epoch, " (so far)")
         evaluate(step)
         if last_saved is None or not last_saved.endswith(f"step_{step}"):
             save(step)
@@ -276,10 +392,12 @@ def _grad_norm(engine) -> float:
     return float(value.item() if hasattr(value, "item") else value)
 
 
-def _micro_batches(loader):
+def _micro_batches(loader, at_epoch_end=None):
     """Endless (images, labels) stream; advances the loader's epoch at each epoch end."""
     while True:
         yield from loader
+        if at_epoch_end is not None:
+            at_epoch_end(loader.epoch, "")
         loader.set_epoch(loader.epoch + 1)
 
 

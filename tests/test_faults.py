@@ -1,0 +1,546 @@
+"""Fault injection: kill -9, resume on another world size, NaN losses, corrupt data, bad configs
+and a dying rank (docs/reliability.md maps each fault to the test here that shows it).
+
+Launch tests (marked slow) run the real `accelerate launch` on a 16-identity LFW `.rec`; the
+fast tests call the data layer and `trainer.train.main` in this process.
+"""
+
+import contextlib
+import glob
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.launch import BIN, REPO, TINY, free_port, launch_env, losses, make_lfw_rec
+
+CONFIG = os.path.join(REPO, "configs", "lfw_demo_mbf.yaml")
+ZERO2 = "accelerate_configs/cpu_2proc_zero2.yaml"
+NUM = 16
+SEED = 2048  # configs/lfw_demo_mbf.yaml
+
+
+@pytest.fixture(scope="module")
+def lfw16(lfw_root, tmp_path_factory):
+    return make_lfw_rec(lfw_root, str(tmp_path_factory.mktemp("lfw16")), NUM)
+
+
+def _ov(out, data, steps, *more):
+    return [
+        *TINY,
+        f"output={out}",
+        f"data.rec={data}",
+        f"data.num_classes={NUM}",
+        f"schedule.max_steps={steps}",
+        "schedule.warmup_epoch=0",
+        "eval.val_targets=[]",
+        "engine.precision=fp32",
+        *more,
+    ]
+
+
+_RUNS = []
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_runs():
+    """A failing test must not leave its launches training in the background."""
+    yield
+    while _RUNS:
+        run = _RUNS.pop()
+        if run.proc.poll() is None:
+            run.kill()
+
+
+class Run:
+    """An `accelerate launch` in its own process group, output in files (no pipe to fill)."""
+
+    def __init__(self, tmp, name, overrides, nproc=2, env=None):
+        self.out_path, self.err_path = tmp / f"{name}.out", tmp / f"{name}.err"
+        cmd = [
+            os.path.join(BIN, "accelerate"),
+            "launch",
+            "--config_file",
+            os.path.join(REPO, ZERO2),
+            "--main_process_port",
+            str(free_port()),
+            "--num_processes",
+            str(nproc),
+            "-m",
+            "trainer.train",
+            CONFIG,
+            *overrides,
+        ]
+        full_env = {**launch_env(), **(env or {})}
+        with open(self.out_path, "w") as so, open(self.err_path, "w") as se:
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO, env=full_env, stdout=so, stderr=se, start_new_session=True
+            )
+        _RUNS.append(self)
+
+    @property
+    def stdout(self):
+        return self.out_path.read_text()
+
+    @property
+    def stderr(self):
+        return self.err_path.read_text()
+
+    def wait(self, timeout=600):
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self):
+        kill_tree(self.proc.pid)
+        self.proc.wait(timeout=60)
+
+    def ok(self):
+        rc = self.wait()
+        assert rc == 0, f"exit {rc}\n{self.stdout[-3000:]}\n{self.stderr[-5000:]}"
+        return self.stdout
+
+
+def kill_tree(pid):
+    """SIGKILL of the launcher's process group and of every descendant's group: torchrun starts
+    each worker in a session of its own, so killing the launcher's group alone leaves the
+    workers training (and writing checkpoints) as orphans."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    groups = set()
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            groups.add(os.getpgid(p.pid))
+    for group in groups - {os.getpgrp()}:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
+def _poll(pred, timeout=600, every=0.02):
+    end = time.time() + timeout
+    while time.time() < end:
+        hit = pred()
+        if hit:
+            return hit
+        time.sleep(every)
+    raise AssertionError("condition not reached in time")
+
+
+def _assert_complete(path):
+    """A checkpoint dir a resume can use: meta.json, backbone.pt, one head shard per rank."""
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    assert os.path.isfile(os.path.join(path, "backbone.pt")), path
+    shards = glob.glob(os.path.join(path, "head", "*.pt"))
+    assert len(shards) == meta["world_size"], (path, shards)
+    return meta
+
+
+def _latest(out):
+    root = os.path.join(out, "checkpoints")
+    with open(os.path.join(root, "latest")) as f:
+        return os.path.join(root, f.read().strip())
+
+
+def _all_finite(path):
+    tensors = list(torch.load(os.path.join(path, "backbone.pt"), weights_only=True).values())
+    for shard in glob.glob(os.path.join(path, "head", "*.pt")):
+        state = torch.load(shard, weights_only=False)
+        tensors += [v for v in state.values() if torch.is_tensor(v)]
+    return all(bool(torch.isfinite(t.float()).all()) for t in tensors if t.is_floating_point())
+
+
+# --- kill -9 ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill9_during_checkpoint_write_and_at_random_point(lfw16, tmp_path):
+    """SIGKILL of the whole process group while a step_N.tmp is being written, then at a seeded
+    random moment of the resumed run: `latest` always names a complete checkpoint, the next
+    start reports and removes the half-written folder, and the last resume reaches the end."""
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    ov = _ov(out, lfw16, 10, "checkpoint.every=2", "checkpoint.keep_last=10")
+
+    def kill_on_tmp(run, after):
+        """Kills the group the moment a `step_N.tmp` with N > after shows up; returns its name."""
+
+        def seen():
+            names = os.listdir(root) if root.is_dir() else []
+            tmps = [n for n in names if re.fullmatch(r"step_(\d+)\.tmp", n)]
+            tmps = [n for n in tmps if int(n[5:-4]) > after]
+            if tmps:
+                kill_tree(run.proc.pid)
+                return tmps[0]
+            return "done" if run.proc.poll() is not None else None
+
+        name = _poll(seen, every=0.002)
+        run.proc.wait(timeout=60)
+        return name
+
+    run, after, caught = Run(tmp_path, "a0", ov), 2, None
+    for attempt in range(3):  # the write takes ~0.2 s: retry if the kill lands after the rename
+        name = kill_on_tmp(run, after)
+        assert name != "done", "the run ended before any checkpoint write was seen"
+        if (root / name).is_dir():
+            caught = name
+            break
+        after = int(name[5:-4])
+        run = Run(tmp_path, f"a{attempt + 1}", [*ov, "checkpoint.resume=true"])
+    assert caught, "no kill landed inside a checkpoint write in 3 tries"
+    assert int(_latest(out).rsplit("_", 1)[1]) < int(caught[5:-4])
+    _assert_complete(_latest(out))
+    before = _latest(out)
+
+    rng = random.Random(8)
+    second = Run(tmp_path, "b", [*ov, "checkpoint.resume=true"])
+    _poll(lambda: "Step " in second.stdout or second.proc.poll() is not None)
+    time.sleep(rng.uniform(0.5, 4.0))
+    second.kill()
+    assert f"removing incomplete checkpoint {root / caught}" in second.stdout
+    assert f"resumed from {before} at step" in second.stdout
+    saved = _latest(out)
+    _assert_complete(saved)
+    at = int(saved.rsplit("_", 1)[1])
+
+    third = Run(tmp_path, "c", [*ov, "checkpoint.resume=true"])
+    stdout = third.ok()
+    assert f"resumed from {saved} at step {at}" in stdout
+    assert sorted(losses(stdout)) == list(range(at + 1, 11))
+    assert _latest(out).endswith("step_10")
+    assert not glob.glob(str(root / "*.tmp"))
+    for path in glob.glob(str(root / "step_*")):
+        _assert_complete(path)
+
+
+# --- resume on another world size ------------------------------------------------------------
+
+
+def _head_state(path):
+    """(rows, {optimizer state key: rows}) of a checkpoint in global class order."""
+    shards = []
+    for f in glob.glob(os.path.join(path, "head", "*.pt")):
+        shards.append(torch.load(f, weights_only=False))
+    shards.sort(key=lambda sh: sh["start"])
+    assert [sh["start"] for sh in shards][1:] == [sh["end"] for sh in shards][:-1]
+    rows = torch.cat([sh["weight"] for sh in shards])
+    keys = shards[0]["optimizer"]["state"].keys()
+    state = {k: torch.cat([sh["optimizer"]["state"][k] for sh in shards]) for k in keys}
+    return rows, state
+
+
+def _assert_same_state(a, b):
+    ma, mb = torch.load(os.path.join(a, "backbone.pt")), torch.load(os.path.join(b, "backbone.pt"))
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k
+    (ra, sa), (rb, sb) = _head_state(a), _head_state(b)
+    assert torch.equal(ra, rb) and sa.keys() == sb.keys() and len(sa) > 0
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    with open(os.path.join(a, "meta.json")) as fa, open(os.path.join(b, "meta.json")) as fb:
+        assert json.load(fa)["loader"] == json.load(fb)["loader"]
+
+
+@pytest.mark.slow
+def test_resume_other_world_size_restores_state_exactly(lfw16, tmp_path):
+    """A 2-process step_2 resumed on 3 and 1 processes, and the 3-process copy on 2 again
+    (global batch 48 throughout: 2x24, 3x16, 1x48), with max_steps=2 so each run loads and
+    re-saves: backbone weights and BatchNorm stats, head rows, head momentum and the loader's
+    global position come back bit-identical on every world size."""
+    base = ["checkpoint.every=2", "head.sample_rate=1.0"]
+
+    def ov(name, bs, *more):
+        return _ov(tmp_path / name, lfw16, 2, *base, f"data.batch_size={bs}", *more)
+
+    Run(tmp_path, "ref", ov("ref", 24)).ok()
+    ref = str(tmp_path / "ref" / "checkpoints" / "step_2")
+    assert json.loads((tmp_path / "ref" / "checkpoints" / "step_2" / "meta.json").read_text())[
+        "loader"
+    ] == {"epoch": 0, "offset": 96}
+    for name, nproc, bs, src in (("w3", 3, 16, ref), ("w1", 1, 48, ref)):
+        stdout = Run(tmp_path, name, ov(name, bs, f"checkpoint.resume={src}"), nproc=nproc).ok()
+        assert f"world size 2 -> {nproc}" in stdout and "resumed from" in stdout
+        again = str(tmp_path / name / "checkpoints" / "step_2")
+        assert _assert_complete(again)["world_size"] == nproc
+        _assert_same_state(ref, again)
+    w3 = str(tmp_path / "w3" / "checkpoints" / "step_2")
+    stdout = Run(tmp_path, "w2", ov("w2", 24, f"checkpoint.resume={w3}")).ok()
+    assert "world size 3 -> 2" in stdout
+    _assert_same_state(ref, str(tmp_path / "w2" / "checkpoints" / "step_2"))
+
+
+@pytest.mark.parametrize("world,batch", [(1, 48), (2, 24), (3, 16), (2, 16)])
+def test_resumed_global_batch_is_the_same_for_equal_global_batch(world, batch):
+    """After a resume at global offset 96, the union of the ranks' next batches is positions
+    96..96+W*B of the epoch permutation: the same samples for any W with equal W*B (the
+    condition for an identical data order across world sizes; 2x16 shows the difference)."""
+    from data.sampler import DistributedShardSampler, epoch_permutation
+
+    got = []
+    for rank in range(world):
+        sampler = DistributedShardSampler(481, rank, world, SEED)
+        sampler.load_state_dict({"epoch": 0, "offset": 96})
+        got += list(iter(sampler))[:batch]
+    perm = epoch_permutation(481, SEED, 0)
+    assert sorted(got) == sorted(perm[96 : 96 + world * batch].tolist())
+    assert (sorted(got) == sorted(perm[96:144].tolist())) == (world * batch == 48)
+
+
+# --- non-finite loss -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_nan_loss_skipped_counted_then_stops_exit3(lfw16, tmp_path):
+    """NaN head loss (ARCSCALE_FAULT_NAN_LOSS) at steps 3-4 is skipped and counted; from step 7
+    on it stops the run after engine.max_bad_steps=3 with exit code 3, a message naming the step
+    and the last good checkpoint, and no checkpoint written from a non-finite step."""
+    out = tmp_path / "nan"
+    ov = _ov(out, lfw16, 12, "checkpoint.every=2", "checkpoint.keep_last=10")
+    run = Run(
+        tmp_path,
+        "nan",
+        [*ov, "engine.max_bad_steps=3"],
+        env={"ARCSCALE_FAULT_NAN_LOSS": "3-4,7-100"},
+    )
+    rc = run.wait()
+    stdout, stderr = run.stdout, run.stderr
+    assert rc != 0
+    assert re.search(r"exitcode\s*:\s*3", stderr), stderr[-3000:]
+    skipped = {
+        int(m.group(1)): int(m.group(2))
+        for m in re.finditer(r"^Step (\d+)/\d+ .* skipped_steps (\d+)", stdout, re.M)
+    }
+    assert skipped[2] == 0 and skipped[3] == 1 and skipped[4] == 2 and skipped[6] == 2
+    assert skipped[8] == 4 and 9 not in skipped
+    curve = losses(stdout)
+    assert np.isnan(curve[3]) and np.isnan(curve[8]) and np.isfinite(curve[5])
+    root = out / "checkpoints"
+    good = str(root / "step_6")
+    assert "at step 9" in stderr and f"last good checkpoint: {good}" in stderr
+    assert "step 8: not saved" in stdout
+    names = sorted(os.path.basename(p) for p in glob.glob(str(root / "step_*")))
+    assert names == ["step_2", "step_6"], names
+    assert _latest(out) == good
+    for path in glob.glob(str(root / "step_*")):
+        assert _all_finite(path), path
+
+
+# --- data faults -----------------------------------------------------------------------------
+
+
+def _copy_rec(src, dst):
+    os.makedirs(dst)
+    for name in ("train.rec", "train.idx", "property"):
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    return dst
+
+
+def _offsets(folder):
+    with open(os.path.join(folder, "train.idx")) as f:
+        return {int(k): int(o) for k, o in (line.split() for line in f if line.strip())}
+
+
+def _patch(folder, offset, data):
+    with open(os.path.join(folder, "train.rec"), "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _corrupt_copy(src, dst):
+    """Key 5: bad magic; key 40: JPEG bytes zeroed; key 300: part length past the file end."""
+    _copy_rec(src, dst)
+    off = _offsets(dst)
+    _patch(dst, off[5], b"\0\0\0\0")
+    _patch(dst, off[40] + 8 + 24, b"\0" * 64)  # part head (8) + IRHeader (24), then the JPEG
+    size = os.path.getsize(os.path.join(dst, "train.rec"))
+    _patch(dst, off[300] + 4, struct.pack("<I", size))  # lrec: cflag 0, length > what is left
+    return {5: off[5], 40: off[40], 300: off[300]}
+
+
+def _dataset(folder):
+    from data.datasets import RecordDataset
+
+    return RecordDataset(os.path.join(folder, "train.rec"), num_classes=NUM)
+
+
+def test_corrupt_records_stop_naming_file_key_offset(lfw16, tmp_path):
+    from data.datasets import CorruptRecordError
+
+    bad = _corrupt_copy(lfw16, str(tmp_path / "bad"))
+    ds = _dataset(str(tmp_path / "bad"))
+    for key, offset in bad.items():
+        with pytest.raises(CorruptRecordError) as info:
+            ds[ds.keys.index(key)]
+        msg = str(info.value)
+        assert "train.rec" in msg and f"key {key}" in msg and str(offset) in msg, msg
+    assert ds[ds.keys.index(6)][1] == _dataset(lfw16)[ds.keys.index(6)][1]
+
+
+def test_skip_corrupt_replaces_counts_and_keeps_batch_size(lfw16, tmp_path):
+    from data.loader import build_cpu_loader
+
+    bad = _corrupt_copy(lfw16, str(tmp_path / "bad"))
+    ds = _dataset(str(tmp_path / "bad"))
+    strict = build_cpu_loader(ds, 32, 0, 1, SEED, num_workers=0)
+    with pytest.raises(ValueError, match="offset"):
+        for _ in strict:
+            pass
+    loader = build_cpu_loader(ds, 32, 0, 1, SEED, num_workers=1, skip_corrupt=True)
+    loader.set_epoch(0)
+    sizes = [len(labels) for _, labels in loader]
+    assert sizes == [32] * (len(ds) // 32)
+    from data.sampler import epoch_permutation
+
+    seen = set(epoch_permutation(len(ds), SEED, 0)[: len(sizes) * 32].tolist())
+    want = sorted(k for k in bad if ds.keys.index(k) in seen)
+    got = sorted(int(re.search(r"key (\d+)", m).group(1)) for m in loader.corrupt)
+    assert got == want
+
+
+def test_truncated_rec_and_bad_label_stop_at_startup(lfw16, tmp_path):
+    from trainer.config import ConfigError, load_config
+    from trainer.data_setup import build_dataset
+
+    cut = _copy_rec(lfw16, str(tmp_path / "cut"))
+    off = _offsets(cut)
+    with open(os.path.join(cut, "train.rec"), "r+b") as f:
+        f.truncate(off[200] + 100)
+    cfg = load_config(CONFIG, [f"data.rec={cut}", f"data.num_classes={NUM}"])
+    with pytest.raises(
+        ConfigError, match=r"train\.idx:\d+: key 201 offset \d+ is past the end of \S+train\.rec"
+    ):
+        build_dataset(cfg)
+
+    lab = _copy_rec(lfw16, str(tmp_path / "label"))
+    _patch(lab, _offsets(lab)[77] + 8 + 4, struct.pack("<f", float(NUM + 4)))
+    cfg = load_config(CONFIG, [f"data.rec={lab}", f"data.num_classes={NUM}"])
+    with pytest.raises(ConfigError, match=rf"key 77: label {NUM + 4} outside \[0, {NUM}\)"):
+        build_dataset(cfg)
+    # past the sampled scan, the label stops the loader at first sight, skip_corrupt or not
+    ds = _dataset(lab)
+    assert ds.scan_labels(max_keys=3) == 3
+    from data.loader import build_cpu_loader
+
+    loader = build_cpu_loader(ds, 32, 0, 1, SEED, num_workers=0, shuffle=False, skip_corrupt=True)
+    with pytest.raises(ValueError, match=r"key 77: label"):
+        for _ in loader:
+            pass
+
+
+@pytest.mark.slow
+def test_skip_corrupt_run_logs_count_per_epoch(lfw16, tmp_path):
+    """A 2-process run over the corrupted copy with data.skip_corrupt=true finishes; each rank
+    logs the records it skipped in epoch 0 (15 steps) and so far in epoch 1 (1 step)."""
+    bad = _corrupt_copy(lfw16, str(tmp_path / "bad"))
+    data = str(tmp_path / "bad")
+    run = Run(tmp_path, "skip", _ov(tmp_path / "out", data, 16, "data.skip_corrupt=true"))
+    stdout = run.ok()
+    assert len(losses(stdout)) == 16
+    keys = _dataset(data).keys
+    for epoch, used in ((0, 15 * 32), (1, 32)):
+        seen = set(epoch_perm(len(keys), epoch)[:used].tolist())
+        want = sum(keys.index(k) in seen for k in bad)
+        lines = re.findall(rf"rank \d epoch {epoch}.*?: skipped (\d+) corrupt", stdout)
+        assert sum(int(n) for n in lines) == want, (epoch, want, stdout[-3000:])
+
+
+def epoch_perm(n, epoch):
+    from data.sampler import epoch_permutation
+
+    return epoch_permutation(n, SEED, epoch)
+
+
+# --- config faults ---------------------------------------------------------------------------
+
+
+def _bad_configs(lfw16, tmp_path):
+    ds_json = tmp_path / "fixed_batch.json"
+    ds_json.write_text(json.dumps({"train_batch_size": 100, "zero_optimization": {"stage": 2}}))
+    base = [f"data.rec={lfw16}", f"data.num_classes={NUM}", "eval.val_targets=[]"]
+    return {
+        "unknown key": ([*base, "data.bogus=1"], "data.bogus"),
+        "wrong type": ([*base, "data.batch_size=abc"], "data.batch_size"),
+        "num_classes": ([*base, "data.num_classes=17"], "data.num_classes"),
+        "missing bin": ([*base, "eval.val_targets=[nope]"], "nope.bin"),
+        "ds batch": ([*base, f"engine.ds_config={ds_json}"], "train_batch_size 100"),
+    }
+
+
+def test_config_faults_one_line_exit2(lfw16, tmp_path, capsys, monkeypatch):
+    from trainer.train import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for name, (overrides, needle) in _bad_configs(lfw16, tmp_path).items():
+        assert main([CONFIG, *overrides]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("arcscale: config error:"), (name, err)
+        assert needle in err[0], (name, err)
+    monkeypatch.setenv("ARCSCALE_FAULT_NAN_LOSS", "five")
+    good = [f"data.rec={lfw16}", f"data.num_classes={NUM}", "eval.val_targets=[]"]
+    assert main([CONFIG, *good]) == 2
+    assert "ARCSCALE_FAULT_NAN_LOSS" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_config_fault_through_python_and_launcher(lfw16, tmp_path):
+    """`python -m trainer.train` exits 2 with one stderr line; `accelerate launch` fails with
+    the ranks' exit code 2 and the same line, before any process group (no training output)."""
+    overrides, needle = _bad_configs(lfw16, tmp_path)["num_classes"]
+    env = launch_env()
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.train", CONFIG, *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [x for x in proc.stderr.splitlines() if x.strip() and "[WARNING]" not in x]
+    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+    run = Run(tmp_path, "cfg", overrides)
+    assert run.wait() != 0
+    stderr = run.stderr
+    ours = [x for x in stderr.splitlines() if x.startswith("arcscale:")]
+    assert len(ours) == 2 and len(set(ours)) == 1 and needle in ours[0], stderr[-3000:]
+    assert re.search(r"exitcode\s*:\s*2", stderr) and "world size" not in run.stdout
+
+
+# --- distributed faults ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_dead_rank_ends_launch_within_timeout(lfw16, tmp_path):
+    """Rank 1 calls os._exit(1) before step 4 (ARCSCALE_FAULT_EXIT): the launch ends non-zero
+    within engine.timeout_s + 60 s of it, and rank 0, if still alive, says what happened."""
+    timeout_s = 30
+    run = Run(
+        tmp_path,
+        "exit",
+        _ov(tmp_path / "out", lfw16, 8, f"engine.timeout_s={timeout_s}"),
+        env={"ARCSCALE_FAULT_EXIT": "rank=1,step=4"},
+    )
+    _poll(lambda: "fault injection" in run.stderr or run.proc.poll() is not None)
+    t0 = time.time()
+    rc = run.wait(timeout=timeout_s + 120)
+    assert rc != 0 and time.time() - t0 < timeout_s + 60
+    stderr = run.stderr
+    assert "rank 1 exits at step 4" in stderr
+    assert "Step 3/8" in run.stdout and "Step 4/8" not in run.stdout
+    if "arcscale: a collective failed" in stderr:
+        assert "another rank probably died" in stderr
