@@ -162,7 +162,7 @@ def save_checkpoint(
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     _barrier()
     if rank == 0:
-        state_dict = consolidate_backbone(os.path.join(tmp, "engine"))
+        state_dict = consolidate_backbone(os.path.join(tmp, "engine"), engine.module)
         torch.save(state_dict, os.path.join(tmp, "backbone.pt"))
         write_text_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
         if os.path.isdir(final):
@@ -176,15 +176,22 @@ def save_checkpoint(
     return final
 
 
-def consolidate_backbone(engine_dir: str) -> dict:
+def consolidate_backbone(engine_dir: str, module: torch.nn.Module) -> dict:
     """fp32 backbone state dict from a saved engine checkpoint (DeepSpeed's zero_to_fp32).
 
     Works for ZeRO 1/2/3: the fp32 master weights come from the optimizer partitions of all ranks.
+    Under ZeRO 1/2 zero_to_fp32 leaves out frozen parameters (e.g. IResNet's `features.weight`,
+    fixed at 1); they are replicated and never updated, so they are taken from `module`.
+    Keys and order follow `module.state_dict()` (insightface names for IResNet).
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(engine_dir, tag="engine")
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    out = {}
+    for key, value in module.state_dict().items():
+        value = state.get(key, value).detach().cpu()
+        out[key] = value.float() if value.is_floating_point() else value
+    return out
 
 
 def load_meta(path: str) -> dict:
