@@ -2,8 +2,12 @@
 # The main job on real faces (docs/demo.md): LFW -> .rec + held-out .bin -> 2-process DeepSpeed
 # training with Partial FC -> ONNX export with parity check -> ONNX verification, ROC and curves.
 # Usage: bash tools/run_demo.sh [key=value overrides for the training config]
+#   full demo (about 20 min on 2 CPU cores):  bash tools/run_demo.sh
+#   CI smoke version (about 3 min):           DEMO_OUT=work_dirs/lfw_demo_ci bash tools/run_demo.sh \
+#                                                 schedule.max_steps=30 eval.verbose=1000
 # Env: ARCSCALE_LFW (default ../shared/data/lfw), DEMO_OUT (default work_dirs/lfw_demo_mbf),
-#      DEMO_CONFIG (default configs/lfw_demo_mbf.yaml), DEMO_ACCELERATE (accelerate config).
+#      DEMO_CONFIG (default configs/lfw_demo_mbf.yaml), DEMO_ACCELERATE (accelerate config),
+#      DEMO_SKIP_UNTRAINED=1 skips the random-init baseline (saves about a minute).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LFW=${ARCSCALE_LFW:-$(cd .. && pwd)/shared/data/lfw}
@@ -15,22 +19,44 @@ PY=.venv/bin/python
 if ! nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=cpu; fi
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/arcscale/torch_extensions}
 start=$(date +%s)
+stage_start=$start
+timings=""
+stage_done() {  # records the wall time of the stage that just finished
+    local now
+    now=$(date +%s)
+    timings+="  $1: $((now - stage_start)) s"$'\n'
+    stage_start=$now
+}
 
-echo "== 1/4 prepare LFW ($LFW -> $DATA)"
-$PY tools/prepare_lfw.py --lfw "$LFW" --out "$DATA"
+echo "== 1/5 prepare LFW ($LFW -> $DATA)"
+$PY tools/prepare_lfw.py --lfw "$LFW" --out "$DATA" --no-progress
+stage_done prepare
 
-echo "== 2/4 train ($CONFIG, $ACCEL)"
+echo "== 2/5 train ($CONFIG, $ACCEL)"
 rm -rf "$OUT"
 .venv/bin/accelerate launch --config_file "$ACCEL" -m trainer.train "$CONFIG" \
-    output="$OUT" data.rec="$DATA" "$@"
+    output="$OUT" data.rec="$DATA" logging.progress_bar=false "$@"
+stage_done train
 
-echo "== 3/4 export ONNX"
-$PY tools/convert_to_onnx.py "$OUT" --output "$OUT/backbone.onnx" --lfw-bin "$DATA/lfw_heldout.bin"
+echo "== 3/5 export ONNX"
+$PY tools/convert_to_onnx.py "$OUT" --output "$OUT/backbone.onnx" --lfw-bin "$DATA/lfw_heldout.bin" \
+    --runs 10
+stage_done export
 
-echo "== 4/4 evaluate the ONNX model on the held-out pairs"
-network=$($PY -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['model']['network'])" "$OUT/config.yaml")
-$PY tools/eval_verification.py --model "$OUT/backbone.onnx" --bin "$DATA/lfw_heldout.bin" --out "$OUT/eval"
-$PY tools/eval_verification.py --untrained --network "$network" --config "$OUT/config.yaml" \
-    --bin "$DATA/lfw_heldout.bin" --out "$OUT/eval_untrained"
+echo "== 4/5 evaluate the ONNX model on the held-out pairs"
+$PY tools/eval_verification.py --model "$OUT/backbone.onnx" --bin "$DATA/lfw_heldout.bin" \
+    --out "$OUT/eval" --batch-size 128
+stage_done eval_onnx
+if [ "${DEMO_SKIP_UNTRAINED:-0}" != 1 ]; then
+    echo "== 4/5 the same network untrained (random init), for comparison"
+    $PY tools/eval_verification.py --untrained --config "$OUT/config.yaml" \
+        --bin "$DATA/lfw_heldout.bin" --out "$OUT/eval_untrained" --batch-size 128
+    stage_done eval_untrained
+fi
+
+echo "== 5/5 plot training curves"
 $PY tools/plot_curves.py "$OUT" --out "$OUT/curves.png"
-echo "== done in $(( $(date +%s) - start )) s: $OUT/eval/roc.png $OUT/curves.png"
+stage_done plot
+echo "== stage wall times:"
+printf '%s' "$timings"
+echo "== done in $(($(date +%s) - start)) s: $OUT/eval/roc.png $OUT/curves.png"
