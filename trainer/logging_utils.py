@@ -77,9 +77,7 @@ class TrainLogger:
         remaining = (self.total_steps - step) * self.global_batch / max(speed, 1e-9)
         hours, rest = divmod(int(remaining), 3600)
         eta = f"{hours}h{rest // 60:02d}m{rest % 60:02d}s"
-        extra = " ".join(
-            f"{k} {v:.4g}" for k, v in scalars.items() if k not in ("loss", "lr")
-        )
+        extra = " ".join(f"{k} {v:.4g}" for k, v in scalars.items() if k not in ("loss", "lr"))
         self.info(
             f"Step {step}/{self.total_steps} Epoch {epoch} Loss {scalars['loss']:.4f} "
             f"LR {scalars['lr']:.6f} Speed {speed:.1f} samples/s ETA {eta} {extra}".rstrip()

@@ -224,9 +224,7 @@ def train(cfg, settings, ds_config, faults=None) -> None:
     engine.train()
 
     m1, m2, m3 = cfg.head.margin_list
-    margin = CombinedMarginLoss(
-        cfg.head.scale, m1, m2, m3, cfg.head.interclass_filtering_threshold
-    )
+    margin = CombinedMarginLoss(cfg.head.scale, m1, m2, m3, cfg.head.interclass_filtering_threshold)
     head = PartialFC(
         cfg.model.embedding_size, cfg.data.num_classes, cfg.head.sample_rate, margin
     ).to(device)
@@ -320,9 +318,7 @@ def train(cfg, settings, ds_config, faults=None) -> None:
     t_start = time.time()
     try:
         while step < res.total_steps:
-            lr = poly_lr(
-                step, cfg.optim.lr, res.total_steps, res.warmup_steps, cfg.schedule.power
-            )
+            lr = poly_lr(step, cfg.optim.lr, res.total_steps, res.warmup_steps, cfg.schedule.power)
             set_backbone_lr(engine, lr)
             head_opt.set_lr(lr)
             if faults["exit"] == (rank, step + 1):
