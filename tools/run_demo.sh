@@ -3,11 +3,13 @@
 # training with Partial FC -> ONNX export with parity check -> ONNX verification, ROC and curves.
 # Usage: bash tools/run_demo.sh [key=value overrides for the training config]
 #   full demo (about 20 min on 2 CPU cores):  bash tools/run_demo.sh
-#   CI smoke version (about 3 min):           DEMO_OUT=work_dirs/lfw_demo_ci bash tools/run_demo.sh \
-#                                                 schedule.max_steps=30 eval.verbose=1000
+#   CI smoke version (about 3 min):           DEMO_OUT=work_dirs/lfw_demo_ci DEMO_SKIP_UNTRAINED=1 \
+#       bash tools/run_demo.sh schedule.max_steps=30 data.batch_size=32 eval.val_targets=[] \
+#       logging.frequent=5
 # Env: ARCSCALE_LFW (default ../shared/data/lfw), DEMO_OUT (default work_dirs/lfw_demo_mbf),
 #      DEMO_CONFIG (default configs/lfw_demo_mbf.yaml), DEMO_ACCELERATE (accelerate config),
-#      DEMO_SKIP_UNTRAINED=1 skips the random-init baseline (saves about a minute).
+#      DEMO_SKIP_UNTRAINED=1 skips the random-init baseline (saves about a minute),
+#      DEMO_PORT (rendezvous port of the training launch, default 29500).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LFW=${ARCSCALE_LFW:-$(cd .. && pwd)/shared/data/lfw}
@@ -34,7 +36,8 @@ stage_done prepare
 
 echo "== 2/5 train ($CONFIG, $ACCEL)"
 rm -rf "$OUT"
-.venv/bin/accelerate launch --config_file "$ACCEL" -m trainer.train "$CONFIG" \
+.venv/bin/accelerate launch --config_file "$ACCEL" --main_process_port "${DEMO_PORT:-29500}" \
+    -m trainer.train "$CONFIG" \
     output="$OUT" data.rec="$DATA" logging.progress_bar=false "$@"
 stage_done train
 
