@@ -13,7 +13,18 @@ import pytest
 import torch
 
 import models
-from tests.launch import BIN, REPO, TINY, accelerate, check, free_port, launch_env, losses, lrs
+from tests.launch import (
+    BIN,
+    REPO,
+    TINY,
+    accelerate,
+    check,
+    free_port,
+    launch_env,
+    losses,
+    lrs,
+    make_lfw_rec,
+)
 
 pytestmark = pytest.mark.slow
 CONFIG = os.path.join(REPO, "configs", "lfw_demo_mbf.yaml")
@@ -27,21 +38,10 @@ def lfw_data(lfw_root, tmp_path_factory):
     """A 16-identity `.rec` of real LFW faces (people with 20-60 images: a loss that can fall in
     20 steps) and the demo's identity-disjoint `lfw_heldout.bin` for the verification callback."""
     from tools import prepare_lfw
-    from tools.folder2rec import convert
 
     demo = os.path.join(REPO, "work_dirs", "lfw_demo")
     assert prepare_lfw.main(["--lfw", lfw_root, "--out", demo, "--no-progress"]) == 0
-    root = os.path.join(lfw_root, "lfw-deepfunneled")
-    people = [
-        p for p in sorted(os.listdir(root)) if 20 <= len(os.listdir(os.path.join(root, p))) <= 60
-    ][:NUM_SMALL]
-    samples = [
-        (os.path.join(root, p, f), label)
-        for label, p in enumerate(people)
-        for f in sorted(os.listdir(os.path.join(root, p)))
-    ]
-    out = str(tmp_path_factory.mktemp("lfw16"))
-    convert(samples, out, crop=(59, 56, 191, 188), insightface_header=True, progress=False)
+    out = make_lfw_rec(lfw_root, str(tmp_path_factory.mktemp("lfw16")), NUM_SMALL)
     os.symlink(os.path.join(demo, "lfw_heldout.bin"), os.path.join(out, "lfw_heldout.bin"))
     return out
 
