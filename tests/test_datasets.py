@@ -113,6 +113,7 @@ def test_normalize_range_layout_and_backends():
     batch = np.stack([hwc, hwc[::-1]])
     t = normalize(torch.from_numpy(batch))
     assert t.dtype == torch.float32 and t.shape == (2, 3, 4, 5)
+    assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     np.testing.assert_allclose(t.numpy(), normalize(batch), atol=1e-6)
     np.testing.assert_allclose(t[1].numpy(), ref[::-1].transpose(2, 0, 1), atol=1e-6)
     with pytest.raises(ValueError, match="uint8"):

@@ -53,7 +53,7 @@ def onnx_embedder(path: str, batch_size: int) -> tuple[EmbedFn, int, bool]:
         batch_size = inp.shape[0]
 
     def embed(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(sess.run(None, {inp.name: x.numpy()})[0])
+        return torch.from_numpy(sess.run(None, {inp.name: np.ascontiguousarray(x.numpy())})[0])
 
     return embed, batch_size, fixed
 

@@ -93,7 +93,9 @@ class EngineConfig:
     "auto" fields are filled from this config ("": the Accelerate config's
     `deepspeed_config_file`, else the stage's default). `offload` moves optimizer state (and
     ZeRO-3 parameters) to CPU. `timeout_s` bounds every collective; `max_bad_steps` consecutive
-    non-finite losses stop the run."""
+    non-finite losses stop the run. `sync_bn` normalizes BatchNorm layers with the statistics of
+    the global batch (trainer/sync_bn.py), so the loss does not depend on how it is split over
+    ranks: a run resumed on another world size continues the same loss curve."""
 
     zero_stage: int = -1
     precision: str = ""
@@ -101,6 +103,7 @@ class EngineConfig:
     offload: bool = False
     timeout_s: int = 1800
     max_bad_steps: int = 20
+    sync_bn: bool = False
 
 
 @dataclass(frozen=True)

@@ -189,6 +189,7 @@ def train(cfg, settings, ds_config, faults=None) -> None:
     from trainer.logging_utils import TrainLogger
     from trainer.lr import poly_lr
     from trainer.step import DTYPES, train_step
+    from trainer.sync_bn import convert_sync_batchnorm
 
     _seed_everything(cfg.seed)
     accelerator = create_accelerator(cfg, ds_config, settings.precision)
@@ -217,6 +218,8 @@ def train(cfg, settings, ds_config, faults=None) -> None:
     backbone = models.create(
         cfg.model.network, embedding_size=cfg.model.embedding_size, **cfg.model.kwargs
     )
+    if cfg.engine.sync_bn and world > 1:
+        backbone = convert_sync_batchnorm(backbone)
     if cfg.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     backbone_opt = build_backbone_optimizer(cfg, backbone)

@@ -22,6 +22,8 @@ import torch
 from sklearn.metrics import auc, roc_curve
 from sklearn.model_selection import KFold
 
+from data.decode import normalize
+
 # insightface's accuracy threshold grid, in squared-distance units.
 THRESHOLDS = np.arange(0.0, 4.0, 0.01)
 
@@ -169,12 +171,6 @@ def evaluate(
     }
 
 
-def to_model_input(images_uint8: np.ndarray) -> torch.Tensor:
-    """(B, H, W, 3) uint8 RGB -> (B, 3, H, W) float32 in [-1, 1]: ``(x / 255 - 0.5) / 0.5``."""
-    x = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float()
-    return (x / 255.0 - 0.5) / 0.5
-
-
 def embed_views(
     embed_fn: Callable[[torch.Tensor], torch.Tensor],
     images_uint8: np.ndarray,
@@ -211,7 +207,7 @@ def embed_views(
             if pad_to_batch and rows < batch_size:
                 pad = np.repeat(chunk[-1:], batch_size - rows, axis=0)
                 chunk = np.concatenate([chunk, pad])
-            x = to_model_input(chunk)
+            x = normalize(torch.from_numpy(np.ascontiguousarray(chunk)))  # channels_last
             for out, inp in ((plain, x), (flipped, torch.flip(x, dims=[3]))):
                 y = embed_fn(inp)
                 if y.ndim != 2 or y.shape[0] != x.shape[0]:

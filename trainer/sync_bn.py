@@ -1,0 +1,137 @@
+"""Synchronized BatchNorm for every device, including CPU ranks over gloo.
+
+Each backbone ends in BatchNorm layers that normalize with the statistics of the batch they see.
+With per-rank statistics the forward depends on how the global batch is split, so a run resumed on
+another world size computes a different loss from the same weights and the same samples
+(docs/reliability.md). Synchronized BatchNorm (Ioffe & Szegedy 2015 statistics taken over the
+global batch, as in Peng et al. 2018, "MegDet") removes that dependence.
+
+On CUDA/XPU `torch.nn.SyncBatchNorm` does the work. torch refuses CPU tensors there, so on CPU the
+forward all-reduces per-channel (sum, sum of squares, count) in float64 and the backward
+all-reduces (sum dy, sum dy * x_hat); the result equals one BatchNorm over the concatenated
+batch. Only `trainer/` converts models: model files stay unaware of distribution.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
+
+
+class _SyncBatchNormCPU(torch.autograd.Function):
+    """BatchNorm over the union of all ranks' batches (train mode), gloo-friendly."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
+        dims = [0] + list(range(2, x.dim()))  # every axis except channels
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xd = x.double()
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64)
+        stats = torch.cat([xd.sum(dims), (xd * xd).sum(dims), count])
+        dist.all_reduce(stats, group=group)
+        c = x.shape[1]
+        n = stats[-1]
+        if n <= 1:
+            raise ValueError(f"SyncBatchNorm needs more than 1 value per channel, got {int(n)}")
+        mean = stats[:c] / n
+        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # biased, as BatchNorm
+        invstd = torch.rsqrt(var + eps)
+        if running_mean is not None and momentum:
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            unbiased = var * n / (n - 1)
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        x_hat = ((xd - mean.view(shape)) * invstd.view(shape)).to(x.dtype)
+        ctx.save_for_backward(x_hat, weight, invstd.to(torch.float32))
+        ctx.group, ctx.n, ctx.dims, ctx.shape = group, n, dims, shape
+        y = x_hat
+        if weight is not None:
+            y = y * weight.view(shape).to(x.dtype)
+        if bias is not None:
+            y = y + bias.view(shape).to(x.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_hat, weight, invstd = ctx.saved_tensors
+        dims, shape = ctx.dims, ctx.shape
+        dyf, xf = dy.float(), x_hat.float()
+        local = torch.cat([dyf.sum(dims), (dyf * xf).sum(dims)])
+        # weight/bias grads stay per-rank: the engine averages them like every other parameter
+        grad_w = local[len(local) // 2 :].to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = local[: len(local) // 2].to(weight.dtype) if ctx.needs_input_grad[2] else None
+        glob = local.clone()
+        dist.all_reduce(glob, group=ctx.group)
+        c = x_hat.shape[1]
+        mean_dy = (glob[:c] / ctx.n).float().view(shape)
+        mean_dy_xhat = (glob[c:] / ctx.n).float().view(shape)
+        scale = invstd if weight is None else invstd * weight.float()
+        dx = scale.view(shape) * (dyf - mean_dy - xf * mean_dy_xhat)
+        return dx.to(dy.dtype), grad_w, grad_b, None, None, None, None, None
+
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """`torch.nn.SyncBatchNorm` that also synchronizes CPU tensors (gloo).
+
+    Input float (N, C, ...) of any dtype; statistics in float64 on CPU. Eval mode, a world of one
+    process and non-CPU devices behave exactly as `torch.nn.SyncBatchNorm`.
+
+    Raises:
+        ValueError: the global batch has a single value per channel in train mode.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        distributed = dist.is_available() and dist.is_initialized()
+        group = self.process_group or (dist.group.WORLD if distributed else None)
+        if not self.training or not distributed or dist.get_world_size(group) == 1:
+            return nn.modules.batchnorm._BatchNorm.forward(self, x)  # plain BatchNorm
+        self._check_input_dim(x)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as torch
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return _SyncBatchNormCPU.apply(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean if self.track_running_stats else None,
+            self.running_var if self.track_running_stats else None,
+            self.eps,
+            momentum,
+            group,
+        )
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Replace every BatchNorm1d/2d/3d of `module` by `SyncBatchNorm` in place (weights, running
+    statistics and `requires_grad` kept; state-dict keys unchanged, so checkpoints and ONNX export
+    load into the plain model). Returns the converted module (a new one if `module` itself is a
+    BatchNorm)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, nn.SyncBatchNorm
+    ):
+        new = SyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            process_group,
+        )
+        if module.affine:
+            with torch.no_grad():
+                new.weight = module.weight
+                new.bias = module.bias
+        new.running_mean = module.running_mean
+        new.running_var = module.running_var
+        new.num_batches_tracked = module.num_batches_tracked
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, process_group))
+    return module
