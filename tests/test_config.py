@@ -37,6 +37,9 @@ def test_overrides_and_types(tmp_path):
     # arcface_torch defaults
     assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.head.scale) == (0.9, 5e-4, 64.0)
     assert cfg.model.embedding_size == 512 and cfg.logging.frequent == 10
+    # YAML 1.1 reads 5e-4 (no dot) as a string; float fields take it as the number it spells
+    cfg = load_config(path, ["optim.weight_decay=1e-4", "engine.sync_bn=true"])
+    assert cfg.optim.weight_decay == 1e-4 and cfg.engine.sync_bn is True
 
 
 @pytest.mark.parametrize(
@@ -45,6 +48,7 @@ def test_overrides_and_types(tmp_path):
         ({"optim": {"lrr": 1}}, [], "unknown key 'optim.lrr'"),
         ({"bogus": 1}, [], "unknown key 'bogus'"),
         ({}, ["data.batch_size=abc"], "data.batch_size: expected an integer"),
+        ({}, ["optim.lr=fast"], "optim.lr: expected a number"),
         ({}, ["data.batch_size=0"], "data.batch_size: must be > 0"),
         ({}, ["head.sample_rate=1.5"], "head.sample_rate"),
         ({}, ["engine.precision=fp8"], "engine.precision"),

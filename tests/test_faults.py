@@ -285,6 +285,37 @@ def test_resume_other_world_size_restores_state_exactly(lfw16, tmp_path):
     _assert_same_state(ref, str(tmp_path / "w2" / "checkpoints" / "step_2"))
 
 
+def _tb_loss(run_dir, step):
+    from tools.plot_curves import read_scalars
+
+    steps, values = read_scalars(os.path.join(run_dir, "tensorboard"))["train/loss"]
+    return values[steps.index(step)]
+
+
+@pytest.mark.slow
+def test_resume_other_world_size_continues_the_loss_curve(lfw16, tmp_path):
+    """fp32, same data order, `engine.sync_bn=true`: the step-3 loss of a 2x24 run equals,
+    within 1e-4, the step-3 loss of its step-2 checkpoint resumed on 1x48 and on 3x16
+    (TensorBoard values, full float32 precision; the console rounds to 4 decimals)."""
+    base = ["checkpoint.every=2", "head.sample_rate=1.0", "engine.sync_bn=true"]
+    base += ["logging.frequent=1", "schedule.max_steps=3"]
+
+    def ov(name, bs, *more):
+        return _ov(tmp_path / name, lfw16, 3, *base, f"data.batch_size={bs}", *more)
+
+    Run(tmp_path, "ref", ov("ref", 24)).ok()
+    ref_loss = _tb_loss(tmp_path / "ref", 3)
+    step2 = str(tmp_path / "ref" / "checkpoints" / "step_2")
+    got = {}
+    for name, nproc, bs in (("w1", 1, 48), ("w3", 3, 16)):
+        stdout = Run(tmp_path, name, ov(name, bs, f"checkpoint.resume={step2}"), nproc=nproc).ok()
+        assert f"world size 2 -> {nproc}" in stdout
+        assert min(losses(stdout)) == 3  # the first step it trained is the one after step_2
+        got[name] = _tb_loss(tmp_path / name, 3)
+    for name, loss in got.items():
+        assert abs(loss - ref_loss) < 1e-4, (name, loss, ref_loss)
+
+
 @pytest.mark.parametrize("world,batch", [(1, 48), (2, 24), (3, 16), (2, 16)])
 def test_resumed_global_batch_is_the_same_for_equal_global_batch(world, batch):
     """After a resume at global offset 96, the union of the ranks' next batches is positions
