@@ -297,7 +297,8 @@ def test_resume_other_world_size_continues_the_loss_curve(lfw16, tmp_path):
     """fp32, same data order, `engine.sync_bn=true`: the step-3 loss of a 2x24 run equals,
     within 1e-4, the step-3 loss of its step-2 checkpoint resumed on 1x48 and on 3x16
     (TensorBoard values, full float32 precision; the console rounds to 4 decimals)."""
-    base = ["checkpoint.every=2", "head.sample_rate=1.0", "engine.sync_bn=true"]
+    base = ["checkpoint.every=2", "checkpoint.keep_last=2", "head.sample_rate=1.0"]
+    base += ["engine.sync_bn=true"]
     base += ["logging.frequent=1", "schedule.max_steps=3"]
 
     def ov(name, bs, *more):

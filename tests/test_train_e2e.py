@@ -25,6 +25,7 @@ from tests.launch import (
     lrs,
     make_lfw_rec,
 )
+from tools.plot_curves import read_scalars
 
 pytestmark = pytest.mark.slow
 CONFIG = os.path.join(REPO, "configs", "lfw_demo_mbf.yaml")
@@ -68,8 +69,14 @@ def _head_rows(ckpt_dir):
 
 
 def test_zero_stages_agree_and_artifacts(lfw_data, tmp_path):
-    """ZeRO-1/2/3 fp32 give the same loss curve (20 steps, same seed and data); the loss falls;
-    the run writes the verification line, TensorBoard events, eval.jsonl and checkpoints."""
+    """ZeRO-1/2/3 fp32 give the same loss curve (20 steps, same seed and data, SGD momentum and
+    weight decay on, Partial FC sampling 0.5) to 1e-5 in TensorBoard's float32 values; the loss
+    falls; the run writes the verification line, TensorBoard events, eval.jsonl and checkpoints.
+
+    Gradient clipping is off here: DeepSpeed sums the global gradient norm over differently cut
+    partitions per stage (ZeRO-3 splits every parameter, ZeRO-1/2 one flat buffer), so with
+    clipping active the clip coefficient can differ in its last bit and the curves separate at
+    float-rounding level, amplified by training (README.md, "ZeRO stages agree")."""
     curves = {}
     for stage in (1, 2, 3):
         out = tmp_path / f"z{stage}"
@@ -81,12 +88,14 @@ def test_zero_stages_agree_and_artifacts(lfw_data, tmp_path):
             "engine.precision=fp32",
             "head.sample_rate=0.5",
             "optim.lr=0.02",
+            "optim.clip_grad=0",
             *extra,
         )
         stdout = check(accelerate(CONFIG, ov, f"accelerate_configs/cpu_2proc_zero{stage}.yaml"))
         assert f"ZeRO-{stage} fp32" in stdout
-        curves[stage] = losses(stdout)
-        assert sorted(curves[stage]) == list(range(1, 21))
+        assert sorted(losses(stdout)) == list(range(1, 21))
+        steps, values = read_scalars(str(out / "tensorboard"))["train/loss"]
+        curves[stage] = dict(zip(steps, values, strict=True))
         assert "[lfw_heldout][10]" in stdout and "Accuracy-Flip" in stdout
         assert glob.glob(str(out / "tensorboard" / "events.out.tfevents.*"))
         evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
@@ -105,11 +114,8 @@ def test_zero_stages_agree_and_artifacts(lfw_data, tmp_path):
     last5 = sum(curves[1][s] for s in range(16, 21)) / 5
     assert last5 < first5 - 0.5, curves[1]
     for step, loss in curves[1].items():
-        assert abs(curves[2][step] - loss) < 1e-3, (2, step, loss, curves[2][step])
-        # ZeRO-3 matches exactly for the first steps, then drifts by up to ~1e-2 relative (with
-        # momentum and weight decay; exact without them): an open difference, see the issue note.
-        bound = 1e-3 if step <= 3 else 2e-2 * loss
-        assert abs(curves[3][step] - loss) < bound, (3, step, loss, curves[3][step])
+        for stage in (2, 3):
+            assert abs(curves[stage][step] - loss) < 1e-5, (stage, step, loss, curves[stage][step])
 
 
 def test_bf16_vit_with_checkpointing_and_deepspeed_launcher(lfw_data, tmp_path):
