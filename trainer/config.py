@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from trainer.memory_format import CHOICES as MEMORY_FORMATS
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the file and the field."""
@@ -95,7 +97,9 @@ class EngineConfig:
     ZeRO-3 parameters) to CPU. `timeout_s` bounds every collective; `max_bad_steps` consecutive
     non-finite losses stop the run. `sync_bn` normalizes BatchNorm layers with the statistics of
     the global batch (trainer/sync_bn.py), so the loss does not depend on how it is split over
-    ranks: a run resumed on another world size continues the same loss curve."""
+    ranks: a run resumed on another world size continues the same loss curve. `memory_format`
+    of the input batches: `channels_last` (faster CPU convolutions), `contiguous` (NCHW) or
+    `auto` (channels_last, except where a oneDNN bug needs NCHW: trainer/memory_format.py)."""
 
     zero_stage: int = -1
     precision: str = ""
@@ -104,6 +108,7 @@ class EngineConfig:
     timeout_s: int = 1800
     max_bad_steps: int = 20
     sync_bn: bool = False
+    memory_format: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,7 @@ _CHOICES = {
     "optim.optimizer": ("sgd", "adamw"),
     "engine.precision": ("", "fp32", "fp16", "bf16"),
     "engine.zero_stage": (-1, 0, 1, 2, 3),
+    "engine.memory_format": MEMORY_FORMATS,
 }
 
 

@@ -38,6 +38,7 @@ def train_step(
     precision: str,
     device: torch.device,
     nan_loss: bool = False,
+    memory_format: torch.memory_format = torch.channels_last,
 ) -> StepResult:
     """Runs one optimizer step over `micro_batches` (a list of `gradient_acc` (images, labels)).
 
@@ -50,6 +51,7 @@ def train_step(
         device: where the engine and head live.
         nan_loss: fault-injection hook (ARCSCALE_FAULT_NAN_LOSS, see docs/reliability.md):
             replace the head loss of every micro-batch with NaN.
+        memory_format: layout of the images on `device` (trainer/memory_format.py).
 
     Returns:
         StepResult; `applied` is False when the engine skipped (fp16 overflow), the head's
@@ -63,7 +65,7 @@ def train_step(
     for images, labels in micro_batches:
         with accelerator.accumulate(engine):
             boundary = accelerator.sync_gradients
-            images = images.to(device, dtype, non_blocking=True)
+            images = images.to(device, dtype, non_blocking=True, memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
             embeddings = engine(images)
             loss, stats = head(embeddings, labels)

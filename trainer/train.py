@@ -188,6 +188,7 @@ def train(cfg, settings, ds_config, faults=None) -> None:
     from trainer.evaluation import VerificationCallback
     from trainer.logging_utils import TrainLogger
     from trainer.lr import poly_lr
+    from trainer.memory_format import input_memory_format
     from trainer.step import DTYPES, train_step
     from trainer.sync_bn import convert_sync_batchnorm
 
@@ -222,6 +223,8 @@ def train(cfg, settings, ds_config, faults=None) -> None:
         backbone = convert_sync_batchnorm(backbone)
     if cfg.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
+    memory_format, why = input_memory_format(backbone, device, cfg.engine.memory_format)
+    log(f"[arcscale] input memory format: {why}")
     backbone_opt = build_backbone_optimizer(cfg, backbone)
     engine, _ = accelerator.prepare(backbone, backbone_opt)
     engine.train()
@@ -338,6 +341,7 @@ def train(cfg, settings, ds_config, faults=None) -> None:
                 settings.precision,
                 device,
                 nan_loss=step + 1 in faults["nan_steps"],
+                memory_format=memory_format,
             )
             step += 1
             if not result.applied:
