@@ -33,3 +33,13 @@ def lfw_root():
     if not os.path.isdir(os.path.join(LFW_ROOT, "lfw-deepfunneled")):
         pytest.fail(f"LFW data not found at {LFW_ROOT} (set ARCSCALE_LFW)")
     return LFW_ROOT
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small CPU ops run 5-10x faster single-threaded on a busy 2-core machine (no OpenMP spin);
+    use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

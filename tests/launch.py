@@ -41,26 +41,51 @@ def launch_env() -> dict:
     return env
 
 
-def accelerate(
-    config: str, overrides: list[str], accel_cfg: str, extra: list[str] = (), timeout=600
-):
-    """`accelerate launch --config_file accel_cfg [extra] -m trainer.train config overrides`."""
-    cmd = [
+def accelerate_cmd(
+    config: str, overrides: list[str], accel_cfg: str, extra: list[str] = (), port: int = 0
+) -> list[str]:
+    """`accelerate launch --config_file accel_cfg --main_process_port P [extra] -m trainer.train
+    config overrides` (P: `port`, or a free one)."""
+    return [
         os.path.join(BIN, "accelerate"),
         "launch",
         "--config_file",
         os.path.join(REPO, accel_cfg),
         "--main_process_port",
-        str(free_port()),
+        str(port or free_port()),
         *extra,
         "-m",
         "trainer.train",
         config,
         *overrides,
     ]
+
+
+def accelerate(
+    config: str, overrides: list[str], accel_cfg: str, extra: list[str] = (), timeout=600
+):
+    """Runs `accelerate_cmd(...)` to the end, output captured."""
     return subprocess.run(
-        cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout
+        accelerate_cmd(config, overrides, accel_cfg, extra),
+        cwd=REPO,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
+
+
+def tiny_overrides(out, data: str, num_classes: int, steps: int, *more: str) -> list[str]:
+    """`TINY` on the `.rec` in `data` for `steps` steps without warmup, writing to `out`."""
+    return [
+        *TINY,
+        f"output={out}",
+        f"data.rec={data}",
+        f"data.num_classes={num_classes}",
+        f"schedule.max_steps={steps}",
+        "schedule.warmup_epoch=0",
+        *more,
+    ]
 
 
 def losses(stdout: str) -> dict[int, float]:

@@ -22,7 +22,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.launch import BIN, REPO, TINY, free_port, launch_env, losses, make_lfw_rec
+from tests.launch import (
+    REPO,
+    accelerate_cmd,
+    launch_env,
+    losses,
+    make_lfw_rec,
+    tiny_overrides,
+)
 
 CONFIG = os.path.join(REPO, "configs", "lfw_demo_mbf.yaml")
 ZERO2 = "accelerate_configs/cpu_2proc_zero2.yaml"
@@ -36,17 +43,7 @@ def lfw16(lfw_root, tmp_path_factory):
 
 
 def _ov(out, data, steps, *more):
-    return [
-        *TINY,
-        f"output={out}",
-        f"data.rec={data}",
-        f"data.num_classes={NUM}",
-        f"schedule.max_steps={steps}",
-        "schedule.warmup_epoch=0",
-        "eval.val_targets=[]",
-        "engine.precision=fp32",
-        *more,
-    ]
+    return tiny_overrides(out, data, NUM, steps, "engine.precision=fp32", *more)
 
 
 _RUNS = []
@@ -67,20 +64,7 @@ class Run:
 
     def __init__(self, tmp, name, overrides, nproc=2, env=None):
         self.out_path, self.err_path = tmp / f"{name}.out", tmp / f"{name}.err"
-        cmd = [
-            os.path.join(BIN, "accelerate"),
-            "launch",
-            "--config_file",
-            os.path.join(REPO, ZERO2),
-            "--main_process_port",
-            str(free_port()),
-            "--num_processes",
-            str(nproc),
-            "-m",
-            "trainer.train",
-            CONFIG,
-            *overrides,
-        ]
+        cmd = accelerate_cmd(CONFIG, overrides, ZERO2, ["--num_processes", str(nproc)])
         full_env = {**launch_env(), **(env or {})}
         with open(self.out_path, "w") as so, open(self.err_path, "w") as se:
             self.proc = subprocess.Popen(

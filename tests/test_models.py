@@ -41,13 +41,7 @@ EMB = 64
 BATCH = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These small ops run 5-10x faster single-threaded on a busy 2-core machine (no OpenMP spin).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(batch: int = BATCH, seed: int = 0, dtype=torch.float32) -> torch.Tensor:

@@ -18,13 +18,7 @@ FULL = {"r18": 512, "mbf": 128, "vit_t": 512}  # network -> embedding size expor
 TINY_KWARGS = {"base_width": 8}  # a tiny r18 for the checkpoint-layout and bad-input tests
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small CPU ops run much faster single-threaded on a busy 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calibrated_state(name: str, embedding_size: int, **kwargs) -> dict[str, torch.Tensor]:

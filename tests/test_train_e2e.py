@@ -16,14 +16,15 @@ import models
 from tests.launch import (
     BIN,
     REPO,
-    TINY,
     accelerate,
+    accelerate_cmd,
     check,
     free_port,
     launch_env,
     losses,
     lrs,
     make_lfw_rec,
+    tiny_overrides,
 )
 from tools.plot_curves import read_scalars
 
@@ -48,15 +49,7 @@ def lfw_data(lfw_root, tmp_path_factory):
 
 
 def _overrides(tmp, data, steps, *more):
-    return [
-        *TINY,
-        f"output={tmp}",
-        f"data.rec={data}",
-        f"data.num_classes={NUM_SMALL}",
-        f"schedule.max_steps={steps}",
-        "schedule.warmup_epoch=0",
-        *more,
-    ]
+    return tiny_overrides(tmp, data, NUM_SMALL, steps, *more)
 
 
 def _head_rows(ckpt_dir):
@@ -172,20 +165,14 @@ def test_two_nodes_on_one_machine(lfw_data, tmp_path):
             str(rank),
             "--main_process_ip",
             "127.0.0.1",
-            "--main_process_port",
-            str(port),
         ]
-        cmd = [
-            os.path.join(BIN, "accelerate"),
-            "launch",
-            "--config_file",
-            os.path.join(REPO, "accelerate_configs", "cpu_2proc_zero2.yaml"),
-            *extra,
-            "-m",
-            "trainer.train",
+        cmd = accelerate_cmd(
             CONFIG,
-            *_overrides(out, lfw_data, 6, "engine.precision=fp32", "checkpoint.every=3"),
-        ]
+            _overrides(out, lfw_data, 6, "engine.precision=fp32", "checkpoint.every=3"),
+            "accelerate_configs/cpu_2proc_zero2.yaml",
+            extra,
+            port,
+        )
         procs.append(
             subprocess.Popen(
                 cmd,
