@@ -2,7 +2,7 @@
 # The main job on real faces (docs/demo.md): LFW -> .rec + held-out .bin -> 2-process DeepSpeed
 # training with Partial FC -> ONNX export with parity check -> ONNX verification, ROC and curves.
 # Usage: bash tools/run_demo.sh [key=value overrides for the training config]
-#   full demo (18 min on 2 quiet CPU cores): bash tools/run_demo.sh
+#   full demo (10-18 min on 2 quiet CPU cores): bash tools/run_demo.sh
 #   CI smoke version (about 3 min):           DEMO_OUT=work_dirs/lfw_demo_ci DEMO_SKIP_UNTRAINED=1 \
 #       bash tools/run_demo.sh schedule.max_steps=30 data.batch_size=32 eval.val_targets=[] \
 #       logging.frequent=5
