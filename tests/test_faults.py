@@ -357,6 +357,81 @@ def test_nan_loss_skipped_counted_then_stops_exit3(lfw16, tmp_path):
         assert _all_finite(path), path
 
 
+def _cpu_fp16():
+    """DeepSpeed's CPU accelerator runs fp16 only where oneDNN has fp16 kernels (AVX512-FP16)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _params(path):
+    """backbone.pt without BatchNorm buffers (the forward of a skipped step still updates them)."""
+    state = torch.load(os.path.join(path, "backbone.pt"), weights_only=True)
+    return {k: v for k, v in state.items() if not k.endswith(BN_BUFFERS)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    torch.cuda.is_available() or not _cpu_fp16(), reason="fp16 on CPU needs oneDNN fp16 kernels"
+)
+def test_fp16_overflow_skips_engine_and_head_together(lfw16, tmp_path):
+    """A real fp16 run (ZeRO-2, dynamic loss scale from S = 2^16, hysteresis 1): the first steps
+    overflow; each is skipped by the engine and the head together (their weights equal the
+    previous checkpoint's, the head's the seeded initial centers), counted in skipped_steps,
+    and halves S; once S fits, steps apply, the loss is finite and the run finishes."""
+    from heads import init_centers
+
+    with open(os.path.join(REPO, "ds_configs", "zero1_fp16.json")) as f:
+        ds = json.load(f)
+    ds["fp16"].update(initial_scale_power=16, hysteresis=1)
+    ds_path = tmp_path / "fp16.json"
+    ds_path.write_text(json.dumps(ds))
+    out = tmp_path / "fp16"
+    steps = 8
+    ov = _ov(out, lfw16, steps, "engine.precision=fp16", f"engine.ds_config={ds_path}")
+    stdout = Run(
+        tmp_path, "fp16", [*ov, "checkpoint.every=1", f"checkpoint.keep_last={steps}"]
+    ).ok()
+    assert "ZeRO-2 fp16" in stdout
+    from tools.plot_curves import read_scalars
+
+    tb = read_scalars(str(out / "tensorboard"))  # full float32, the console rounds to 4 digits
+    cols = [dict(zip(*tb[f"train/{k}"], strict=True)) for k in ("loss_scale", "grad_norm")]
+    cols.append(dict(zip(*tb["train/skipped_steps"], strict=True)))
+    rows = {step: tuple(c[step] for c in cols) for step in cols[0]}
+    assert sorted(rows) == list(range(1, steps + 1)), rows
+    assert rows[1] == (65536.0, float("inf"), 1)
+    root = out / "checkpoints"
+    prev_head = init_centers(NUM, 0, NUM, 64, seed=SEED)  # the trainer seeds the head with cfg.seed
+    prev_params, applied = None, 0
+    for step in range(1, steps + 1):
+        scale, grad_norm, skipped = rows[step]
+        was_skipped = skipped == (rows[step - 1][2] if step > 1 else 0) + 1
+        head, _ = _head_state(str(root / f"step_{step}"))
+        params = _params(str(root / f"step_{step}"))
+        if was_skipped:
+            assert not np.isfinite(grad_norm), (step, rows[step])
+            assert torch.equal(head, prev_head), step
+            if prev_params is not None:
+                assert all(torch.equal(params[k], prev_params[k]) for k in params), step
+            if step < steps:
+                assert rows[step + 1][0] == scale / 2, (step, rows)
+        else:
+            applied += 1
+            assert np.isfinite(grad_norm) and skipped == rows[step - 1][2], (step, rows)
+            assert not torch.equal(head, prev_head), step
+            assert step == steps or rows[step + 1][0] == scale, (step, rows)
+        prev_head, prev_params = head, params
+    assert 1 <= rows[steps][2] < steps and applied == steps - rows[steps][2], rows
+    assert all(np.isfinite(v) for v in losses(stdout).values())
+    for path in glob.glob(str(root / "step_*")):
+        assert _all_finite(path), path
+
+
 # --- data faults -----------------------------------------------------------------------------
 
 

@@ -232,7 +232,7 @@ def train(cfg, settings, ds_config, faults=None) -> None:
     m1, m2, m3 = cfg.head.margin_list
     margin = CombinedMarginLoss(cfg.head.scale, m1, m2, m3, cfg.head.interclass_filtering_threshold)
     head = PartialFC(
-        cfg.model.embedding_size, cfg.data.num_classes, cfg.head.sample_rate, margin
+        cfg.model.embedding_size, cfg.data.num_classes, cfg.head.sample_rate, margin, seed=cfg.seed
     ).to(device)
     head_opt = build_head_optimizer(
         head,
