@@ -38,7 +38,7 @@ def train_step(
     precision: str,
     device: torch.device,
     nan_loss: bool = False,
-    memory_format: torch.memory_format = torch.channels_last,
+    memory_format: torch.memory_format = torch.preserve_format,
 ) -> StepResult:
     """Runs one optimizer step over `micro_batches` (a list of `gradient_acc` (images, labels)).
 
@@ -51,7 +51,8 @@ def train_step(
         device: where the engine and head live.
         nan_loss: fault-injection hook (ARCSCALE_FAULT_NAN_LOSS, see docs/reliability.md):
             replace the head loss of every micro-batch with NaN.
-        memory_format: layout of the images on `device` (trainer/memory_format.py).
+        memory_format: layout of the images on `device` (trainer/memory_format.py; default:
+            as the loader made them).
 
     Returns:
         StepResult; `applied` is False when the engine skipped (fp16 overflow), the head's
