@@ -4,45 +4,139 @@ A ``.bin`` is a pickle of ``(bins, issame_list)``: ``bins`` holds 2P encoded ima
 bytes; pair p is ``bins[2p], bins[2p+1]``) and ``issame_list`` P booleans (insightface
 ``recognition/arcface_torch/eval/verification.py``, ``load_bin``). Files written by Python 2 are
 read with ``encoding="bytes"``. Unpickling is restricted to plain containers and numpy arrays, so a
-hostile file cannot run code.
+hostile file cannot run code, and nothing it builds may be larger than the file itself (a 40-byte
+``bytearray(2**40)`` is refused with a ``ValueError`` naming the file, not a ``MemoryError``). This
+is the project's only ``.bin`` reader (the trainer, ``tools/eval_verification.py`` and
+``tools/convert_to_onnx.py --lfw-bin`` use it).
 """
 
+import codecs
 import io
+import math
 import os
 import pickle
-import tempfile
+import pickletools
+import secrets
 from collections.abc import Sequence
 
 import numpy as np
 
 from data.decode import decode_image
 
-# The only globals a .bin pickle may reference (numpy arrays/bools in some converted sets).
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy", "bool_"),
-    ("_codecs", "encode"),
-    ("__builtin__", "bytearray"),
-    ("builtins", "bytearray"),
-}
+try:  # numpy >= 2 moved its internals to numpy._core
+    from numpy._core.multiarray import scalar as _numpy_scalar
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.multiarray import scalar as _numpy_scalar
+
+
+class _Refused:
+    """Stands for ``numpy.ndarray`` in a pickle: only ``_reconstruct`` may use it, never a call."""
+
+
+def _bounded_globals(limit):
+    """The only globals a .bin pickle may reference (numpy arrays/bools in some converted sets),
+    each wrapped so that no call allocates more than ``limit`` bytes (the file's own length): a
+    few bytes of pickle can otherwise ask for ``bytearray(2**40)`` or a huge array."""
+
+    def refuse(what):
+        raise pickle.UnpicklingError(f"refusing {what}: larger than the file ({limit} bytes)")
+
+    def dtype(spec, *args):
+        d = np.dtype(spec, *args)
+        if d.hasobject:
+            raise pickle.UnpicklingError(f"refusing numpy dtype {d} (holds Python objects)")
+        if d.itemsize > limit:
+            refuse(f"numpy dtype of {d.itemsize} bytes")
+        return d
+
+    def reconstruct(subtype, shape, kind):
+        if subtype is not _Refused:
+            raise pickle.UnpicklingError(f"refusing to reconstruct a {subtype!r}")
+        d = dtype(kind)
+        if not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise pickle.UnpicklingError(f"bad array shape {shape!r}")
+        if math.prod(shape) * d.itemsize > limit:
+            refuse(f"an array of shape {tuple(shape)}")
+        return np.ndarray(shape, d)
+
+    def scalar(kind, *args):
+        return _numpy_scalar(dtype(kind), *args)
+
+    def frombuffer(buf, kind, shape, order):
+        return np.frombuffer(buf, dtype(kind)).reshape(shape, order=order)
+
+    def make_bytearray(source=b"", *args):
+        if not isinstance(source, (bytes, str)):  # what picklers write; an int would allocate
+            raise pickle.UnpicklingError(f"refusing bytearray({type(source).__name__})")
+        return bytearray(source, *args)
+
+    def encode(text, encoding="utf-8", *args):
+        if codecs.lookup(encoding).name != "iso8859-1":  # pickle's bytes: latin-1, 1 byte/char
+            raise pickle.UnpicklingError(f"refusing _codecs.encode(..., {encoding!r})")
+        return codecs.encode(text, encoding, *args)
+
+    table = {
+        "_reconstruct": reconstruct,
+        "scalar": scalar,
+        "_frombuffer": frombuffer,
+        "ndarray": _Refused,
+        "dtype": dtype,
+        "bool_": np.bool_,
+        "encode": encode,
+        "bytearray": make_bytearray,
+    }
+    modules = {
+        "_reconstruct": ("numpy.core.multiarray", "numpy._core.multiarray"),
+        "scalar": ("numpy.core.multiarray", "numpy._core.multiarray"),
+        "_frombuffer": ("numpy.core.numeric", "numpy._core.numeric"),
+        "ndarray": ("numpy",),
+        "dtype": ("numpy",),
+        "bool_": ("numpy",),
+        "encode": ("_codecs",),
+        "bytearray": ("__builtin__", "builtins"),
+    }
+    return {(m, name): fn for name, fn in table.items() for m in modules[name]}
+
+
+_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+
+
+def _check_opcodes(blob):
+    """Walks the opcodes without building anything, so that nothing the C unpickler would
+    allocate from a number in the stream exceeds the stream: counted bytes/strings must be
+    there (``genops`` reads them), and a memo index may not run ahead of the objects stored so
+    far (the unpickler sizes its memo table by the largest index; picklers number entries
+    0, 1, 2..., Python 2's cPickle from 1).
+
+    Raises:
+        ValueError (pickle.UnpicklingError included): malformed stream or a memo index out of
+            order.
+    """
+    stored = 0
+    for op, arg, _ in pickletools.genops(blob):
+        if op.name == "MEMOIZE":
+            stored += 1
+        elif op.name in _MEMO_OPS:
+            if int(arg) > stored + 1:
+                raise pickle.UnpicklingError(f"memo index {arg} after {stored} stored objects")
+            stored += op.name.endswith("PUT")
 
 
 class _SafeUnpickler(pickle.Unpickler):
+    def __init__(self, file, limit, **kwargs):
+        super().__init__(file, **kwargs)
+        self._globals = _bounded_globals(limit)
+
     def find_class(self, module, name):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
+        if (module, name) in self._globals:
+            return self._globals[(module, name)]
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
 
 def _to_bytes(item, path, i):
-    if isinstance(item, (bytes, bytearray, memoryview)):
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, (bytearray, memoryview)):
         return bytes(item)
     if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
         return item.tobytes()
@@ -67,7 +161,8 @@ def read_bin_raw(path):
     with open(path, "rb") as f:
         blob = f.read()
     try:
-        obj = _SafeUnpickler(io.BytesIO(blob), encoding="bytes").load()
+        _check_opcodes(blob)
+        obj = _SafeUnpickler(io.BytesIO(blob), len(blob), encoding="bytes").load()
     except Exception as e:  # pickle raises many types for corrupt input
         raise ValueError(f"{path}: not a verification .bin pickle ({type(e).__name__}: {e})") from e
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
@@ -83,7 +178,12 @@ def read_bin_raw(path):
         raise ValueError(
             f"{path}: {len(bins)} images for {len(issame)} pairs; a .bin needs exactly 2 per pair"
         )
-    images = [_to_bytes(b, path, i) for i, b in enumerate(bins)]
+    copies = {}  # one copy per distinct object: a list may name one big bytearray 10**6 times
+    images = []
+    for i, b in enumerate(bins):
+        if id(b) not in copies:
+            copies[id(b)] = _to_bytes(b, path, i)
+        images.append(copies[id(b)])
     return images, np.asarray(issame, dtype=bool)
 
 
@@ -138,11 +238,11 @@ def write_bin(path, encoded_images: Sequence[bytes], issame: Sequence[bool]):
             f"{path}: {len(images)} images for {len(flags)} pairs; need exactly 2 per pair"
         )
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".bin", dir=folder)
+    # open(), not mkstemp: the file gets the user's umask permissions (mkstemp makes it 0600)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(4)}.bin")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             pickle.dump((images, flags), f, protocol=4)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -21,10 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
+import secrets
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping
@@ -165,7 +164,8 @@ def load_faces(lfw_root: Path | None = None, lfw_bin: Path | None = None, n: int
     """Real face crops as a float32 array (n, 3, 112, 112) normalized to [-1, 1].
 
     From an insightface verification `.bin` (pickled (images, issame) with encoded 112x112
-    images): its first n images. Otherwise from deep-funneled LFW: the first image of each of the
+    images, read by `data.verification_bin.read_bin_raw`, which runs no code): its first n
+    images. Otherwise from deep-funneled LFW: the first image of each of the
     first n people (sorted), cropped to `CROP_BOX` and resized to 112x112 (bilinear).
 
     Raises:
@@ -178,13 +178,9 @@ def load_faces(lfw_root: Path | None = None, lfw_bin: Path | None = None, n: int
     if lfw_bin is not None:
         if not Path(lfw_bin).is_file():
             raise FileNotFoundError(f"{_PROG}: --lfw-bin {lfw_bin} does not exist")
-        try:
-            with open(lfw_bin, "rb") as f:
-                images = pickle.load(f, encoding="bytes")[0]
-        except Exception as err:
-            raise ValueError(
-                f"{_PROG}: cannot parse {lfw_bin} as a verification .bin: {err}"
-            ) from err
+        from data.verification_bin import read_bin_raw  # restricted unpickler: runs no code
+
+        images, _ = read_bin_raw(lfw_bin)
         if len(images) < n:
             raise ValueError(f"{_PROG}: {lfw_bin} holds {len(images)} images, need {n}")
         out = []
@@ -322,9 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(0, len(faces), 4):
                 batches[f"faces {i}-{i + 3} batch 4"] = faces[i : i + 4]
         output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
+        # a name, not mkstemp: the exporter's open() gives the umask permissions, mkstemp 0600
+        tmp = output.parent / f".{output.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
         export_onnx(model, tmp, args.opset)
         if args.simplify:
             _simplify(tmp)
