@@ -13,6 +13,7 @@ Image records start with insightface/mxnet's ``IRHeader`` (struct ``IfQQ``, 24 b
 """
 
 import numbers
+import operator
 import os
 import struct
 from collections import namedtuple
@@ -197,33 +198,164 @@ class RecordIOWriter:
         self.close()
 
 
-def _read_idx(idx_path, rec_path, rec_size):
-    if not os.path.isfile(idx_path):
-        raise RecordIOError(f"{idx_path}: index file not found (for {rec_path})")
-    index = {}
+_CHUNK_BYTES = 16 << 20  # .idx text parsed per chunk: bounds the temporaries at 42M entries
+_DIGITS = np.zeros(256, dtype=bool)
+_DIGITS[ord("0") : ord("9") + 1] = True
+
+
+def _idx_line_error(idx_path, rec_path, rec_size, lineno, line, seen=None):
+    """The error for one bad .idx line (None if it is fine), with the messages of the old parser."""
+    fields = line.split()
+    if not fields:
+        return None
+    try:
+        if len(fields) != 2:
+            raise ValueError
+        key, offset = int(fields[0]), int(fields[1])
+    except ValueError:
+        return RecordIOError(
+            f"{idx_path}:{lineno}: malformed index line {line.rstrip()!r} "
+            "(expected 'key<TAB>offset')"
+        )
+    if seen is not None and key in seen:
+        return RecordIOError(f"{idx_path}:{lineno}: duplicate key {key}")
+    if offset < 0 or offset + _PART_HEAD.size > rec_size:
+        return RecordIOError(
+            f"{idx_path}:{lineno}: key {key} offset {offset} is past the end of "
+            f"{rec_path} ({rec_size} bytes)"
+        )
+    return None
+
+
+def _line_of_entry(idx_path, entry):
+    """1-based line number of the ``entry``-th (0-based) non-blank line of an .idx file."""
+    count = -1
     with open(idx_path, encoding="ascii", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            fields = line.split()
-            try:
-                if len(fields) != 2:
-                    raise ValueError
-                key, offset = int(fields[0]), int(fields[1])
-            except ValueError:
-                raise RecordIOError(
-                    f"{idx_path}:{lineno}: malformed index line {line.rstrip()!r} "
-                    "(expected 'key<TAB>offset')"
-                ) from None
-            if key in index:
-                raise RecordIOError(f"{idx_path}:{lineno}: duplicate key {key}")
-            if offset < 0 or offset + _PART_HEAD.size > rec_size:
-                raise RecordIOError(
-                    f"{idx_path}:{lineno}: key {key} offset {offset} is past the end of "
-                    f"{rec_path} ({rec_size} bytes)"
-                )
-            index[key] = offset
-    return index
+            count += bool(line.strip())
+            if count == entry:
+                return lineno
+    raise AssertionError(f"{idx_path}: entry {entry} past the end")
+
+
+def _chunk_is_clean(chunk):
+    """True if every line of ``chunk`` (bytes ending with a newline) is blank or two integers."""
+    if chunk.translate(None, b"0123456789 \t\r\n"):
+        return False  # a character no index line may hold
+    arr = np.frombuffer(chunk, dtype=np.uint8)
+    digit = _DIGITS[arr]
+    starts = np.flatnonzero(digit[1:] & ~digit[:-1]) + 1
+    if digit[0]:
+        starts = np.concatenate(([0], starts))
+    newlines = np.flatnonzero(arr == 10)
+    per_line = np.diff(np.searchsorted(starts, newlines), prepend=0)
+    return bool(np.all((per_line == 0) | (per_line == 2)))
+
+
+def read_index(idx_path, rec_path, rec_size):
+    """Parse a ``.idx`` file into numpy arrays, in line order (C parsing, chunk by chunk).
+
+    Args:
+        idx_path: the text index (``key<TAB>offset`` lines; blank lines are ignored).
+        rec_path, rec_size: the record file named in errors and its size in bytes.
+    Returns:
+        ``(keys, offsets)``: ``keys`` is ``range(k0, k0 + N)`` when the keys are consecutive
+        (mxnet and insightface number records 0..N-1), else an int64 array (N,); ``offsets`` is
+        int64 (N,). Peak memory: the result plus one chunk's temporaries (~100 MB).
+    Raises:
+        RecordIOError: missing file, malformed line, duplicate key or offset past the end,
+        naming the file and line (same messages as a line-by-line parser).
+    """
+    if not os.path.isfile(idx_path):
+        raise RecordIOError(f"{idx_path}: index file not found (for {rec_path})")
+    with open(idx_path, "rb") as f:
+        lines = sum(block.count(b"\n") for block in iter(lambda: f.read(_CHUNK_BYTES), b""))
+    offsets = np.empty(lines + 1, dtype=np.int64)  # + a last line without a newline
+    keys = None  # filled only once the keys stop being consecutive
+    first, n, lineno, tail = 0, 0, 0, b""
+    with open(idx_path, "rb") as f:
+        while True:
+            block = f.read(_CHUNK_BYTES)
+            chunk = tail + block
+            cut = chunk.rfind(b"\n") + 1 if block else len(chunk)
+            chunk, tail = chunk[:cut], chunk[cut:]
+            if chunk and not chunk.endswith(b"\n"):
+                chunk += b"\n"
+            if chunk:
+                if not _chunk_is_clean(chunk):
+                    text = chunk.decode("ascii", errors="replace").splitlines()
+                    for i, line in enumerate(text, lineno + 1):
+                        err = _idx_line_error(idx_path, rec_path, rec_size, i, line)
+                        if err is not None:
+                            raise err
+                values = np.fromstring(chunk, dtype=np.int64, sep=" ")
+                m = len(values) // 2
+                got = values[0::2]
+                if m and keys is None:
+                    first = int(got[0]) if n == 0 else first
+                    if not np.array_equal(got, np.arange(first + n, first + n + m)):
+                        keys = np.empty(len(offsets), dtype=np.int64)
+                        keys[:n] = np.arange(first, first + n)
+                if keys is not None:
+                    keys[n : n + m] = got
+                offsets[n : n + m] = values[1::2]
+                n += m
+                lineno += chunk.count(b"\n")
+            if not block:
+                break
+    offsets = offsets[:n]
+    if keys is None:
+        keys = range(first, first + n)
+    else:
+        keys = keys[:n]
+        if not np.all(keys[1:] > keys[:-1]):  # not strictly increasing: look for repeats
+            order = np.argsort(keys, kind="stable")
+            repeat = keys[order[1:]] == keys[order[:-1]]
+            if repeat.any():
+                entry = int(order[1:][repeat].min())
+                line = _line_of_entry(idx_path, entry)
+                raise RecordIOError(f"{idx_path}:{line}: duplicate key {int(keys[entry])}")
+    bad = np.flatnonzero((offsets < 0) | (offsets > rec_size - _PART_HEAD.size))
+    if len(bad):
+        entry = int(bad[0])
+        raise RecordIOError(
+            f"{idx_path}:{_line_of_entry(idx_path, entry)}: key {int(keys[entry])} offset "
+            f"{int(offsets[entry])} is past the end of {rec_path} ({rec_size} bytes)"
+        )
+    return keys, offsets
+
+
+def sort_order(keys):
+    """None when ``keys`` (range or int64 array) is increasing, else its argsort (for lookups)."""
+    if isinstance(keys, range) or len(keys) < 2 or bool(np.all(keys[1:] > keys[:-1])):
+        return None
+    return np.argsort(keys, kind="stable")
+
+
+def lookup_offsets(keys, offsets, wanted, order=None):
+    """Offsets of the keys ``wanted`` in an index ``(keys, offsets)``.
+
+    Args:
+        keys: a range (see ``read_index``) or an int64 array; offsets: int64 array, same length.
+        wanted: int array-like of keys. order: ``sort_order(keys)`` (needed if keys decrease).
+    Returns:
+        ``(found, result)``: bool mask of the wanted keys present; their int64 offsets (0 if not).
+    """
+    wanted = np.asarray(wanted, dtype=np.int64).reshape(-1)
+    if isinstance(keys, range):
+        pos = wanted - keys.start
+        found = (pos >= 0) & (pos < len(keys))
+        rows = np.where(found, pos, 0)
+    elif not len(keys):
+        return np.zeros(len(wanted), dtype=bool), np.zeros(len(wanted), dtype=np.int64)
+    else:
+        sorted_keys = keys if order is None else keys[order]
+        pos = np.minimum(np.searchsorted(sorted_keys, wanted), len(keys) - 1)
+        found = sorted_keys[pos] == wanted
+        rows = pos if order is None else order[pos]
+    if not len(offsets):
+        return found, np.zeros(len(wanted), dtype=np.int64)
+    return found, np.where(found, offsets[rows], 0)
 
 
 class RecordIOReader:
@@ -233,7 +365,10 @@ class RecordIOReader:
         rec_path: the .rec file.
         idx_path: its .idx file, or None (then only ``scan``/``read_at`` work).
     The file is opened lazily and read with ``os.pread``; pickling drops the handle, so each
-    DataLoader worker opens its own. ``keys`` lists the index keys in file (idx line) order.
+    DataLoader worker opens its own. ``keys`` lists the index keys in file (idx line) order: a
+    ``range`` when they are consecutive (the usual case), else an int64 array. The index is held
+    in numpy arrays: 8 B/entry, 16 B with non-consecutive keys, 24 B if they are also out of
+    order (see ``index_nbytes``).
     Raises:
         RecordIOError: missing files, malformed idx line, duplicate key, offset past the end; and on
         read: wrong magic, truncated record, unexpected continuation flag, unknown key.
@@ -244,16 +379,30 @@ class RecordIOReader:
         if not os.path.isfile(self.rec_path):
             raise RecordIOError(f"{self.rec_path}: record file not found")
         self._size = os.path.getsize(self.rec_path)
-        self._index = _read_idx(self.idx_path, self.rec_path, self._size) if idx_path else {}
-        self.keys = list(self._index)
+        if idx_path:
+            self.keys, self.offsets = read_index(self.idx_path, self.rec_path, self._size)
+            self._order = sort_order(self.keys)  # None unless the idx lists keys out of order
+        else:
+            self.keys, self.offsets, self._order = range(0), np.empty(0, dtype=np.int64), None
         self._fd = None
         self._pid = None
+
+    @property
+    def index_nbytes(self):
+        """Bytes held by the index arrays (keys cost nothing when they are a range)."""
+        extra = 0 if isinstance(self.keys, range) else self.keys.nbytes
+        return self.offsets.nbytes + extra + (0 if self._order is None else self._order.nbytes)
 
     def __len__(self):
         return len(self.keys)
 
     def __contains__(self, key):
-        return key in self._index
+        try:
+            return bool(
+                lookup_offsets(self.keys, self.offsets, [operator.index(key)], self._order)[0][0]
+            )
+        except (TypeError, OverflowError):
+            return False
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -277,10 +426,15 @@ class RecordIOReader:
     def offset_of(self, key):
         """Byte offset of ``key``'s first part. Raises RecordIOError for an unknown key."""
         try:
-            return self._index[key]
-        except KeyError:
+            found, offset = lookup_offsets(
+                self.keys, self.offsets, [operator.index(key)], self._order
+            )
+        except (TypeError, OverflowError):
+            found = [False]
+        if not found[0]:
             where = self.idx_path or "(no index given)"
             raise RecordIOError(f"{self.rec_path}: key {key!r} not in index {where}") from None
+        return int(offset[0])
 
     def read(self, key):
         """The record stored under ``key`` (bytes, magic words re-inserted between parts)."""

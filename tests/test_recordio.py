@@ -69,7 +69,7 @@ def test_golden_fixture_is_intact(expected):
 
 def test_reader_matches_mxnet(expected):
     reader = RecordIOReader(GOLDEN_REC, GOLDEN_IDX)
-    assert reader.keys == [r["key"] for r in expected["records"]]
+    assert list(reader.keys) == [r["key"] for r in expected["records"]]
     assert len(reader) == len(expected["records"])
     for r in expected["records"]:
         assert r["key"] in reader
@@ -163,7 +163,7 @@ def test_round_trip(tmp_path_factory, items, keys):
             writer.write(key, record)
             written.append((key, record, payload, label, packed))
     reader = RecordIOReader(rec, idx)
-    assert reader.keys == [w[0] for w in written]
+    assert list(reader.keys) == [w[0] for w in written]
     for key, record, payload, label, packed in written:
         assert reader.read(key) == record
         if packed:
@@ -179,7 +179,7 @@ def test_reader_is_picklable_and_lazy(tmp_path):
     assert reader._fd is not None
     clone = pickle.loads(pickle.dumps(reader))
     assert clone._fd is None
-    assert clone.read(1) == first and clone.keys == reader.keys
+    assert clone.read(1) == first and list(clone.keys) == list(reader.keys)
     reader.close()
     assert reader.read(1) == first  # reopens after close
 
@@ -274,3 +274,36 @@ def test_property_file(tmp_path):
         read_property(tmp_path)
     with pytest.raises(RecordIOError, match="property file not found"):
         read_property(tmp_path / "missing")
+
+
+def _reference_index(idx_path):
+    """The .idx parsed line by line, as the dict-based reader did: [(key, offset)]."""
+    with open(idx_path) as f:
+        return [tuple(int(v) for v in line.split()) for line in f if line.strip()]
+
+
+@pytest.mark.parametrize("consecutive", [True, False])
+def test_numpy_index_matches_line_parse(tmp_path, monkeypatch, consecutive):
+    import data.recordio as recordio
+
+    monkeypatch.setattr(recordio, "_CHUNK_BYTES", 64)  # many chunks, lines cut at boundaries
+    rng = np.random.default_rng(0)
+    n = 500
+    keys = np.arange(7, 7 + n) if consecutive else rng.permutation(10 * n)[:n] + 2**40
+    offsets = np.sort(rng.integers(0, 10**6, size=n))
+    rec, idx = tmp_path / "a.rec", tmp_path / "a.idx"
+    rec.write_bytes(b"\0" * (10**6 + 8))
+    text = "".join(f"{k}\t{o}\n" for k, o in zip(keys.tolist(), offsets.tolist()))
+    idx.write_text(text.replace("\n", "\n\n", 3)[:-1])  # blank lines, no final newline
+    reader = RecordIOReader(rec, idx)
+    ref = _reference_index(idx)
+    assert list(reader.keys) == [k for k, _ in ref] and reader.offsets.tolist() == [
+        o for _, o in ref
+    ]
+    assert isinstance(reader.keys, range) == consecutive
+    assert all(reader.offset_of(k) == o for k, o in ref[::37])
+    assert int(keys.max()) + 1 not in reader and 1.5 not in reader
+    assert reader.offsets.dtype == np.int64
+    # the dict/list/set index took ~158 B per entry; the arrays take 8 B (keys as a range),
+    # 24 B when the keys are neither consecutive nor increasing (keys + sort order)
+    assert reader.index_nbytes / n <= (8 if consecutive else 24)
