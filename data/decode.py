@@ -93,18 +93,28 @@ def decode_image(buf: bytes, where: str = "<bytes>") -> np.ndarray:
     return _to_rgb3(img)
 
 
-def normalize(images: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+def normalize(
+    images: np.ndarray | torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    memory_format: torch.memory_format = torch.preserve_format,
+) -> np.ndarray | torch.Tensor:
     """Map uint8 RGB images to the ArcFace input range: ``(x / 255 - 0.5) / 0.5`` in [-1, 1].
 
+    The one input normalization of the project: the training step (on the device, see
+    ``trainer/device_batch.py``), verification and the benchmarks all call it.
     Reference: insightface arcface_torch ``dataset.py`` (ToTensor + Normalize(0.5, 0.5)).
 
     Args:
         images: uint8, shape (H, W, 3) or (N, H, W, 3) (channels last), numpy array or torch
-            tensor (any device).
+            tensor (any device; the arithmetic runs where the tensor is).
+        dtype: torch output dtype (e.g. the engine's bf16); computed in float32, then cast.
+            Numpy input always gives float32.
+        memory_format: torch layout of a batch; ``preserve_format`` means
+            ``torch.channels_last``. Ignored for numpy and single images.
 
     Returns:
-        float32, shape (3, H, W) or (N, 3, H, W) (channels first), same container type
-        (and device for tensors) as the input. A torch batch (N, H, W, 3) comes back in
+        shape (3, H, W) or (N, 3, H, W) (channels first), same container type (and device for
+        tensors) as the input. A torch batch (N, H, W, 3) comes back by default in
         ``torch.channels_last`` memory format (the permuted view needs no copy), which CPU
         convolutions read ~1.5x faster in the forward than NCHW-contiguous input.
 
@@ -120,8 +130,16 @@ def normalize(images: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     perm = (2, 0, 1) if images.ndim == 3 else (0, 3, 1, 2)
     if isinstance(images, torch.Tensor):
         x = images.permute(*perm).to(torch.float32)
-        fmt = torch.channels_last if images.ndim == 4 else torch.contiguous_format
-        return x.div_(127.5).sub_(1.0).contiguous(memory_format=fmt)
+        if images.ndim == 3:
+            fmt = torch.contiguous_format
+        elif memory_format == torch.preserve_format:
+            fmt = torch.channels_last
+        else:
+            fmt = memory_format
+        x = x.div_(127.5).sub_(1.0)
+        if x.dtype != dtype:
+            x = x.to(dtype, memory_format=fmt)  # cast and layout in one pass
+        return x.contiguous(memory_format=fmt)  # no copy when the layout already matches
     x = images.transpose(perm).astype(np.float32)
     # (x/255 - 0.5)/0.5 == x/127.5 - 1 up to one float32 rounding
     return np.ascontiguousarray(x / np.float32(127.5) - np.float32(1.0))

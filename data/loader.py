@@ -1,7 +1,9 @@
-"""CPU training loader: DataLoader workers decode to uint8, the main process flips and normalizes.
+"""CPU training loader: DataLoader workers decode and flip, and hand over uint8 NHWC batches.
 
-Workers ship uint8 (4x smaller than float32); the flip decision of a sample is a hash of
-``(seed, epoch, sample index)``, so it is the same for any worker count and after a resume.
+Workers ship uint8 (4x smaller than float32, pinned by the DataLoader on CUDA hosts); the step
+normalizes on the device (``trainer/device_batch.py``). The flip decision of a sample is a hash
+of ``(seed, epoch, sample index)``, so it is the same for any worker count and after a resume;
+the sampler tags each index with its epoch so that the workers can compute it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from data.datasets import CorruptRecordError
-from data.decode import normalize
 from data.sampler import DistributedShardSampler
 
 __all__ = ["TrainLoader", "build_cpu_loader", "flip_mask"]
@@ -44,10 +45,25 @@ def flip_mask(indices: np.ndarray | torch.Tensor, seed: int, epoch: int) -> np.n
     return (_splitmix64(idx ^ key) >> np.uint64(63)).astype(bool)
 
 
+class _EpochTagged:
+    """Sampler view yielding ``(index, epoch)``: the workers need the epoch for the flips."""
+
+    def __init__(self, sampler: DistributedShardSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.sampler.epoch
+        return ((i, epoch) for i in self.sampler)
+
+
 class _IndexedUint8:
-    """Dataset view returning ``(uint8 HWC image, label, index, corrupt message or None)``,
-    checking the image shape. With ``skip_corrupt`` a ``CorruptRecordError`` item is replaced by
-    the next readable index (the batch keeps its size, which the all-gather needs)."""
+    """Dataset view of ``(index, epoch)`` keys returning ``(uint8 HWC image, label, index, epoch,
+    corrupt message or None)``, checking the image shape. With ``skip_corrupt`` a
+    ``CorruptRecordError`` item is replaced by the next readable index (the batch keeps its
+    size, which the all-gather needs)."""
 
     def __init__(self, dataset: Any, image_size: int, skip_corrupt: bool = False) -> None:
         self.dataset = dataset
@@ -57,7 +73,8 @@ class _IndexedUint8:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int, int, str | None]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, int, int, int, str | None]:
+        index, epoch = key
         try:
             image, label = self.dataset[index]
             note = None
@@ -80,7 +97,7 @@ class _IndexedUint8:
                 f"{type(self.dataset).__name__} index {index}: the CPU loader needs uint8 images "
                 f"of shape {self.shape} (no dataset transform), got {got}"
             )
-        return image, int(label), int(index), note
+        return image, int(label), int(index), epoch, note
 
     def _replacement(self, index: int, first: Exception) -> tuple[int, Any, Any]:
         n = len(self.dataset)
@@ -93,11 +110,25 @@ class _IndexedUint8:
         raise RuntimeError(f"data.skip_corrupt: no readable record near index {index}: {first}")
 
 
-def _collate(items: list[tuple[np.ndarray, int, int, str | None]]) -> tuple:
-    images = torch.from_numpy(np.stack([it[0] for it in items]))
-    labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
-    indices = torch.tensor([it[2] for it in items], dtype=torch.int64)
-    return images, labels, indices, [it[3] for it in items if it[3] is not None]
+class _FlipCollate:
+    """Batch collation in the worker: stacks the uint8 images, mirroring those that
+    ``flip_mask`` picks (the reversed view costs nothing extra: ``np.stack`` copies anyway).
+
+    Returns ``(images uint8 (B, H, W, 3), labels int64 (B,), corrupt messages)``.
+    """
+
+    def __init__(self, seed: int, flip: bool) -> None:
+        self.seed = seed
+        self.flip = flip
+
+    def __call__(self, items: list[tuple[np.ndarray, int, int, int, str | None]]) -> tuple:
+        images = [it[0] for it in items]
+        if self.flip:
+            mask = flip_mask(np.array([it[2] for it in items]), self.seed, items[0][3])
+            images = [img[:, ::-1] if m else img for img, m in zip(images, mask)]
+        labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
+        corrupt = [it[4] for it in items if it[4] is not None]
+        return torch.from_numpy(np.stack(images)), labels, corrupt
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -111,7 +142,8 @@ class TrainLoader:
     """Iterable over ``(images, labels)`` batches of one rank, resumable mid-epoch.
 
     Yields:
-        images: float32 (B, 3, H, W) in [-1, 1] (``(x/255 - 0.5)/0.5``), randomly flipped.
+        images: uint8 (B, H, W, 3) RGB, randomly flipped, pinned when the DataLoader pins
+            (``trainer.device_batch.to_device`` normalizes them on the device).
         labels: int64 (B,).
 
     ``len()`` is the number of batches per rank in a full epoch. ``state_dict()`` is
@@ -126,16 +158,10 @@ class TrainLoader:
         loader: DataLoader,
         sampler: DistributedShardSampler,
         batch_size: int,
-        seed: int,
-        flip: bool,
-        pin_memory: bool = False,
     ) -> None:
         self.loader = loader
         self.sampler = sampler
         self.batch_size = batch_size
-        self.seed = seed
-        self.flip = flip
-        self.pin_memory = pin_memory
         self._start = 0
         self._batches = 0
         self.corrupt: list[str] = []  # records skipped by this rank in the current iteration
@@ -170,20 +196,11 @@ class TrainLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._start = self.sampler.start_offset
         self._batches = 0
-        epoch = self.sampler.epoch
         self.corrupt = []
-        for images, labels, indices, corrupt in self.loader:
+        for images, labels, corrupt in self.loader:
             self.corrupt.extend(corrupt)
-            if self.flip:
-                mask = torch.from_numpy(flip_mask(indices.numpy(), self.seed, epoch))
-                if mask.any():
-                    images[mask] = images[mask].flip(2)  # NHWC: axis 2 is width
-            images = normalize(images)
-            if self.pin_memory:  # pin the float batch the trainer copies, not the uint8 one
-                images, labels = images.pin_memory(), labels.pin_memory()
-            batch = images, labels
             self._batches += 1
-            yield batch
+            yield images, labels
 
 
 def build_cpu_loader(
@@ -215,13 +232,14 @@ def build_cpu_loader(
             batch, so every rank yields the same number of full batches.
         flip: random horizontal flip with p = 0.5 per sample.
         persistent_workers, prefetch_factor: passed to ``DataLoader``.
-        pin_memory: pin each normalized batch (for asynchronous copies to a GPU).
+        pin_memory: pin each uint8 batch in the DataLoader for asynchronous copies to a GPU
+            (only when CUDA is available; ignored otherwise).
         image_size: expected H = W of the decoded images.
         skip_corrupt: replace a sample whose record raises ``CorruptRecordError`` by the next
             readable one and list it in ``TrainLoader.corrupt`` (else the error stops the run).
 
     Returns:
-        ``TrainLoader`` yielding float32 (B, 3, image_size, image_size) in [-1, 1] and int64 (B,).
+        ``TrainLoader`` yielding uint8 (B, image_size, image_size, 3) and int64 (B,).
 
     Raises:
         ValueError: bad batch size or worker count, or from the sampler; a wrong image shape or
@@ -238,13 +256,14 @@ def build_cpu_loader(
     loader = DataLoader(
         _IndexedUint8(dataset, image_size, skip_corrupt),
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=_EpochTagged(sampler),
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=_FlipCollate(seed, flip),
+        pin_memory=pin_memory and torch.cuda.is_available(),
         drop_last=drop_last,
         worker_init_fn=_seed_worker,
         generator=generator,
         persistent_workers=persistent_workers and num_workers > 0,
         **extra,
     )
-    return TrainLoader(loader, sampler, batch_size, seed, flip, pin_memory)
+    return TrainLoader(loader, sampler, batch_size)

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from data.datasets import RecordDataset, SyntheticDataset
-from data.decode import normalize
 from data.loader import build_cpu_loader, flip_mask
 from data.sampler import DistributedShardSampler, epoch_permutation
 from tests.test_datasets import lfw_faces, write_lfw_rec
@@ -96,14 +95,14 @@ def test_sampler_rejects_bad_arguments():
 
 
 def _ids(batch_images, flat_ref):
-    """Dataset indices of (unflipped) normalized images, by exact match against ``flat_ref``."""
+    """Dataset indices of (unflipped) uint8 images, by exact match against ``flat_ref``."""
     return [int((flat_ref == x.flatten()).all(1).nonzero()[0]) for x in batch_images]
 
 
 def test_loader_two_ranks_with_workers_cover_epoch_once():
     n, b = 40, 4
     ds = SyntheticDataset(n, num_classes=n, image_size=112, seed=2)  # label == index
-    flat_ref = torch.stack([normalize(torch.from_numpy(ds[i][0])) for i in range(n)]).flatten(1)
+    flat_ref = torch.stack([torch.from_numpy(ds[i][0]) for i in range(n)]).flatten(1)
     seen = []
     for r in range(2):
         loader = build_cpu_loader(ds, b, r, 2, seed=3, num_workers=2, flip=False)
@@ -111,9 +110,10 @@ def test_loader_two_ranks_with_workers_cover_epoch_once():
         loader.set_epoch(1)
         labels = []
         for images, lab in loader:
-            assert images.dtype == torch.float32 and images.shape == (b, 3, 112, 112)
+            # uint8 NHWC: the step copies it as is and normalizes on the device
+            assert images.dtype == torch.uint8 and images.shape == (b, 112, 112, 3)
+            assert images.is_contiguous() and not images.is_pinned()  # pinned on CUDA only
             assert lab.dtype == torch.int64 and lab.shape == (b,)
-            assert images.min() >= -1 and images.max() <= 1
             assert _ids(images, flat_ref) == lab.tolist()  # pixels belong to their label's sample
             labels += lab.tolist()
         assert len(labels) == n // 2
@@ -130,9 +130,11 @@ def test_flip_reproducible_and_exact_mirror():
     flipped = 0
     for (xa, la), (xb, lb), (xp, lp) in zip(a, b, plain):
         assert torch.equal(xa, xb) and torch.equal(la, lb) and torch.equal(la, lp)
-        for img, ref in zip(xa, xp):
-            is_flip = torch.equal(img, ref.flip(2))
-            assert is_flip or torch.equal(img, ref)
+        assert xa.dtype == torch.uint8 and xa.is_contiguous()
+        expect = flip_mask(la.numpy(), 11, 0)  # label == dataset index here
+        for img, ref, want in zip(xa, xp, expect):
+            is_flip = torch.equal(img, ref.flip(1))  # (H, W, 3): dim 1 is the width
+            assert is_flip == want and (is_flip or torch.equal(img, ref))
             flipped += is_flip
     assert 4 <= flipped <= 20  # p = 0.5 over 24 samples
     masks = [flip_mask(np.arange(1000), 11, e) for e in (0, 1)]
@@ -172,7 +174,7 @@ def test_loader_on_lfw_record_file(lfw_root, tmp_path):
     loader = build_cpu_loader(ds, 4, 0, 1, seed=0, num_workers=2, shuffle=False, flip=False)
     images, lab = next(iter(loader))
     assert lab.tolist() == labels[:4]
-    expect = torch.stack([normalize(torch.from_numpy(ds[i][0])) for i in range(4)])
+    expect = torch.stack([torch.from_numpy(ds[i][0]) for i in range(4)])
     assert torch.equal(images, expect)
 
 

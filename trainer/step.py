@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.device_batch import to_device
 from trainer.engine import loss_scale
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,7 +47,8 @@ def train_step(
         accelerator: the Accelerator that prepared `engine` (its `accumulate` marks the boundary).
         engine: DeepSpeed engine of the backbone; embeddings come out in its dtype.
         head, head_opt: the Partial FC head (outside ZeRO) and its optimizer.
-        micro_batches: list of (images float32 (B,3,112,112), labels int64 (B,)).
+        micro_batches: list of (images, labels int64 (B,)); images uint8 (B,112,112,3) from
+            the CPU loader (copied as uint8, normalized on `device`) or float (B,3,112,112).
         precision: "fp32", "fp16" or "bf16": the engine's parameter dtype for the inputs.
         device: where the engine and head live.
         nan_loss: fault-injection hook (ARCSCALE_FAULT_NAN_LOSS, see docs/reliability.md):
@@ -66,7 +68,7 @@ def train_step(
     for images, labels in micro_batches:
         with accelerator.accumulate(engine):
             boundary = accelerator.sync_gradients
-            images = images.to(device, dtype, non_blocking=True, memory_format=memory_format)
+            images = to_device(images, device, dtype, memory_format)  # uint8: normalized there
             labels = labels.to(device, non_blocking=True)
             embeddings = engine(images)
             loss, stats = head(embeddings, labels)
