@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from data.decode import decode_image
+from data.image_index import ImageIndex, build_image_index, image_index_of
 from data.recordio import RecordIOError, RecordIOReader, read_property, unpack
 
 __all__ = [
@@ -48,7 +49,7 @@ def _label_to_int(label: Any, where: str) -> int:
     return int(value)
 
 
-def image_keys_of(reader: RecordIOReader, name: str) -> list[int]:
+def image_keys_of(reader: RecordIOReader, name: str) -> range | np.ndarray:
     """Keys of the image records of an insightface-style RecordIO file.
 
     insightface writes a header at key 0 with ``flag > 0`` and ``label = [first_identity_key,
@@ -60,43 +61,22 @@ def image_keys_of(reader: RecordIOReader, name: str) -> list[int]:
         reader: an open reader. name: the file named in errors.
 
     Returns:
-        list of int keys, in index order.
+        the keys in index order: a ``range`` (insightface layout, or consecutive keys) or an
+        int64 array.
 
     Raises:
         ValueError: the header names image keys missing from the index, or none at all.
     """
-    keys = list(reader.keys)
-    if not keys:
-        raise ValueError(f"{name}: the index lists no records")
-    if 0 not in keys:
-        return keys
-    header, _ = unpack(reader.read(0))
-    if header.flag <= 0:
-        return keys
-    end = int(np.asarray(header.label).reshape(-1)[0])
-    image_keys = list(range(1, end))
-    if not image_keys:
-        raise ValueError(f"{name} key 0: header says there are no images (label={end})")
-    present = set(keys)
-    missing = [k for k in (image_keys[0], image_keys[-1]) if k not in present]
-    if missing:
-        raise ValueError(
-            f"{name} key 0: header declares image keys 1..{end - 1} but key "
-            f"{missing[0]} is not in the index"
-        )
-    return image_keys
+    return image_index_of(reader, name).keys
 
 
-def _num_classes_of(reader: RecordIOReader, rec_path: str) -> int:
+def _num_classes_of(index: ImageIndex, rec_path: str) -> int:
     """num_classes from the ``property`` file, else from the header's identity-record range."""
     folder = os.path.dirname(os.path.abspath(rec_path))
     if os.path.isfile(os.path.join(folder, "property")):
         return int(read_property(folder)[0])
-    if 0 in set(reader.keys):
-        header, _ = unpack(reader.read(0))
-        label = np.asarray(header.label).reshape(-1)
-        if header.flag > 0 and label.size >= 2 and label[1] > label[0]:
-            return int(label[1]) - int(label[0])
+    if index.identity_keys is not None and index.identity_keys[1] > index.identity_keys[0]:
+        return index.identity_keys[1] - index.identity_keys[0]
     raise ValueError(
         f"{rec_path}: num_classes unknown: pass num_classes= or write a 'property' file "
         f"('num_classes,112,112') next to the .rec"
@@ -112,8 +92,11 @@ class RecordDataset:
         num_classes: number of identities; default: from ``property`` next to the rec, else from
             the identity-record range in the header record.
         transform: applied to the uint8 (H, W, 3) RGB image.
+        index: a prebuilt ``ImageIndex`` (e.g. ``data.image_index.shared_image_index``, shared
+            by the ranks of a node); default: parse ``idx_path``.
 
-    Item ``i`` is ``(transform(image), label)``; ``label`` is a Python int.
+    Item ``i`` is ``(transform(image), label)``; ``label`` is a Python int. ``keys`` (a range or
+    int64 array) and ``offsets`` (int64) are the image records' keys and byte offsets.
 
     Raises:
         ValueError: unknown num_classes; from ``__getitem__``: a label outside
@@ -130,13 +113,15 @@ class RecordDataset:
         idx_path: str | None = None,
         num_classes: int | None = None,
         transform: Transform | None = None,
+        index: ImageIndex | None = None,
     ) -> None:
         self.rec_path = str(rec_path)
         self.idx_path = str(idx_path) if idx_path else os.path.splitext(self.rec_path)[0] + ".idx"
-        self.reader = RecordIOReader(self.rec_path, self.idx_path)
-        self.keys = image_keys_of(self.reader, self.rec_path)
+        self.index = index if index is not None else build_image_index(self.rec_path, self.idx_path)
+        self.reader = RecordIOReader(self.rec_path)  # reads by offset: no second index
+        self.keys, self.offsets = self.index.keys, self.index.offsets
         self.num_classes = (
-            int(num_classes) if num_classes is not None else _num_classes_of(self.reader, rec_path)
+            int(num_classes) if num_classes is not None else _num_classes_of(self.index, rec_path)
         )
         if self.num_classes <= 0:
             raise ValueError(f"{rec_path}: num_classes must be positive, got {self.num_classes}")
@@ -147,9 +132,14 @@ class RecordDataset:
 
     def read_label(self, index: int) -> int:
         """Label of item ``index`` (reads the record, skips the image decode)."""
-        key = self.keys[index]
-        header, _ = unpack(self.reader.read(key))
-        return self._check_label(header.label, key)
+        header, _ = unpack(self._read(index))
+        return self._check_label(header.label, int(self.keys[index]))
+
+    def _read(self, index: int) -> bytes:
+        try:
+            return self.reader.read_at(int(self.offsets[index]))[0]
+        except RecordIOError as e:
+            raise RecordIOError(f"{e} (key {int(self.keys[index])})") from None
 
     def scan_labels(self, max_keys: int = 10_000) -> int:
         """Checks the labels of up to ``max_keys`` records spread evenly over the file.
@@ -166,10 +156,10 @@ class RecordDataset:
         checked = 0
         for i in picks.tolist():
             try:
-                header, _ = unpack(self.reader.read(self.keys[i]))
+                header, _ = unpack(self._read(i))
             except RecordIOError:
                 continue
-            self._check_label(header.label, self.keys[i])
+            self._check_label(header.label, int(self.keys[i]))
             checked += 1
         return checked
 
@@ -183,16 +173,16 @@ class RecordDataset:
     def __getitem__(self, index: int) -> tuple[Any, int]:
         if not -len(self.keys) <= index < len(self.keys):
             raise IndexError(f"{self.rec_path}: index {index} out of range ({len(self.keys)})")
-        key = self.keys[index]
+        key, offset = int(self.keys[index]), int(self.offsets[index])
         try:
-            header, payload = unpack(self.reader.read(key))  # reader errors name file and key
+            header, payload = unpack(self._read(index))  # reader errors name file and key
         except RecordIOError as e:
-            raise CorruptRecordError(f"{e} [offset {self.reader.offset_of(key)}]") from None
+            raise CorruptRecordError(f"{e} [offset {offset}]") from None
         label = self._check_label(header.label, key)
         try:
             image = decode_image(payload, where=f"{self.rec_path} key {key}")
         except ValueError as e:
-            raise CorruptRecordError(f"{e} [offset {self.reader.offset_of(key)}]") from None
+            raise CorruptRecordError(f"{e} [offset {offset}]") from None
         if self.transform is not None:
             image = self.transform(image)
         return image, label

@@ -129,7 +129,7 @@ def test_record_dataset_insightface_layout(lfw_rec, faces):
     rec, idx, labels, jpegs = lfw_rec
     ds = RecordDataset(rec)  # idx next to the rec, num_classes from 'property'
     assert len(ds) == len(faces) and ds.num_classes == len({n for n, _ in faces})
-    assert ds.keys == list(range(1, len(faces) + 1))
+    assert list(ds.keys) == list(range(1, len(faces) + 1))
     for i in (0, 7, len(ds) - 1):
         img, label = ds[i]
         assert isinstance(label, int) and label == labels[i]
@@ -150,7 +150,7 @@ def test_record_dataset_without_header(faces, tmp_path):
     with pytest.raises(ValueError, match="num_classes unknown"):
         RecordDataset(rec, idx)
     ds = RecordDataset(rec, idx, num_classes=10)
-    assert ds.keys == [0, 1, 2, 3, 4] and [ds[i][1] for i in range(5)] == labels
+    assert list(ds.keys) == [0, 1, 2, 3, 4] and [ds[i][1] for i in range(5)] == labels
 
 
 def test_record_dataset_num_classes_from_header(faces, tmp_path):
@@ -225,3 +225,50 @@ def test_synthetic_dataset_deterministic():
         a[50]
     with pytest.raises(ValueError, match="num_classes"):
         SyntheticDataset(10, 0)
+
+
+# ---------------------------------------------------------------- numpy image index
+
+
+def _reference_images(rec, idx):
+    """Image (key, offset, label) by the old dict parse + header rule, independent of data/."""
+    from data.recordio import RecordIOReader, record_label, unpack
+
+    with open(idx) as fh:
+        table = dict(tuple(int(v) for v in line.split()) for line in fh if line.strip())
+    reader = RecordIOReader(rec)
+    header, _ = unpack(reader.read_at(table[0])[0])
+    keys = range(1, int(header.label[0])) if header.flag > 0 else sorted(table)
+    labels = [record_label(unpack(reader.read_at(table[k])[0])[0]) for k in keys]
+    return list(keys), [table[k] for k in keys], labels
+
+
+def test_numpy_image_index_matches_dict_index(lfw_rec):
+    rec, idx, labels, _ = lfw_rec
+    ds = RecordDataset(rec, idx)
+    keys, offsets, ref_labels = _reference_images(rec, idx)
+    assert ref_labels == labels
+    assert list(ds.keys) == keys and ds.offsets.tolist() == offsets
+    assert [ds.read_label(i) for i in range(len(ds))] == labels
+    assert ds.offsets.dtype == np.int64 and isinstance(ds.keys, range)
+    assert ds.index.nbytes / len(ds) <= 24  # was ~158 B/entry in dicts/lists/sets
+
+
+def test_shared_image_index_built_once_and_memory_mapped(lfw_rec, tmp_path, monkeypatch):
+    import data.image_index as image_index
+
+    rec, idx, labels, _ = lfw_rec
+    cache, calls, builds = str(tmp_path / "cache"), [], []
+    build = image_index.build_image_index
+    monkeypatch.setattr(image_index, "build_image_index", lambda *a: builds.append(a) or build(*a))
+    with pytest.raises(RuntimeError, match="missing after the barrier"):
+        image_index.shared_image_index(rec, idx, cache, local_rank=1)  # rank 0 did not build
+    first = image_index.shared_image_index(rec, idx, cache, 0, lambda: calls.append(0))
+    other = image_index.shared_image_index(rec, idx, cache, 1, lambda: calls.append(1))
+    again = image_index.shared_image_index(rec, idx, cache, 0, lambda: calls.append(0))
+    assert len(builds) == 1 and calls == [0, 1, 0]  # cached after the first build
+    for index in (first, other, again):
+        assert isinstance(index.offsets, np.memmap) and index.keys == range(1, len(labels) + 1)
+        assert index.offsets.tolist() == _reference_images(rec, idx)[1]
+    ds = RecordDataset(rec, idx, index=other)
+    assert [ds.read_label(i) for i in range(len(ds))] == labels and ds.num_classes == 6
