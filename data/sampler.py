@@ -13,12 +13,17 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool = T
     """The global sample order of one epoch, identical on every rank.
 
     Returns:
-        int64 array (num_samples,): a permutation of ``range(num_samples)`` drawn from
+        array (num_samples,): a permutation of ``range(num_samples)`` drawn from
         ``np.random.default_rng([seed, epoch])`` (identity order when ``shuffle`` is False).
+        int32 below 2**31 samples (168 MB instead of 336 MB at WebFace42M; the generator's
+        shuffle draws the same swaps for any dtype, so the order equals ``rng.permutation``),
+        else int64.
     """
-    if not shuffle:
-        return np.arange(num_samples, dtype=np.int64)
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_samples).astype(np.int64)
+    dtype = np.int32 if num_samples < 2**31 else np.int64
+    perm = np.arange(num_samples, dtype=dtype)
+    if shuffle:
+        np.random.default_rng([int(seed), int(epoch)]).shuffle(perm)
+    return perm
 
 
 class DistributedShardSampler:
@@ -108,7 +113,7 @@ class DistributedShardSampler:
         if total > len(rest):  # pad by wrapping around the permutation
             reps = -(-(total - len(rest)) // self.num_samples)
             rest = np.concatenate([rest, np.tile(perm, reps)])
-        return rest[self.rank : total : self.world_size]
+        return rest[self.rank : total : self.world_size].astype(np.int64)  # drops the epoch perm
 
     def __iter__(self) -> Iterator[int]:
         start = self._pending
