@@ -10,6 +10,7 @@ Every error is a `ConfigError` whose message names the file and the dotted field
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -133,11 +134,13 @@ class EvalConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     """`every` optimizer steps (0: only at the end); `keep_last` complete checkpoints kept;
-    `resume`: false, true (latest in `output`) or a checkpoint directory path."""
+    `resume`: false, true (latest in `output`) or a checkpoint directory path; `overwrite`: a
+    fresh run may replace the checkpoints another run left in `output` (else it refuses)."""
 
     every: int = 0
     keep_last: int = 3
     resume: Any = False
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,54 @@ _CHOICES = {
     "engine.zero_stage": (-1, 0, 1, 2, 3),
     "engine.memory_format": MEMORY_FORMATS,
 }
+
+
+MAX_YAML_NODES = 100_000  # a real config has a few hundred; aliases may not expand past this
+
+
+def _count_nodes(node: yaml.Node, limit: int) -> int:
+    """Nodes of a YAML graph with every alias expanded (what `str()` or a dump would visit)."""
+    count, stack = 0, [node]
+    while stack:
+        current = stack.pop()
+        count += 1
+        if count > limit:
+            break
+        if isinstance(current, yaml.SequenceNode):
+            stack.extend(current.value)
+        elif isinstance(current, yaml.MappingNode):
+            for key, value in current.value:
+                stack.extend((key, value))
+    return count
+
+
+def safe_load_yaml(text: Any, src: str) -> Any:
+    """`yaml.safe_load` that refuses an alias bomb: a few hundred bytes of nested anchors and
+    aliases expand to billions of values when the config is printed or saved.
+
+    Args:
+        text: YAML text or an open text file.
+        src: names the source in errors (a path, or "command line: 'key=value'").
+
+    Raises:
+        ConfigError: invalid YAML, or more than `MAX_YAML_NODES` values once aliases expand.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _count_nodes(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{src}: YAML anchors/aliases expand to more than {MAX_YAML_NODES} values; "
+                "write the values out instead"
+            )
+        return loader.construct_document(node)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = " ".join(str(e).split())  # one line: PyYAML's messages span several
+        raise ConfigError(f"{src}: invalid YAML: {first}") from None
+    finally:
+        loader.dispose()
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -202,11 +253,22 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
+def _check_keys_are_strings(raw: dict, prefix: str, src: str) -> None:
+    """YAML allows `1:` or `true:` as keys; a config section only has named fields."""
+    for key in raw:
+        if not isinstance(key, str):
+            raise ConfigError(
+                f"{src}: key {key!r} in '{prefix.rstrip('.') or 'top level'}' is a "
+                f"{type(key).__name__}; config keys are names"
+            )
+
+
 def _build(cls: type, raw: dict, prefix: str, src: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{src}: '{prefix or 'top level'}' must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    _check_keys_are_strings(raw, prefix, src)
     unknown = sorted(set(raw) - names)
     if unknown:
         key = f"{prefix}{unknown[0]}"
@@ -237,14 +299,15 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """`["optim.lr=0.05", "eval.val_targets=[lfw]"]` -> `[(dotted key, YAML-parsed value)]`.
 
     Raises:
-        ConfigError: an override without `=`.
+        ConfigError: an override without `=`, or a value that is not valid YAML.
     """
     out = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"command line: override '{item}' is not of the form key=value")
         key, text = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(text) if text != "" else ""))
+        value = safe_load_yaml(text, f"command line: '{item}'") if text != "" else ""
+        out.append((key.strip(), value))
     return out
 
 
@@ -268,10 +331,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         if not os.path.isfile(path):
             raise ConfigError(f"{path}: config file not found")
         with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: invalid YAML: {e}") from e
+            raw = safe_load_yaml(f, path) or {}
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(raw, key, value, "command line")
     if overrides:
@@ -326,6 +386,83 @@ def validate(cfg: Config, src: str = "<config>") -> None:
         raise bad("checkpoint.every", "must be >= 0")
     if not isinstance(cfg.checkpoint.resume, (bool, str)):
         raise bad("checkpoint.resume", f"must be true/false or a path: {cfg.checkpoint.resume!r}")
+    _check_numbers(cfg, bad)
+    _check_model(cfg, bad)
+
+
+def _check_numbers(cfg: Config, bad: Any) -> None:
+    """Values that pass the type check but would train nothing or garbage: NaN/inf anywhere, a
+    non-positive scale or power, negative steps, clipping, momentum or decay, margins outside
+    what `heads.margin.CombinedMarginLoss` computes."""
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        for f in dataclasses.fields(value):
+            name, v = f"{section.name}.{f.name}", getattr(value, f.name)
+            if f.name in ("margin_list", "betas") and not all(_is_number(x) for x in v):
+                raise bad(name, f"must hold numbers, got {list(v)}")
+            for x in v if isinstance(v, tuple) else (v,):
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise bad(name, f"must be finite, got {x}")
+    m1, m2, m3 = cfg.head.margin_list
+    positive = {
+        "head.scale": cfg.head.scale,
+        "schedule.power": cfg.schedule.power,
+        "optim.eps": cfg.optim.eps,
+        "head.margin_list[0] (m1)": m1,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise bad(name, f"must be > 0, got {value}")
+    non_negative = {
+        "schedule.max_steps": cfg.schedule.max_steps,
+        "schedule.num_epoch": cfg.schedule.num_epoch,
+        "optim.clip_grad": cfg.optim.clip_grad,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "head.margin_list[1] (m2, radians)": m2,
+        "head.margin_list[2] (m3)": m3,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise bad(name, f"must be >= 0, got {value}")
+    if m2 >= math.pi:
+        raise bad("head.margin_list[1] (m2, radians)", f"must be < pi, got {m2}")
+    if m3 >= 1:
+        raise bad("head.margin_list[2] (m3)", f"must be < 1 (a cosine margin), got {m3}")
+    if not 0 <= cfg.optim.momentum < 1:
+        raise bad("optim.momentum", f"must be in [0, 1), got {cfg.optim.momentum}")
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise bad("optim.betas", f"must be in [0, 1), got {list(cfg.optim.betas)}")
+    threshold = cfg.head.interclass_filtering_threshold
+    if not 0 <= threshold < 1:
+        raise bad("head.interclass_filtering_threshold", f"must be in [0, 1), got {threshold}")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_model(cfg: Config, bad: Any) -> None:
+    """`model.network` must be registered and `model.kwargs` accepted by its builder, checked
+    against the builder's signature (`models.model_kwargs`) without building the model."""
+    import models  # torch: imported only when a config is validated
+
+    if cfg.model.network not in models.list_models():
+        raise bad(
+            "model.network",
+            f"unknown network {cfg.model.network!r}; valid: {', '.join(models.list_models())}",
+        )
+    accepted = set(models.model_kwargs(cfg.model.network)) - {"embedding_size"}
+    for key in cfg.model.kwargs:
+        if key == "embedding_size":
+            raise bad("model.kwargs.embedding_size", "set model.embedding_size instead")
+        if key not in accepted:
+            raise bad(
+                f"model.kwargs.{key}",
+                f"network {cfg.model.network!r} does not accept {key!r}; accepted: "
+                f"{', '.join(sorted(accepted)) or 'none'}",
+            )
 
 
 def to_dict(cfg: Config) -> dict:
