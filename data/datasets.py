@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import simplejpeg
 
 from data.decode import decode_image
 from data.image_index import ImageIndex, build_image_index, image_index_of
@@ -22,7 +23,9 @@ __all__ = [
     "ImageFolderDataset",
     "RecordDataset",
     "SyntheticDataset",
+    "check_image_size",
     "image_keys_of",
+    "scan_image_sizes",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -94,6 +97,8 @@ class RecordDataset:
         transform: applied to the uint8 (H, W, 3) RGB image.
         index: a prebuilt ``ImageIndex`` (e.g. ``data.image_index.shared_image_index``, shared
             by the ranks of a node); default: parse ``idx_path``.
+        image_size: side every decoded image must have (another size is a
+            ``CorruptRecordError``, which ``data.skip_corrupt`` skips); None: any size.
 
     Item ``i`` is ``(transform(image), label)``; ``label`` is a Python int. ``keys`` (a range or
     int64 array) and ``offsets`` (int64) are the image records' keys and byte offsets.
@@ -114,6 +119,7 @@ class RecordDataset:
         num_classes: int | None = None,
         transform: Transform | None = None,
         index: ImageIndex | None = None,
+        image_size: int | None = None,
     ) -> None:
         self.rec_path = str(rec_path)
         self.idx_path = str(idx_path) if idx_path else os.path.splitext(self.rec_path)[0] + ".idx"
@@ -126,6 +132,7 @@ class RecordDataset:
         if self.num_classes <= 0:
             raise ValueError(f"{rec_path}: num_classes must be positive, got {self.num_classes}")
         self.transform = transform
+        self.image_size = image_size
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -181,6 +188,7 @@ class RecordDataset:
         label = self._check_label(header.label, key)
         try:
             image = decode_image(payload, where=f"{self.rec_path} key {key}")
+            check_image_size(image.shape[:2], self.image_size, f"{self.rec_path} key {key}")
         except ValueError as e:
             raise CorruptRecordError(f"{e} [offset {offset}]") from None
         if self.transform is not None:
@@ -194,6 +202,7 @@ class ImageFolderDataset:
     Args:
         root: dataset folder.
         transform: applied to the uint8 (H, W, 3) RGB image.
+        image_size: as for ``RecordDataset``.
 
     Item ``i`` is ``(transform(image), label)``; files are sorted within each identity.
 
@@ -204,8 +213,11 @@ class ImageFolderDataset:
             from ``__getitem__``: an undecodable image, naming the file.
     """
 
-    def __init__(self, root: str, transform: Transform | None = None) -> None:
+    def __init__(
+        self, root: str, transform: Transform | None = None, image_size: int | None = None
+    ) -> None:
         self.root = str(root)
+        self.image_size = image_size
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"{self.root}: image folder not found")
         entries = sorted(os.listdir(self.root))
@@ -241,11 +253,59 @@ class ImageFolderDataset:
         with open(path, "rb") as fh:
             try:
                 image = decode_image(fh.read(), where=path)
+                check_image_size(image.shape[:2], self.image_size, path)
             except ValueError as e:
                 raise CorruptRecordError(str(e)) from None
         if self.transform is not None:
             image = self.transform(image)
         return image, label
+
+
+def check_image_size(hw: tuple[int, int], size: int | None, where: str) -> None:
+    """Raises ValueError naming ``where`` when ``hw`` (height, width) is not ``size`` x ``size``
+    (models take 112x112 crops; resizing would silently train on distorted faces)."""
+    if size is not None and tuple(hw) != (size, size):
+        raise ValueError(f"{where}: image is {hw[1]}x{hw[0]}, expected {size}x{size}")
+
+
+def _encoded_size(buf: bytes, where: str) -> tuple[int, int]:
+    """(height, width) of an encoded image; a JPEG's header is enough, anything else decodes."""
+    if simplejpeg.is_jpeg(buf):
+        try:
+            return tuple(simplejpeg.decode_jpeg_header(buf)[:2])
+        except ValueError:
+            pass
+    return decode_image(buf, where=where).shape[:2]
+
+
+def scan_image_sizes(dataset: Any, size: int, max_items: int = 1000) -> int:
+    """Checks the size of up to ``max_items`` images spread evenly over a ``RecordDataset`` or
+    ``ImageFolderDataset`` (JPEG headers only), so a dataset of the wrong size fails at start-up
+    like a wrong label (``RecordDataset.scan_labels``). Unreadable images are left to the loader.
+
+    Returns:
+        the number of images checked.
+    Raises:
+        ValueError: an image that is not ``size`` x ``size``, naming the file (and key).
+    """
+    n = len(dataset)
+    picks = np.unique(np.linspace(0, n - 1, num=min(n, max_items)).astype(np.int64))
+    checked = 0
+    for i in picks.tolist():
+        try:
+            if isinstance(dataset, RecordDataset):
+                where = f"{dataset.rec_path} key {int(dataset.keys[i])}"
+                buf = unpack(dataset._read(i))[1]
+            else:
+                where = dataset.samples[i][0]
+                with open(where, "rb") as fh:
+                    buf = fh.read()
+            hw = _encoded_size(buf, where)
+        except (OSError, ValueError):  # unreadable: data.skip_corrupt decides
+            continue
+        check_image_size(hw, size, where)
+        checked += 1
+    return checked
 
 
 class SyntheticDataset:

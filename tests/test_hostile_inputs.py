@@ -218,3 +218,130 @@ def test_unparsable_override_and_mixed_key_types(cfg_file, tmp_path):
     mixed.write_text(SYNTHETIC + "optim: {1: 2, lr: 0.1}\n")
     msg = _config_error(str(mixed))
     assert "mixed.yaml" in msg and "key 1 in 'optim'" in msg, msg
+
+
+# --- 7, 10, 11, 12. data files: property, index, header, folders, sizes, .bins ----------------
+
+
+def flat_jpeg(side, value=128):
+    """A uniform side x side JPEG (a few hundred bytes)."""
+    return simplejpeg.encode_jpeg(
+        np.full((side, side, 3), value, np.uint8), quality=90, colorspace="RGB"
+    )
+
+
+def make_rec(folder, n=8, classes=4, side=112, sides=None, header=False):
+    """`folder/train.rec|idx` + `property`: n images, label i % classes; `sides` maps an image
+    index to another side; `header` writes insightface's key-0 header (images at keys 1..n)."""
+    from data.recordio import IRHeader, RecordIOWriter, pack, write_property
+
+    os.makedirs(folder, exist_ok=True)
+    first = 1 if header else 0
+    with RecordIOWriter(f"{folder}/train.rec", f"{folder}/train.idx") as w:
+        if header:
+            w.write(0, pack(IRHeader(0, [n + 1, n + 1 + classes], 0, 0), b""))
+        for i in range(n):
+            img = flat_jpeg((sides or {}).get(i, side), 10 * i)
+            w.write(first + i, pack(IRHeader(0, float(i % classes), first + i, 0), img))
+    write_property(folder, classes, side, side)
+    return str(folder)
+
+
+def rec_config(folder, *more, classes=4):
+    from trainer.config import load_config
+
+    base = ["data.kind=rec", f"data.rec={folder}", f"data.num_classes={classes}"]
+    return load_config(None, [*base, "eval.val_targets=[]", *more])
+
+
+def _one_line_exit2(capsys, argv, needle):
+    from trainer.train import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("arcscale: config error:"), err
+    assert needle in err[0], err
+    return err[0]
+
+
+def _build_error(cfg):
+    from trainer.config import ConfigError
+    from trainer.data_setup import build_dataset
+
+    with pytest.raises(ConfigError) as info:
+        build_dataset(cfg)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_garbage_property_file_is_one_line(tmp_path, cfg_file, capsys):
+    data = make_rec(tmp_path / "rec")
+    (tmp_path / "rec" / "property").write_bytes(b"\x00\xffgarbage")
+    argv = [cfg_file, "data.kind=rec", f"data.rec={data}", "data.num_classes=4"]
+    _one_line_exit2(capsys, argv, "property: expected 'num_classes,height,width'")
+
+
+def test_empty_index_and_lying_header_are_one_line(tmp_path):
+    data = make_rec(tmp_path / "empty")
+    open(f"{data}/train.idx", "w").close()
+    assert "the index lists no records" in _build_error(rec_config(data))
+    liar = make_rec(tmp_path / "liar", header=True)
+    from data.recordio import IRHeader, frame_record, pack
+
+    with open(f"{liar}/train.rec", "r+b") as f:  # same 40 bytes: images 1..999 claimed
+        f.write(frame_record(pack(IRHeader(0, [1000, 1004], 0, 0), b"")))
+    assert "header declares image keys 1..999" in _build_error(rec_config(liar))
+
+
+def test_non_image_file_in_folder_dataset_is_one_line(tmp_path):
+    from trainer.config import load_config
+
+    root = tmp_path / "faces"
+    for person in ("a", "b"):
+        (root / person).mkdir(parents=True)
+        (root / person / "1.jpg").write_bytes(flat_jpeg(112))
+    (root / "b" / "notes.txt").write_text("not a face")
+    cfg = load_config(None, ["data.kind=folder", f"data.rec={root}", "data.num_classes=2"])
+    assert "notes.txt: not an image file" in _build_error(cfg)
+
+
+def test_wrong_image_size_fails_at_startup_naming_the_record(tmp_path):
+    from trainer.config import load_config
+
+    small = make_rec(tmp_path / "small", side=100)
+    msg = _build_error(rec_config(small))
+    assert "train.rec key 0: image is 100x100, expected 112x112" in msg, msg
+    root = tmp_path / "faces"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "1.jpg").write_bytes(flat_jpeg(64))
+    cfg = load_config(None, ["data.kind=folder", f"data.rec={root}", "data.num_classes=1"])
+    assert "1.jpg: image is 64x64, expected 112x112" in _build_error(cfg)
+
+
+def test_skip_corrupt_skips_a_wrong_size_image_mid_epoch(tmp_path):
+    from data.datasets import CorruptRecordError, RecordDataset
+    from data.loader import build_cpu_loader
+
+    data = make_rec(tmp_path / "rec", n=8, sides={5: 96})
+    ds = RecordDataset(f"{data}/train.rec", image_size=112)
+    with pytest.raises(CorruptRecordError, match="key 5: image is 96x96, expected 112x112"):
+        ds[5]
+    loader = build_cpu_loader(ds, 4, 0, 1, 0, num_workers=0, shuffle=False, skip_corrupt=True)
+    loader.set_epoch(0)
+    assert [len(labels) for _, labels in loader] == [4, 4]
+    assert len(loader.corrupt) == 1 and "key 5" in loader.corrupt[0]
+
+
+def test_eval_bin_with_fewer_pairs_than_folds_fails_at_startup(tmp_path, cfg_file, capsys):
+    small = tmp_path / "tiny.bin"
+    write_bin(small, [flat_jpeg(112)] * 6, [True, False, True])
+    argv = [cfg_file, f"eval.val_targets=[{small}]"]
+    _one_line_exit2(capsys, argv, "tiny.bin holds 3 pairs, the 10-fold evaluation needs")
+
+
+def test_two_eval_targets_with_one_name_are_refused(tmp_path, cfg_file, capsys):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        write_bin(tmp_path / sub / "lfw.bin", [flat_jpeg(112)] * 20, [True, False] * 5)
+    targets = f"eval.val_targets=[{tmp_path}/a/lfw.bin,{tmp_path}/b/lfw.bin]"
+    _one_line_exit2(capsys, [cfg_file, targets], "have the same name 'lfw'")
