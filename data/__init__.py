@@ -1,6 +1,6 @@
 """Data: RecordIO, verification .bin files, datasets, samplers, CPU and DALI loaders."""
 
-from data.dali_loader import DaliLoader, build_dali_loader, write_image_index
+from data.dali_loader import DaliLoader, build_dali_loader
 from data.datasets import (
     IMAGE_EXTENSIONS,
     ImageFolderDataset,
@@ -46,5 +46,4 @@ __all__ = [
     "read_property",
     "unpack",
     "write_bin",
-    "write_image_index",
 ]

@@ -1,4 +1,4 @@
-"""DALI loader: same labels and pixels as the CPU loader, sharding, flips, resume, GPU decode."""
+"""DALI loader: the CPU loader's sample order and pixels, sharding, flips, resume, GPU decode."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from data.dali_loader import build_dali_loader, write_image_index
+from data.dali_loader import build_dali_loader
 from data.datasets import RecordDataset
 from data.decode import normalize
 from data.loader import build_cpu_loader
@@ -43,12 +43,23 @@ def _match(images, ref):
     return best.indices, best.values
 
 
-def test_filtered_index_has_only_images(lfw_rec):
-    path, n = write_image_index(lfw_rec["rec"], lfw_rec["idx"], lfw_rec["cache"])
-    with open(path) as fh:
-        keys = [int(line.split()[0]) for line in fh]
-    assert n == 24 and keys == list(range(1, 25))  # no header (0) nor identity records (25..32)
-    assert write_image_index(lfw_rec["rec"], lfw_rec["idx"], lfw_rec["cache"]) == (path, n)
+def test_dali_index_has_only_images(lfw_rec):
+    kw = {"rank": 0, "world_size": 1, "seed": 0, "cache_dir": lfw_rec["cache"]}
+    loader = build_dali_loader(lfw_rec["rec"], lfw_rec["idx"], B, **kw)
+    assert loader.index.keys == range(1, 25)  # no header (0) nor identity records (25..32)
+    again = build_dali_loader(lfw_rec["rec"], lfw_rec["idx"], B, **kw)  # from the .npy cache
+    assert again.index.offsets.tolist() == loader.index.offsets.tolist()
+
+
+def test_dali_num_threads_zero_builds_and_runs(lfw_rec):
+    # data.num_workers: 0 is passed as num_threads; DALI itself refuses num_threads < 1
+    loader = build_dali_loader(
+        lfw_rec["rec"], lfw_rec["idx"], B, 0, 1, seed=1, num_threads=0, cache_dir=lfw_rec["cache"]
+    )
+    images, labels = _epoch(loader)
+    assert images.shape == (24, 3, 112, 112) and sorted(labels.tolist()) == sorted(
+        lfw_rec["labels"].tolist()
+    )
 
 
 def test_dali_cpu_matches_cpu_loader(lfw_rec):
@@ -89,13 +100,35 @@ def test_dali_two_ranks_cover_epoch_and_flip(lfw_rec):
     assert sorted(seen) == list(range(24))
 
 
-def test_dali_resume_fast_forwards(lfw_rec):
-    def make():
-        return build_dali_loader(
-            lfw_rec["rec"], lfw_rec["idx"], B, 0, 1, seed=8, cache_dir=lfw_rec["cache"]
-        )
+def test_dali_order_is_the_cpu_loaders_global_permutation(lfw_rec):
+    # identity-sorted file (8 people x 3): the old buffer shuffle over DALI's contiguous shards
+    # drew another order; now both loaders take rank r's every W-th position of one permutation
+    # and flip the same samples
+    ds = RecordDataset(lfw_rec["rec"], lfw_rec["idx"])
+    for rank in range(2):
+        cpu = build_cpu_loader(ds, B, rank, 2, seed=11, num_workers=0)
+        kw = {"rank": rank, "world_size": 2, "seed": 11, "cache_dir": lfw_rec["cache"]}
+        dali = build_dali_loader(lfw_rec["rec"], lfw_rec["idx"], B, **kw)  # flips too
+        for epoch in (0, 1):
+            cpu.set_epoch(epoch)
+            dali.set_epoch(epoch)
+            pairs = list(zip(cpu, dali))
+            assert len(pairs) == len(dali) == len(cpu) == 3
+            for (x, y), (xd, yd) in pairs:
+                assert torch.equal(y, yd)
+                assert (normalize(x) - xd).abs().mean() * 127.5 < 2.0
+            distinct = [len(set(yd.tolist())) for _, (_, yd) in pairs]
+            assert distinct == [len(set(y.tolist())) for (_, y), _ in pairs]
 
-    ref = list(make())
+
+def test_dali_resume_reads_from_the_offset(lfw_rec):
+    def make(world_size=1, rank=0):
+        kw = {"rank": rank, "world_size": world_size, "seed": 8, "cache_dir": lfw_rec["cache"]}
+        return build_dali_loader(lfw_rec["rec"], lfw_rec["idx"], B, **kw)
+
+    full = make()
+    ref = list(full)
+    assert full.records_read == len(ref) * B == 24
     first = make()
     it = iter(first)
     got = [next(it) for _ in range(2)]
@@ -104,12 +137,22 @@ def test_dali_resume_fast_forwards(lfw_rec):
     resumed = make()
     resumed.load_state_dict(state)
     resumed.set_epoch(0)
+    assert resumed.state_dict() == state
     got += list(resumed)
+    assert resumed.records_read == (len(ref) - 2) * B  # the skipped batches were never read
     assert len(got) == len(ref)
     for (x, y), (xr, yr) in zip(got, ref):
-        assert torch.equal(x, xr) and torch.equal(y, yr)
-    with pytest.raises(ValueError, match="same world size and batch size"):
-        resumed.load_state_dict({"epoch": 0, "offset": 3})
+        assert torch.equal(y, yr) and torch.equal(x, xr)
+    assert resumed.state_dict() == {"epoch": 0, "offset": 24}
+    # another world size continues with the not-yet-seen samples, each once (as the CPU loader)
+    rest = []
+    for rank in range(2):
+        other = make(world_size=2, rank=rank)
+        other.load_state_dict(state)
+        rest += [y for _, y in other]
+    assert sorted(torch.cat(rest).tolist()) == sorted(torch.cat([y for _, y in ref[2:]]).tolist())
+    with pytest.raises(ValueError, match="missing"):
+        resumed.load_state_dict({"offset": 3})
 
 
 def test_missing_dali_gives_clear_error(monkeypatch, lfw_rec):
@@ -163,3 +206,26 @@ def test_dali_mixed_decoder_on_gpu(lfw_rec):
     assert diff.max() < 2.0  # nvJPEG vs libjpeg-turbo
     assert sorted(idx.tolist()) == list(range(24))
     assert torch.equal(labels.cpu(), lfw_rec["labels"][idx])
+
+
+def test_trainer_builds_dali_loader_from_the_dataset_index(lfw_rec, monkeypatch):
+    # the DALI branch of trainer/data_setup.py (taken on a CUDA device; the pipeline is built
+    # at the first iter(), so the loader can be built here): num_workers 0 and one shared index
+    import os
+
+    from data.dali_loader import DaliLoader
+    from trainer.config import load_config
+    from trainer.data_setup import build_dataset, build_loader
+
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "lfw_demo_mbf.yaml")
+    folder = os.path.dirname(lfw_rec["rec"])
+    cfg = load_config(
+        config,
+        [f"data.rec={folder}", "data.num_classes=8", "data.dali=true", "data.num_workers=0"]
+        + ["data.batch_size=4"],
+    )
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    ds = build_dataset(cfg)
+    loader = build_loader(cfg, ds, 0, 1, torch.device("cuda", 0))
+    assert isinstance(loader, DaliLoader) and loader.num_threads == 1 and loader.device_id == 0
+    assert loader.index is ds.index and len(loader) == 24 // cfg.data.batch_size
