@@ -345,3 +345,45 @@ def test_two_eval_targets_with_one_name_are_refused(tmp_path, cfg_file, capsys):
         write_bin(tmp_path / sub / "lfw.bin", [flat_jpeg(112)] * 20, [True, False] * 5)
     targets = f"eval.val_targets=[{tmp_path}/a/lfw.bin,{tmp_path}/b/lfw.bin]"
     _one_line_exit2(capsys, [cfg_file, targets], "have the same name 'lfw'")
+
+
+# --- 10. tools/eval_verification.py: every bad input is one line, exit 2 ---------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    from tests.test_eval_tools import export_onnx
+    from tests.test_verification import tiny_net
+
+    path = str(tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+    export_onnx(tiny_net(), path)  # input (n, 3, 112, 112)
+    return path
+
+
+def _eval_fails(capsys, argv, needle):
+    from tools import eval_verification
+
+    with pytest.raises(SystemExit) as info:
+        eval_verification.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eval_verification: error:"), err
+    assert needle in err[0], err
+
+
+def test_eval_verification_bad_inputs_are_one_line_exit2(tmp_path, tiny_onnx, capsys):
+    from tests.test_verification import write_tiny_bin
+
+    good, few, small = (str(tmp_path / f"{n}.bin") for n in ("good", "few", "small"))
+    write_tiny_bin(good, 12)
+    write_tiny_bin(few, 3)
+    write_tiny_bin(small, 12, size=96)
+    model = ["--model", tiny_onnx, "--out", str(tmp_path / "eval")]
+    for far in ("1.5", "0", "-1e-3"):
+        _eval_fails(capsys, [*model, "--bin", good, f"--far-target={far}"], "--far-target")
+    _eval_fails(capsys, [*model, "--bin", few], "few.bin holds 3 pairs, fewer than the 10 folds")
+    _eval_fails(capsys, [*model, "--bin", small], "takes input [")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    _eval_fails(capsys, ["--model", str(junk), "--bin", good], "onnxruntime cannot load it")
+    _eval_fails(capsys, ["--model", str(tmp_path / "none.onnx"), "--bin", good], "none.onnx")

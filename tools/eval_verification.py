@@ -46,7 +46,10 @@ def onnx_embedder(path: str, batch_size: int) -> tuple[EmbedFn, int, bool]:
     """
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's errors (InvalidProtobuf, Fail...) share no base class
+        raise ValueError(f"--model {path}: onnxruntime cannot load it: {_first_line(e)}") from None
     inp = sess.get_inputs()[0]
     fixed = isinstance(inp.shape[0], int) and inp.shape[0] > 0
     if fixed:
@@ -55,7 +58,30 @@ def onnx_embedder(path: str, batch_size: int) -> tuple[EmbedFn, int, bool]:
     def embed(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(sess.run(None, {inp.name: np.ascontiguousarray(x.numpy())})[0])
 
+    embed.input_shape = list(inp.shape)  # for check_input_size
     return embed, batch_size, fixed
+
+
+def check_input_size(embed_fn: EmbedFn, images: np.ndarray, model: str, bin_path: str) -> None:
+    """An ONNX model with a fixed (C, H, W) must fit the .bin's images (N, H, W, 3).
+
+    Raises:
+        ValueError: naming the model's input shape and the images' size.
+    """
+    shape = getattr(embed_fn, "input_shape", None)
+    if shape is None or len(shape) != 4:
+        return
+    want = (3, images.shape[1], images.shape[2])
+    if any(isinstance(d, int) and d > 0 and d != w for d, w in zip(shape[1:], want)):
+        raise ValueError(
+            f"--model {model} takes input {shape} but {bin_path} holds "
+            f"{images.shape[2]}x{images.shape[1]} images, i.e. (N, 3, {want[1]}, {want[2]})"
+        )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def torch_embedder(model: torch.nn.Module, device: str) -> EmbedFn:
@@ -149,18 +175,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     names = [target_name(b) for b in args.bin]
     if len(set(names)) != len(names):
         p.error(f"--bin targets must have distinct file names, got {names}")
+    if not 0.0 < args.far_target < 1.0:
+        _fail(f"--far-target must be in (0, 1), got {args.far_target}")
+    if args.nfolds < 2:
+        _fail(f"--nfolds must be >= 2, got {args.nfolds}")
+    if args.batch_size < 1:
+        _fail(f"--batch-size must be >= 1, got {args.batch_size}")
     return args
 
 
+def _fail(message: str):
+    """One stderr line and exit status 2 (bad input), no traceback."""
+    print(f"eval_verification: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def main(argv=None) -> dict[str, dict]:
-    """Run the evaluation; returns target name -> metrics (without ROC arrays)."""
+    """Run the evaluation; returns target name -> metrics (without ROC arrays).
+
+    Bad input (missing or unreadable model or .bin, a .bin with fewer pairs than --nfolds, an
+    ONNX model whose input size does not fit the images, an unwritable --out) prints one line
+    ``eval_verification: error: ...`` and exits 2.
+    """
     args = parse_args(argv)
+    try:
+        return _evaluate(args)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        _fail(_first_line(e))
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, dict]:
     embed_fn, batch_size, pad, desc = make_embedder(args)
     print(f"model: {desc}")
     results, summary = {}, {}
     for path in args.bin:
         name = target_name(path)
         images, issame = load_bin(path)
+        if len(issame) < args.nfolds:
+            raise ValueError(
+                f"{path} holds {len(issame)} pairs, fewer than the {args.nfolds} folds (--nfolds)"
+            )
+        check_input_size(embed_fn, images, args.model, path)
         t0 = time.perf_counter()
         plain, flipped = embed_views(embed_fn, np.asarray(images), batch_size, pad_to_batch=pad)
         res = evaluate_views(
