@@ -6,6 +6,11 @@
 Reads the LFW demo ``.rec`` (built with ``tools/prepare_lfw.py`` when missing) and prints a
 Markdown table of images/s per rank, decode + flip + normalize included, after one warm-up
 batch (worker start-up and pipeline build are reported separately). Speed only, never pass/fail.
+
+It also prints the mean number of distinct identities per batch of each loader (same seed):
+the LFW demo ``.rec`` is sorted by identity, so a loader that shuffles only locally would show
+far fewer than the global shuffle. Both loaders draw one global permutation per epoch
+(``data/sampler.py``) and must agree within 5%.
 """
 
 from __future__ import annotations
@@ -43,18 +48,26 @@ def measure(loader, batches: int) -> dict:
     """Time ``batches`` batches after the first one; returns start-up seconds and images/s."""
     t0 = time.perf_counter()
     it = iter(loader)
-    images, _ = next(it)
+    images, labels = next(it)
     startup = time.perf_counter() - t0
+    ids = [len(set(labels.tolist()))]
     n, t1 = 0, time.perf_counter()
     for _ in range(batches):
         try:
-            images, _ = next(it)
+            images, labels = next(it)
         except StopIteration:
             break
         n += images.shape[0]
+        ids.append(len(set(labels.tolist())))  # distinct identities in the batch
     elapsed = time.perf_counter() - t1
     del it
-    return {"startup_s": startup, "images": n, "seconds": elapsed, "img_per_s": n / elapsed}
+    return {
+        "startup_s": startup,
+        "images": n,
+        "seconds": elapsed,
+        "img_per_s": n / elapsed,
+        "ids_per_batch": sum(ids) / len(ids),
+    }
 
 
 def run(args: argparse.Namespace) -> list[tuple[str, dict]]:
@@ -87,10 +100,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}\n"
     )
-    print("| loader | images/s | timed images | start-up + first batch (s) |")
-    print("|---|---:|---:|---:|")
+    print("| loader | images/s | timed images | start-up + first batch (s) | identities/batch |")
+    print("|---|---:|---:|---:|---:|")
     for name, r in rows:
-        print(f"| {name} | {r['img_per_s']:.0f} | {r['images']} | {r['startup_s']:.2f} |")
+        print(
+            f"| {name} | {r['img_per_s']:.0f} | {r['images']} | {r['startup_s']:.2f} "
+            f"| {r['ids_per_batch']:.1f} |"
+        )
+    cpu, dali = rows[0][1]["ids_per_batch"], rows[-1][1]["ids_per_batch"]
+    gap = abs(dali - cpu) / cpu
+    print(
+        f"\nDistinct identities per {args.batch_size}-image batch: CPU {cpu:.1f}, DALI {dali:.1f} "
+        f"({100 * gap:.1f}% apart; {'within' if gap <= 0.05 else 'NOT within'} 5%)"
+    )
     return 0
 
 
