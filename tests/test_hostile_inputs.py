@@ -387,3 +387,83 @@ def test_eval_verification_bad_inputs_are_one_line_exit2(tmp_path, tiny_onnx, ca
     junk.write_bytes(b"not a model")
     _eval_fails(capsys, ["--model", str(junk), "--bin", good], "onnxruntime cannot load it")
     _eval_fails(capsys, ["--model", str(tmp_path / "none.onnx"), "--bin", good], "none.onnx")
+
+
+# --- 7, 11, 12. the dataset tools --------------------------------------------------------------
+
+
+def _pairs_args(tmp_path, text):
+    (tmp_path / "pairs.txt").write_text(text)
+    root = tmp_path / "images"
+    (root / "Ann").mkdir(parents=True, exist_ok=True)
+    for i in (1, 2):
+        (root / "Ann" / f"Ann_{i:04d}.jpg").write_bytes(flat_jpeg(112, 50 * i))
+    return [str(tmp_path / "pairs.txt"), str(root), str(tmp_path / "out.bin"), "--no-progress"]
+
+
+@pytest.mark.parametrize("header", ["0\t0\n", "1\t0\n", "0\t5\n"])
+def test_make_bin_refuses_zero_pairs_or_folds(tmp_path, header, capsys):
+    from tools import make_bin
+
+    assert make_bin.main(_pairs_args(tmp_path, header)) == 1
+    assert "needs at least one fold with one pair" in capsys.readouterr().err
+    assert not (tmp_path / "out.bin").exists()
+
+
+def test_make_bin_reads_no_image_outside_the_root(tmp_path, capsys):
+    from tools import make_bin
+
+    (tmp_path / "secret_0001.jpg").write_bytes(flat_jpeg(112, 7))  # outside images/
+    for name in (str(tmp_path / "secret"), "../secret", ".."):
+        args = _pairs_args(tmp_path, f"1\t1\nAnn\t1\t2\n{name}\t1\tAnn\t1\n")
+        assert make_bin.main(args) == 1, name
+        err = capsys.readouterr().err
+        assert "pairs.txt:3: name" in err and "not a folder name inside the image root" in err
+        assert not (tmp_path / "out.bin").exists()
+    assert make_bin.main(_pairs_args(tmp_path, "1\t1\nAnn\t1\t2\nAnn\t1\tAnn\t2\n")) == 0
+
+
+def test_folder2rec_refuses_tab_and_newline_names(tmp_path, capsys):
+    from tools import folder2rec
+
+    src = tmp_path / "src"
+    for person, files in {"a": ["ok.jpg", "x\ny.jpg", "t\tz.jpg"], "b\tc": ["1.jpg"]}.items():
+        (src / person).mkdir(parents=True)
+        for name in files:
+            (src / person / name).write_bytes(flat_jpeg(112))
+    (src / "d").mkdir()
+    (src / "d" / "2.jpg").write_bytes(flat_jpeg(112))
+    out = tmp_path / "out"
+    assert folder2rec.main([str(src), str(out), "--workers", "1", "--no-progress"]) == 0
+    lines = (out / "train.lst").read_text().splitlines()
+    assert [line.split("\t")[2] for line in lines] == ["a/ok.jpg", "d/2.jpg"]
+    assert all(len(line.split("\t")) == 3 for line in lines)
+    printed = capsys.readouterr().out
+    assert "skipped files: 3" in printed and printed.count("tab or line break") == 3
+
+
+def test_inspect_rec_reports_empty_index_and_wrong_sizes(tmp_path, capsys):
+    from tools import inspect_rec
+
+    empty = make_rec(tmp_path / "empty")
+    open(f"{empty}/train.idx", "w").close()
+    assert inspect_rec.main([f"{empty}/train.rec"]) == 1
+    assert "train.idx lists no records but" in capsys.readouterr().err
+    mixed = make_rec(tmp_path / "mixed", sides={3: 100, 6: 128})
+    assert inspect_rec.main([f"{mixed}/train.rec"]) == 1
+    err = capsys.readouterr().err
+    assert "3: image is 100x100, expected 112x112" in err
+    assert "6: image is 128x128, expected 112x112" in err
+    assert inspect_rec.main([f"{make_rec(tmp_path / 'good')}/train.rec"]) == 0
+    assert "all records OK" in capsys.readouterr().out
+
+
+def test_inspect_rec_bounds_a_lying_header(tmp_path, capsys):
+    from data.recordio import IRHeader, frame_record, pack
+    from tools import inspect_rec
+
+    liar = make_rec(tmp_path / "liar", header=True)
+    with open(f"{liar}/train.rec", "r+b") as f:  # same 40 bytes: 2**30 keys claimed
+        f.write(frame_record(pack(IRHeader(0, [2**30, 2**30 + 4], 0, 0), b"")))
+    assert inspect_rec.main([f"{liar}/train.rec"]) == 1
+    assert "but the index lists 9 records" in capsys.readouterr().err

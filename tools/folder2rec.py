@@ -104,6 +104,16 @@ def encode_job(job):
         return None, False, str(e).replace(f"{path}: ", "")
 
 
+_LST_BREAKERS = ("\t", "\n", "\r")  # train.lst is 'key<TAB>label<TAB>path<NEWLINE>'
+
+
+def lst_unsafe(name):
+    """Why ``name`` cannot be written to ``train.lst`` (a tab or line break), or None."""
+    if any(c in name for c in _LST_BREAKERS):
+        return f"name {name!r} holds a tab or line break (would corrupt train.lst)"
+    return None
+
+
 def scan_folder(src_dir, min_images=1):
     """List ``src_dir/<identity>/<image>`` files.
 
@@ -124,9 +134,15 @@ def scan_folder(src_dir, min_images=1):
         if not os.path.isdir(folder):
             skipped.append((folder, "not an identity folder (a file at the top level)"))
             continue
+        if why := lst_unsafe(entry):
+            skipped.append((folder, f"identity folder left out: {why}"))
+            continue
         files, others = [], []
         for name in sorted(os.listdir(folder)):
             path = os.path.join(folder, name)
+            if why := lst_unsafe(name):
+                skipped.append((path, why))
+                continue
             ok = os.path.isfile(path) and name.lower().endswith(IMAGE_EXTS)
             (files if ok else others).append(path)
         skipped += [(p, f"not an image file ({', '.join(IMAGE_EXTS)})") for p in others]
@@ -175,7 +191,8 @@ def convert(
         root: if given, ``train.lst`` stores paths relative to it.
         progress: show a progress bar.
     Returns:
-        ConvertSummary. Unreadable images are skipped and listed there, never silently.
+        ConvertSummary. Unreadable images, and paths holding a tab or line break (they would
+        corrupt ``train.lst``), are skipped and listed there, never silently.
     Raises:
         ValueError: empty samples, a label outside [0, C), or nothing could be encoded.
     """
@@ -209,11 +226,12 @@ def convert(
                 writer.write(0, pack(IRHeader(0, [0, 0], 0, 0), b""))
             for (path, label), (jpeg, copied, error) in zip(samples, results):
                 bar.advance(task)
-                if jpeg is None:
+                shown = os.path.relpath(path, root) if root else path
+                error = error if jpeg is None else lst_unsafe(shown)
+                if error is not None:
                     summary.skipped.append((path, error))
                     continue
                 writer.write(key, pack(IRHeader(0, float(label), key, 0), jpeg))
-                shown = os.path.relpath(path, root) if root else path
                 lst.write(f"{key}\t{float(label):f}\t{shown}\n")
                 ranges.setdefault(int(label), [key, key])[1] = key + 1
                 summary.copied += copied

@@ -1,13 +1,15 @@
 """Check a RecordIO face dataset: counts, label range, image sizes, and that every image decodes.
 
-    python tools/inspect_rec.py REC [--idx IDX] [--num-classes C] [--workers N]
+    python tools/inspect_rec.py REC [--idx IDX] [--num-classes C] [--workers N] [--size S]
 
 With an index (``--idx``, default REC with ``.idx`` when that file exists) records are read by key;
 without one the file is scanned and records are named by byte offset. An insightface header
 (key 0, ``flag > 0``) is recognised: keys 1..label[0]-1 are images, label[0]..label[1]-1 identity
 records, whose ``[start, end)`` ranges must hold images of exactly that label. Labels must lie in
-[0, C) where C is ``--num-classes`` or the ``property`` file next to REC. Exits 1 and lists the bad
-keys when any record is malformed, does not decode or breaks a rule above.
+[0, C) where C is ``--num-classes`` or the ``property`` file next to REC, and images must be
+S x S (``--size``, else the ``property`` file's height x width, else 112x112). Exits 1 and lists
+the bad keys when any record is malformed, does not decode or breaks a rule above, or when the
+index is empty beside a non-empty REC.
 """
 
 import argparse
@@ -81,24 +83,48 @@ def _iter_results(reader, image_keys, num_classes, workers):
             yield from part
 
 
-def inspect(rec_path, idx_path=None, num_classes=None, workers=1):
+def _header_ranges(reader, header):
+    """(image keys, identity keys) an insightface header record declares, or None with the
+    reason when they cannot be right: a header that lies must not make us list 2**31 keys."""
+    try:
+        first_id, end_id = int(header.label[0]), int(header.label[1])
+    except (ValueError, OverflowError):  # NaN/inf labels
+        return None, f"header record label {header.label.tolist()} is not two key numbers"
+    n = len(reader)
+    if not 1 <= first_id <= end_id or end_id > 2 * n + 2:  # a few missing keys are listed
+        return None, (
+            f"header record declares images 1..{first_id - 1} and identities "
+            f"{first_id}..{end_id - 1}, but the index lists {n} records"
+        )
+    return (list(range(1, first_id)), list(range(first_id, end_id))), None
+
+
+def inspect(rec_path, idx_path=None, num_classes=None, workers=1, image_size=None):
     """Check every record of ``rec_path``; returns a report dict (counts, sizes, ``bad``).
 
-    ``bad`` is a list of (key or offset, reason). Raises RecordIOError for unreadable files.
+    ``bad`` is a list of (key or offset, reason): malformed or undecodable records, labels out
+    of range, images that are not ``image_size`` (height, width) when given, an empty index
+    beside a non-empty ``.rec``, a header record whose ranges cannot be right. Raises
+    RecordIOError for unreadable files.
     """
     reader = RecordIOReader(rec_path, idx_path)
     bad, identities = [], []
     image_keys, header_keys = list(reader.keys), 0
+    if reader.idx_path and len(reader) == 0 and os.path.getsize(rec_path) > 0:
+        bad.append(("index", f"{reader.idx_path} lists no records but {rec_path} is not empty"))
     if 0 in reader:
         header, _ = unpack(reader.read(0))
         if header.flag >= 2:  # insightface layout
-            first_id, end_id = int(header.label[0]), int(header.label[1])
             header_keys = 1
-            image_keys = list(range(1, first_id))
-            identities = list(range(first_id, end_id))
-            missing = [k for k in image_keys + identities if k not in reader]
-            bad += [(k, "key named by the header record is not in the index") for k in missing]
-            image_keys = [k for k in image_keys if k in reader]
+            ranges, why = _header_ranges(reader, header)
+            if ranges is None:
+                bad.append((0, why))
+                image_keys = [k for k in image_keys if k != 0]
+            else:
+                image_keys, identities = ranges
+                missing = [k for k in image_keys + identities if k not in reader]
+                bad += [(k, "key named by the header record is not in the index") for k in missing]
+                image_keys = [k for k in image_keys if k in reader]
     labels, sizes, meta = {}, collections.Counter(), 0
     for key, label, size, error in _iter_results(reader, image_keys, num_classes, workers):
         if error is not None:
@@ -109,6 +135,9 @@ def inspect(rec_path, idx_path=None, num_classes=None, workers=1):
             continue
         labels[key] = label
         sizes[size] += 1
+        if image_size is not None and tuple(size) != tuple(image_size):
+            h, w = size
+            bad.append((key, f"image is {w}x{h}, expected {image_size[1]}x{image_size[0]}"))
     for c, key in enumerate(k for k in identities if k in reader):
         header, _ = unpack(reader.read(key))
         if header.flag < 2:
@@ -142,6 +171,9 @@ def build_parser():
     p.add_argument("--idx", help="its .idx (default: REC with .idx if present, else a scan)")
     p.add_argument("--num-classes", type=int, help="expected classes (default: property file)")
     p.add_argument("--workers", type=int, default=1, help="decoding processes (with an index)")
+    p.add_argument(
+        "--size", type=int, default=None, help="expected image side (default: property, else 112)"
+    )
     return p
 
 
@@ -153,10 +185,13 @@ def main(argv=None) -> int:
         idx = os.path.splitext(args.rec)[0] + ".idx"
     num_classes = args.num_classes
     prop = os.path.join(os.path.dirname(os.path.abspath(args.rec)), "property")
+    image_size = (args.size, args.size) if args.size else (112, 112)  # what the models take
     try:
-        if num_classes is None and os.path.isfile(prop):
-            num_classes = read_property(prop)[0]
-        report = inspect(args.rec, idx, num_classes, args.workers)
+        if os.path.isfile(prop):
+            classes, height, width = read_property(prop)
+            num_classes = classes if num_classes is None else num_classes
+            image_size = image_size if args.size else (height, width)
+        report = inspect(args.rec, idx, num_classes, args.workers, image_size)
     except (OSError, RecordIOError) as e:
         print(f"inspect_rec: error: {e}", file=sys.stderr)
         return 1

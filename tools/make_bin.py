@@ -22,9 +22,26 @@ from data.verification_bin import write_bin
 from tools.folder2rec import encode_job, parse_crop, progress_bar
 
 
+def check_name(name):
+    """A person name from ``pairs.txt`` must be one folder name under the image root: no path
+    separator, not ``.``/``..``, no NUL, so a crafted ``pairs.txt`` cannot read files elsewhere.
+
+    Raises:
+        ValueError: naming the offending name.
+    """
+    bad = not name or name in (".", "..") or any(c in name for c in ("/", "\\", "\0", os.sep))
+    if bad:
+        raise ValueError(f"name {name!r} is not a folder name inside the image root")
+    return name
+
+
 def lfw_image_path(root, name, number):
-    """``root/<name>/<name>_%04d.jpg`` for a 1-based image ``number``."""
-    return os.path.join(root, name, f"{name}_{int(number):04d}.jpg")
+    """``root/<name>/<name>_%04d.jpg`` for a 1-based image ``number``.
+
+    Raises:
+        ValueError: ``name`` would leave ``root`` (see ``check_name``).
+    """
+    return os.path.join(root, check_name(name), f"{name}_{int(number):04d}.jpg")
 
 
 def parse_pairs(path):
@@ -36,8 +53,8 @@ def parse_pairs(path):
         list of folds; each a list of (name1, i, name2, j, issame) with 1-based image numbers,
         the n matched pairs first, then the n mismatched pairs.
     Raises:
-        FileNotFoundError: missing file. ValueError: malformed header, line or fold (names the
-            file and line number).
+        FileNotFoundError: missing file. ValueError: malformed header (or 0 folds / 0 pairs),
+            line or fold, or a name that is not a folder name (names the file and line number).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: pairs file not found")
@@ -49,6 +66,11 @@ def parse_pairs(path):
         num_folds, per_fold = (int(v) for v in lines[0][1])
     except ValueError:
         raise ValueError(f"{path}:1: expected header 'folds n', got {lines[0][1]}") from None
+    if num_folds < 1 or per_fold < 1:
+        raise ValueError(
+            f"{path}:1: header says {num_folds} folds of {per_fold} + {per_fold} pairs; a .bin "
+            "needs at least one fold with one pair"
+        )
     body = lines[1:]
     if len(body) != num_folds * 2 * per_fold:
         raise ValueError(
@@ -73,6 +95,10 @@ def parse_pairs(path):
                 raise ValueError(f"{path}:{no}: image numbers must be integers: {fields}") from None
             if pair[1] < 1 or pair[3] < 1:
                 raise ValueError(f"{path}:{no}: image numbers are 1-based: {fields}")
+            try:
+                check_name(pair[0]), check_name(pair[2])
+            except ValueError as e:
+                raise ValueError(f"{path}:{no}: {e}") from None
             fold.append(pair)
         folds.append(fold)
     return folds
@@ -105,8 +131,11 @@ def build_bin(
     Returns:
         number of pairs written.
     Raises:
-        ValueError: a pair's image is missing or unreadable (a .bin must be complete).
+        ValueError: no pairs, a name outside ``image_root``, or a pair's image is missing or
+            unreadable (a .bin must be complete).
     """
+    if not pairs:
+        raise ValueError(f"{out_path}: no pairs to write")
     paths = [
         lfw_image_path(image_root, name, number)
         for name1, i, name2, j, _ in pairs
