@@ -4,13 +4,18 @@ For each class count C, one forward + backward + optimizer step is timed for
 - ``reference``: ``nn.Linear(D, C)`` centers, normalized logits, the same ``CombinedMarginLoss``
   (ArcFace 64/0.5), ``F.cross_entropy`` and ``torch.optim.SGD`` (momentum 0.9, wd 5e-4);
 - ``PartialFC`` with each ``--sample-rates`` value and the sparse-row ``HeadOptimizer`` (same SGD),
-on the same inputs in the same process. Memory is the peak above the level measured just before
-the head was built, so it includes centers, optimizer state, gradients and activations: on CPU
+on the same inputs in the same process. Each PartialFC row also times its three GEMMs alone
+(forward ``(N, D) x (D, K)``, grad-input ``(N, K) x (K, D)``, grad-weight ``(K, N) x (N, D)``,
+in the head's logits dtype, K = its sampled classes) in the same run: ``gemm ms`` and
+``step/gemm``, the head's overhead over its unavoidable arithmetic. Memory is the peak above
+the level measured just before the head was built, so it includes centers, optimizer state,
+gradients and activations: on CPU
 from the process RSS sampled every millisecond by a thread (Linux ``/proc``), on GPU from
 ``torch.cuda.max_memory_allocated``. Ratios are against the reference (lower is better).
 
     python -m benchmarks.bench_head --classes 100000 1000000 --iters 3
     python -m benchmarks.bench_head --device cuda --classes 1000000 10000000
+    python -m benchmarks.bench_head --classes 1000000 --sample-rates 0.1 --no-reference
     python -m benchmarks.bench_head --smoke
 """
 
@@ -94,8 +99,8 @@ def build_reference(num_classes, dim, margin, device):
     return step, (fc, opt)
 
 
-def build_partial_fc(num_classes, dim, margin, device, sample_rate):
-    head = PartialFC(dim, num_classes, sample_rate, margin).to(device)
+def build_partial_fc(num_classes, dim, margin, device, sample_rate, logits_dtype="fp32"):
+    head = PartialFC(dim, num_classes, sample_rate, margin, logits_dtype=logits_dtype).to(device)
     opt = build_head_optimizer(head, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
 
     def step(x, y):
@@ -107,6 +112,27 @@ def build_partial_fc(num_classes, dim, margin, device, sample_rate):
         return loss.detach()
 
     return step, (head, opt)
+
+
+def gemm_seconds(n, k, dim, dtype, iters, device):
+    """Mean seconds of the head's three GEMMs alone (one warm-up) at N=n, K=k, D=dim."""
+    g = torch.Generator().manual_seed(1)
+    e = torch.randn(n, dim, generator=g).to(device, dtype)
+    w = torch.randn(k, dim, generator=g).to(device, dtype)
+    gl = torch.randn(n, k, generator=g).to(device, dtype)
+
+    def run():
+        e @ w.t()  # forward logits
+        gl @ w  # grad-input
+        gl.t() @ e  # grad-weight
+
+    run()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        run()
+    sync(device)
+    return (time.perf_counter() - t0) / iters
 
 
 def measure(builder, x, y, iters, device):
@@ -133,6 +159,10 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--logits-dtype", default="fp32", choices=["fp32", "tf32", "bf16"])
+    p.add_argument(
+        "--no-reference", action="store_true", help="skip the full-softmax reference (slow)"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one iteration (CI)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -153,36 +183,48 @@ def main(argv=None) -> list[dict]:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(args.batch, args.dim, generator=g).to(device)
         y = torch.randint(0, num_classes, (args.batch,), generator=g).to(device)
-        ref_s, ref_mem = measure(
-            lambda c=num_classes: build_reference(c, args.dim, margin, device),
-            x,
-            y,
-            args.iters,
-            device,
-        )
-        rows.append(dict(C=num_classes, impl="reference", rate=1.0, s=ref_s, mem=ref_mem))
-        for rate in args.sample_rates:
-            s, mem = measure(
-                lambda c=num_classes, r=rate: build_partial_fc(c, args.dim, margin, device, r),
+        ref_s = ref_mem = float("nan")
+        if not args.no_reference:
+            ref_s, ref_mem = measure(
+                lambda c=num_classes: build_reference(c, args.dim, margin, device),
                 x,
                 y,
                 args.iters,
                 device,
             )
-            rows.append(dict(C=num_classes, impl="PartialFC", rate=rate, s=s, mem=mem))
+            rows.append(dict(C=num_classes, impl="reference", rate=1.0, s=ref_s, mem=ref_mem))
+        for rate in args.sample_rates:
+            s, mem = measure(
+                lambda c=num_classes, r=rate: build_partial_fc(
+                    c, args.dim, margin, device, r, args.logits_dtype
+                ),
+                x,
+                y,
+                args.iters,
+                device,
+            )
+            k = min(num_classes, max(int(rate * num_classes), args.batch))
+            dtype = torch.bfloat16 if args.logits_dtype == "bf16" else torch.float32
+            gemm = gemm_seconds(args.batch, k, args.dim, dtype, args.iters, device)
+            rows.append(dict(C=num_classes, impl="PartialFC", rate=rate, s=s, mem=mem, gemm=gemm))
         for r in rows:
             if r["C"] == num_classes:
                 r["t_ratio"], r["m_ratio"] = r["s"] / ref_s, r["mem"] / max(ref_mem, 1)
     header = (
         f"{'classes':>10} {'head':>10} {'rate':>5} {'ms/step':>9} {'peak MiB':>9} "
-        f"{'time x':>7} {'mem x':>6}"
+        f"{'time x':>7} {'mem x':>6} {'gemm ms':>8} {'step/gemm':>9}"
     )
-    print(f"device={device} batch={args.batch} dim={args.dim} iters={args.iters} world_size=1")
+    print(
+        f"device={device} batch={args.batch} dim={args.dim} iters={args.iters} world_size=1 "
+        f"logits={args.logits_dtype}"
+    )
     print(header)
     for r in rows:
         print(
             f"{r['C']:>10} {r['impl']:>10} {r['rate']:>5.2f} {r['s'] * 1e3:>9.1f} "
-            f"{r['mem'] / 2**20:>9.1f} {r['t_ratio']:>7.2f} {r['m_ratio']:>6.2f}"
+            f"{r['mem'] / 2**20:>9.1f} {r['t_ratio']:>7.2f} {r['m_ratio']:>6.2f} "
+            f"{r.get('gemm', float('nan')) * 1e3:>8.1f} "
+            f"{r['s'] / r.get('gemm', float('nan')):>9.2f}"
         )
     return rows
 

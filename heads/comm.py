@@ -23,6 +23,7 @@ __all__ = [
     "all_gather_rows",
     "gather_embeddings",
     "all_true",
+    "all_true_tensor",
 ]
 
 
@@ -139,12 +140,17 @@ class _GatherEmbeddings(torch.autograd.Function):
         return local * topo.world_size, None, None
 
 
-def gather_embeddings(x: torch.Tensor, topo: Topology) -> tuple[torch.Tensor, list[int]]:
+def gather_embeddings(
+    x: torch.Tensor, topo: Topology, sizes: list[int] | None = None
+) -> tuple[torch.Tensor, list[int]]:
     """Autograd-aware all-gather of local embeddings.
 
     Args:
         x: ``(B_local, D)`` float tensor; ``B_local`` may differ between ranks.
         topo: from ``resolve_group``.
+        sizes: the per-rank row counts when the caller knows them (e.g. equal batches agreed
+            once at start-up); ``None`` exchanges them, which reads W values back from the
+            device (a host sync on CUDA).
 
     Returns:
         ``(gathered, sizes)``: ``gathered`` is ``(sum(sizes), D)`` in rank order; ``sizes`` the
@@ -152,7 +158,8 @@ def gather_embeddings(x: torch.Tensor, topo: Topology) -> tuple[torch.Tensor, li
         the exact single-process gradient times W, which the backbone's gradient averaging over
         W ranks brings back to the exact value.
     """
-    sizes = all_gather_sizes(x.shape[0], topo, x.device)
+    if sizes is None:
+        sizes = all_gather_sizes(x.shape[0], topo, x.device)
     if topo.world_size == 1:
         return x, sizes
     return _GatherEmbeddings.apply(x, sizes, topo), sizes
@@ -165,3 +172,13 @@ def all_true(flag: bool, topo: Topology, device: torch.device) -> bool:
     t = torch.tensor([0.0 if flag else 1.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=topo.group)
     return bool(t.item() == 0.0)
+
+
+def all_true_tensor(flag: torch.Tensor, topo: Topology) -> torch.Tensor:
+    """Logical AND of a 0-dim bool device tensor over all ranks, left on the device (no host
+    read: the result can gate an update with ``torch.where`` and be read later, batched)."""
+    if topo.world_size == 1:
+        return flag
+    t = (~flag).to(torch.float32).reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=topo.group)
+    return t[0] == 0

@@ -99,16 +99,14 @@ class CombinedMarginLoss(nn.Module):
         theta = theta + (torch.arccos(cos_target.detach().clamp(-1.0, 1.0)) - theta).detach()
         return (torch.cos(self.m1 * theta + self.m2) - self.m3) * self.s
 
-    def filter_mask(
-        self, cos: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
-    ) -> torch.Tensor | None:
+    def filter_mask(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """Boolean ``(N, K)`` mask of non-target cosines above the filtering threshold.
 
         Args:
             cos: ``(N, K)`` cosines.
-            rows, cols: ``(P,)`` int64 coordinates of the target entries present in ``cos``
-                (rows whose target class is elsewhere have none: all their entries are
-                non-target).
+            labels: ``(N,)`` int64 target column of each row, -1 when the row's target is not
+                among these ``K`` columns (all its entries are non-target). Fixed shapes: no
+                host sync.
 
         Returns:
             the mask, or ``None`` when filtering is disabled.
@@ -117,7 +115,11 @@ class CombinedMarginLoss(nn.Module):
             return None
         with torch.no_grad():
             dirty = cos > self.interclass_filtering_threshold
-            dirty[rows, cols] = False
+            if cos.shape[1] > 0:
+                col = labels.clamp_min(0).unsqueeze(1)
+                # the target entry is never filtered; column 0 of target-less rows keeps its bit
+                keep = dirty.gather(1, col) & (labels < 0).unsqueeze(1)
+                dirty.scatter_(1, col, keep)
         return dirty
 
     def forward(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -147,7 +149,7 @@ class CombinedMarginLoss(nn.Module):
             )
         rows = torch.nonzero(labels != -1).squeeze(1)
         cols = labels[rows]
-        mask = self.filter_mask(cos, rows, cols)
+        mask = self.filter_mask(cos, labels)
         if mask is not None:
             cos = cos.masked_fill(mask, 0.0)
         logits = cos * self.s

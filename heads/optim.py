@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from heads.comm import all_true
+from heads.comm import all_true, all_true_tensor
 from heads.partial_fc import PartialFC
 
 __all__ = ["HeadOptimizer", "build_head_optimizer", "OPTIMIZERS"]
@@ -77,6 +77,7 @@ class HeadOptimizer:
         self.eps = float(eps)
         self.state: dict[str, torch.Tensor] = {}
         self._grad: tuple[torch.Tensor, torch.Tensor] | None = None  # unscaled (rows, grad)
+        self._rows_buf: torch.Tensor | None = None  # gathered momentum rows, reused
 
     def __repr__(self) -> str:
         return (
@@ -154,14 +155,20 @@ class HeadOptimizer:
         """``(rows (U,) int64, grad (U, D) fp32)`` after ``unscale_`` (or the raw sum before)."""
         return self._grad if self._grad is not None else self.head.sparse_grad()
 
-    def unscale_(self, loss_scale: float = 1.0) -> bool:
+    def unscale_(self, loss_scale: float = 1.0, blocking: bool = True):
         """Divide the accumulated head gradient by ``loss_scale``; report finiteness everywhere.
 
-        Call once per optimizer step, after the last micro-batch's backward.
+        Call once per optimizer step, after the last micro-batch's backward. A collective over
+        the head's group: all ranks must call it.
+
+        Args:
+            loss_scale: the S the loss was multiplied by (> 0).
+            blocking: True returns a python bool (reads the device: a host sync on CUDA);
+                False returns a 0-dim bool tensor on the device, to pass to ``step(finite=)``
+                and read later, batched with other logging values.
 
         Returns:
-            True when every rank's head gradient is finite (a collective over the head's group:
-            all ranks must call it).
+            True (or a true tensor) when every rank's head gradient is finite.
 
         Raises:
             RuntimeError: called twice without ``zero_grad``; a forward was not backpropagated.
@@ -176,8 +183,18 @@ class HeadOptimizer:
             grad.div_(loss_scale)
         self._grad = (rows, grad)
         # One reduction instead of isfinite's full-size temporaries: inf/NaN anywhere -> sum too.
-        finite = bool(torch.isfinite(grad.sum())) if grad.numel() else True
-        return all_true(finite, self.head.topo, self.head.weight.device)
+        device = self.head.weight.device
+        probe = self.head.grad_probe()
+        finite = (
+            torch.isfinite(probe)
+            if probe is not None
+            else torch.isfinite(grad.sum())
+            if grad.numel()
+            else torch.ones((), dtype=torch.bool, device=device)
+        )
+        if not blocking:
+            return all_true_tensor(finite, self.head.topo)
+        return all_true(bool(finite), self.head.topo, device)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the head's recorded forwards and the unscaled gradient."""
@@ -186,11 +203,16 @@ class HeadOptimizer:
 
     # -- update --------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self) -> None:
-        """Update the rows sampled since ``zero_grad`` (gather, update, scatter).
+    def step(self, finite: torch.Tensor | None = None) -> None:
+        """Update the rows sampled since ``zero_grad``.
 
         Without a prior ``unscale_`` the gradient is used as is (loss scale 1). The gradient
-        buffer is consumed (SGD adds the weight decay into it): read ``grad_rows`` before.
+        buffer is consumed (it becomes the update direction): read ``grad_rows`` before.
+
+        Args:
+            finite: optional 0-dim bool device tensor (``unscale_(blocking=False)``); when
+                false the step changes no weight and no state, decided on the device without
+                a host read (the update is computed and masked).
         """
         rows, grad = self._grad if self._grad is not None else self.head.sparse_grad()
         if rows.numel() == 0:
@@ -198,17 +220,15 @@ class HeadOptimizer:
         self._ensure_state()
         weight = self.head.weight
         if rows.numel() == weight.shape[0]:  # rows are unique: the whole shard, update in place
-            if self.name == "sgd":
-                self._sgd_rows(None, weight.data, grad)
-            else:
-                self._adamw_rows(None, weight.data, grad)
-            return
-        w = weight.index_select(0, rows)
-        if self.name == "sgd":
-            self._sgd_rows(rows, w, grad)
+            rows, w = None, weight.data
         else:
-            self._adamw_rows(rows, w, grad)
-        weight.index_copy_(0, rows, w)
+            w = self.head.recorded_rows(rows)  # the forward's gathered copy when it has one
+            if w is None:
+                w = weight.index_select(0, rows)
+        if self.name == "sgd":
+            self._sgd_rows(rows, w, grad, finite)
+        else:
+            self._adamw_rows(rows, w, grad, finite)
 
     @staticmethod
     def _get(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -219,32 +239,73 @@ class HeadOptimizer:
         if rows is not None:  # rows None: ``value`` is ``t`` itself, updated in place
             t.index_copy_(0, rows, value)
 
-    def _sgd_rows(self, rows, w: torch.Tensor, grad: torch.Tensor) -> None:
+    def _sgd_rows(self, rows, w: torch.Tensor, grad: torch.Tensor, ok) -> None:
+        # Fused passes over the (U, D) rows: d = g + wd*w; d += m*b; b <- d; W[rows] -= lr*d.
         d = grad.add_(w, alpha=self.weight_decay) if self.weight_decay else grad
+        if ok is not None:
+            d.masked_fill_(~ok, 0.0)  # a skipped step: zero direction (and NaN-free)
         if self.momentum:
             buf = self.state["momentum_buffer"]
-            # A zero buffer gives m*0 + d = d at a row's first step, as torch.optim.SGD.
-            b = self._get(buf, rows).mul_(self.momentum).add_(d)
-            self._put(buf, rows, b)
-            d = b
-        w.add_(d, alpha=-self.lr)
+            if rows is None:
+                b = buf
+            else:  # into a kept buffer: no fresh (U, D) allocation per step
+                if self._rows_buf is None or self._rows_buf.shape != d.shape:
+                    self._rows_buf = torch.empty_like(d)
+                b = torch.index_select(buf, 0, rows, out=self._rows_buf)
+            if ok is None:
+                d.add_(b, alpha=self.momentum)
+            else:  # skipped: d = 0 + 1 * b, so the buffer is written back unchanged
+                d.addcmul_(b, torch.where(ok, self.momentum, 1.0))
+            if rows is None:
+                buf.copy_(d)
+            else:
+                buf.index_copy_(0, rows, d)
+        target = self.head.weight.data
+        if ok is None:
+            if rows is None:
+                target.add_(d, alpha=-self.lr)
+            else:
+                target.index_add_(0, rows, d, alpha=-self.lr)
+            return
+        neg_lr = torch.where(ok, -self.lr, 0.0)
+        if rows is None:
+            target.addcmul_(d, neg_lr)
+        else:
+            target.index_add_(0, rows, d.mul_(neg_lr))
 
-    def _adamw_rows(self, rows, w: torch.Tensor, grad: torch.Tensor) -> None:
+    def _adamw_rows(self, rows, w: torch.Tensor, grad: torch.Tensor, ok) -> None:
         b1, b2 = self.betas
         st = self.state
-        step = self._get(st["step"], rows).add_(1)
-        m = self._get(st["exp_avg"], rows).lerp_(grad, 1 - b1)
-        v = self._get(st["exp_avg_sq"], rows).mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        if self.weight_decay:
-            w.mul_(1 - self.lr * self.weight_decay)
+        if ok is not None:
+            grad.masked_fill_(~ok, 0.0)
+        step_old = self._get(st["step"], rows)
+        m_old = self._get(st["exp_avg"], rows)
+        v_old = self._get(st["exp_avg_sq"], rows)
+        if ok is not None or rows is None:  # keep the old values for the masked select
+            step_old, m_old, v_old = step_old.clone(), m_old.clone(), v_old.clone()
+        step = step_old + 1
+        m = m_old.lerp(grad, 1 - b1)
+        v = v_old.mul(b2).addcmul_(grad, grad, value=1 - b2)
+        w_new = w.mul(1 - self.lr * self.weight_decay) if self.weight_decay else w.clone()
         t = step.to(torch.float64).unsqueeze(1)
         bc1 = (1 - b1**t).to(w.dtype)
         bc2_sqrt = (1 - b2**t).sqrt().to(w.dtype)
         denom = v.sqrt().div_(bc2_sqrt).add_(self.eps)
-        w.sub_(m.div(denom).mul_(self.lr / bc1))
-        self._put(st["step"], rows, step)
-        self._put(st["exp_avg"], rows, m)
-        self._put(st["exp_avg_sq"], rows, v)
+        w_new.sub_(m.div(denom).mul_(self.lr / bc1))
+        if ok is not None:
+            step = torch.where(ok, step, step_old)
+            m = torch.where(ok, m, m_old)
+            v = torch.where(ok, v, v_old)
+            w_new = torch.where(ok, w_new, w)
+        for key, value in (("step", step), ("exp_avg", m), ("exp_avg_sq", v)):
+            if rows is None:
+                st[key].copy_(value)
+            else:
+                st[key].index_copy_(0, rows, value)
+        if rows is None:
+            self.head.weight.data.copy_(w_new)
+        else:
+            self.head.weight.data.index_copy_(0, rows, w_new)
 
 
 def build_head_optimizer(

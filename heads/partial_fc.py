@@ -19,14 +19,27 @@ W times the exact one so that averaging over W ranks restores it (``heads/comm.p
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from heads.comm import Topology, all_gather_rows, gather_embeddings, resolve_group, shard_range
+from heads.comm import (
+    Topology,
+    all_gather_rows,
+    all_gather_sizes,
+    gather_embeddings,
+    resolve_group,
+    shard_range,
+)
 from heads.dist_softmax import margin_softmax_cross_entropy
 from heads.margin import CombinedMarginLoss
 
-__all__ = ["PartialFC", "sample_classes", "normalize_rows", "init_centers"]
+__all__ = [
+    "PartialFC",
+    "sample_classes",
+    "normalize_rows",
+    "init_centers",
+    "cosine_logits",
+    "LOGITS_DTYPES",
+]
 
 INIT_BLOCK = 65536  # classes per independently seeded block of initial centers
 
@@ -91,6 +104,124 @@ def normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return _NormalizeRows.apply(x, eps)
 
 
+LOGITS_DTYPES = ("fp32", "tf32", "bf16")
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as fp32: bf16 operands accumulate in fp32 (CUDA returns fp32 directly; other
+    devices round the product to bf16 first, then widen)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).float()
+
+
+class _CosineLinear(torch.autograd.Function):
+    """``cos[i, j] = e_i . w_j / |w_j|`` for unit rows ``e`` without materializing the
+    normalized centers: the ``(K, D)`` division is replaced by scaling the ``(N, K)`` product,
+    and the backward projects out the radial part with one dot product per center.
+    With ``dtype`` bf16 the three GEMMs take bf16 operands and return fp32."""
+
+    @staticmethod
+    def forward(ctx, emb_n, rows, eps, mode, workspace):
+        inv = torch.linalg.vector_norm(rows, dim=1).clamp_min_(eps).reciprocal_()
+        dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+        e_op, w_op = emb_n.to(dtype), rows.to(dtype)
+        with _tf32(mode == "tf32"):
+            cos = _mm(e_op, w_op.t()).mul_(inv)
+        ctx.save_for_backward(e_op, w_op, rows, inv)
+        ctx.mode = mode
+        ctx.workspace = workspace
+        return cos
+
+    @staticmethod
+    def backward(ctx, grad):
+        e_op, w_op, rows, inv = ctx.saved_tensors
+        # g = G / |w| per column, so grad_e = g @ w and a = g^T e need no normalized centers.
+        # The CE hands over its own buffer: scale it in place (no third (N, K) tensor).
+        g = grad.mul_(inv).to(e_op.dtype)
+        grad_e = grad_w = None
+        with _tf32(ctx.mode == "tf32"):
+            if ctx.needs_input_grad[0]:
+                grad_e = _mm(g, w_op)
+            if ctx.needs_input_grad[1]:
+                ws = ctx.workspace
+                if ws is not None and g.dtype == torch.float32:
+                    grad_w = torch.mm(g.t(), e_op, out=ws.get("grad", rows))
+                else:
+                    grad_w = _mm(g.t(), e_op)
+        if grad_w is not None:
+            # dL/dw_j = a_j - (a_j . w_j) w_j / |w_j|^2: drop the radial part of a_j.
+            # (vecdot would allocate a (K, D) product each call: reuse a scratch buffer.)
+            prod = ctx.workspace.get("scratch", rows) if ctx.workspace is not None else None
+            prod = torch.mul(grad_w, rows, out=prod)
+            coef = prod.sum(dim=1).mul_(inv).mul_(inv)
+            grad_w.addcmul_(rows, coef.unsqueeze(1), value=-1.0)
+            if ctx.workspace is not None:  # hand the gradient to the head, not to autograd
+                ctx.workspace.leaf.grad = grad_w
+                # Non-finite iff some grad_w entry was (each enters a product with finite w):
+                # the optimizer's finiteness check reads K values instead of K * D.
+                ctx.workspace.probe = coef.sum()
+                grad_w = None
+        return grad_e, grad_w, None, None, None
+
+
+class _tf32:
+    """Let CUDA fp32 GEMMs use TF32 inside the block (restores the global setting after)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        if self.enabled:
+            self.saved = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            torch.backends.cuda.matmul.allow_tf32 = self.saved
+        return False
+
+
+class _Workspace:
+    """Buffers of one recorded forward, kept across steps so that large CPU tensors are not
+    re-allocated (and page-faulted) every step; ``leaf`` receives the centers' gradient."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.leaf: torch.Tensor | None = None
+        self.probe: torch.Tensor | None = None
+
+    def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        t = self.buffers.get(name)
+        if t is None or t.shape != like.shape or t.dtype != like.dtype or t.device != like.device:
+            t = self.buffers[name] = torch.empty_like(like)
+        return t
+
+
+def cosine_logits(
+    emb_n: torch.Tensor, rows: torch.Tensor, mode: str = "fp32", workspace=None
+) -> torch.Tensor:
+    """Cosines of unit embeddings with (unnormalized) centers: ``emb_n @ (rows / |rows|)^T``.
+
+    Args:
+        emb_n: ``(N, D)`` fp32 unit rows (``normalize_rows`` output).
+        rows: ``(K, D)`` fp32 centers.
+        mode: GEMM precision, one of ``LOGITS_DTYPES``: ``fp32``; ``tf32`` (TF32 tensor cores
+            on CUDA, plain fp32 elsewhere); ``bf16`` (bf16 operands, fp32 accumulation, fp32
+            result; the backward GEMMs likewise).
+
+    Returns:
+        ``(N, K)`` fp32, equal to ``F.linear(emb_n, normalize_rows(rows))`` up to rounding.
+        With a ``workspace`` (``PartialFC``'s), the centers' gradient is stored in
+        ``workspace.leaf.grad`` (a reused buffer) instead of flowing through autograd.
+    """
+    if mode not in LOGITS_DTYPES:
+        raise ValueError(f"heads/partial_fc.py: logits dtype must be one of {LOGITS_DTYPES}")
+    return _CosineLinear.apply(emb_n, rows, 1e-12, mode, workspace)
+
+
 def sample_classes(
     labels: torch.Tensor,
     start: int,
@@ -98,16 +229,20 @@ def sample_classes(
     num_sample: int,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial FC sampling of one rank's class shard.
+    """Partial FC sampling of one rank's class shard, with shapes that depend on sizes only.
 
-    Every class of ``[start, start + count)`` that appears in ``labels`` is kept; negatives are
-    drawn uniformly without replacement until ``num_sample`` classes are kept (when the positives
-    alone reach ``num_sample``, all of them and nothing else are kept).
+    Every class of ``[start, start + count)`` that appears in ``labels`` is kept; the other
+    kept classes are negatives drawn uniformly without replacement, so exactly
+    ``min(num_sample, count)`` classes are kept. No ``unique``, boolean-mask indexing or
+    data-dependent shape: nothing here waits for the device (random scores with the positives
+    forced above every draw, then ``topk``).
 
     Args:
         labels: ``(N,)`` int64 global class ids of the gathered batch.
         start, count: this rank's shard.
-        num_sample: target number of kept classes; ``>= count`` keeps the whole shard.
+        num_sample: number of kept classes; ``>= count`` keeps the whole shard. It must be at
+            least the number of distinct positives in the shard (``PartialFC`` uses
+            ``max(int(sample_rate * count), N)``), else some positives are dropped.
         generator: RNG for the negatives (on ``labels.device``).
 
     Returns:
@@ -118,19 +253,20 @@ def sample_classes(
     local = labels - start
     in_shard = (local >= 0) & (local < count)
     device = labels.device
+    minus_one = torch.full_like(local, -1)
     if num_sample >= count:
         index = torch.arange(count, device=device)
-        return index, torch.where(in_shard, local, torch.full_like(local, -1))
-    positives = torch.unique(local[in_shard])  # sorted
-    if positives.numel() >= num_sample:
-        index = positives
-    else:
-        score = torch.rand(count, generator=generator, device=device)
-        score[positives] = 2.0  # above every uniform draw: always kept
-        index = torch.topk(score, num_sample, sorted=False).indices.sort().values
-    remapped = torch.full_like(local, -1)
-    remapped[in_shard] = torch.searchsorted(index, local[in_shard])
-    return index, remapped
+        return index, torch.where(in_shard, local, minus_one)
+    # Slot ``count`` is a sink for labels of other shards, so the scatter needs no mask.
+    slot = torch.where(in_shard, local, count)
+    score = torch.rand(count + 1, generator=generator, device=device)
+    score.index_fill_(0, slot, 2.0)  # above every uniform draw: positives always kept
+    index = torch.topk(score[:count], num_sample, sorted=False).indices
+    # Sorted rows gather faster; float64 holds these ids exactly and sorts ~4x faster than int64
+    # on CPU (same cost class on CUDA).
+    index = index.double().sort().values.long()
+    pos = torch.searchsorted(index, slot.clamp_max(count - 1))
+    return index, torch.where(in_shard, pos, minus_one)
 
 
 class PartialFC(nn.Module):
@@ -146,12 +282,18 @@ class PartialFC(nn.Module):
         seed: seeds the initial centers (``init_centers``: the same for any world size) and the
             sampling; rank r's sampling generator is seeded with ``seed * 1_000_003 + r`` so the
             sampled negatives are reproducible run to run.
+        logits_dtype: precision of the three logits GEMMs, one of ``LOGITS_DTYPES`` (see
+            ``cosine_logits``); the softmax and the loss are fp32 in every mode.
 
     Attributes:
         weight: ``(n_r, D)`` fp32 ``nn.Parameter`` with ``requires_grad=False`` (centers,
             N(0, 0.01) from ``init_centers``); updated only by ``heads.optim.HeadOptimizer``.
         class_start, num_local: this rank's shard ``[class_start, class_start + num_local)``.
-        sampled_index: ``(K,)`` int64 sorted shard-local rows kept by the latest forward.
+        sampled_index: ``(K,)`` int64 sorted shard-local rows kept by the latest forward;
+            ``K = min(n_r, max(int(sample_rate * n_r), N))`` for a global batch of N rows (at
+            least N, so every positive fits: a fixed size, known without reading the labels).
+        fixed_batch: per-rank batch size agreed by ``fix_batch_size`` (``None``: sizes are
+            exchanged at every forward).
 
     Raises:
         ValueError: bad sizes, sample_rate or margin type.
@@ -165,6 +307,7 @@ class PartialFC(nn.Module):
         margin_loss: CombinedMarginLoss | None = None,
         process_group=None,
         seed: int = 0,
+        logits_dtype: str = "fp32",
     ):
         super().__init__()
         if embedding_size < 1 or num_classes < 1:
@@ -183,6 +326,13 @@ class PartialFC(nn.Module):
                 "heads/partial_fc.py: margin_loss must be a CombinedMarginLoss, got "
                 f"{type(margin_loss).__name__}"
             )
+        if logits_dtype not in LOGITS_DTYPES:
+            raise ValueError(
+                f"heads/partial_fc.py: logits_dtype must be one of {LOGITS_DTYPES}, got "
+                f"{logits_dtype!r}"
+            )
+        self.logits_dtype = logits_dtype
+        self.fixed_batch: int | None = None
         self.topo: Topology = resolve_group(process_group)
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
@@ -203,6 +353,7 @@ class PartialFC(nn.Module):
         self.sampled_index: torch.Tensor | None = None
         # (index (K,), leaf (K, D)) of every training forward since the last zero_grad().
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._workspaces: list[_Workspace] = []
 
     def extra_repr(self) -> str:
         return (
@@ -228,51 +379,98 @@ class PartialFC(nn.Module):
         """Restore a state from ``get_rng_state`` (same device type)."""
         self.generator().set_state(state)
 
-    # -- forward -----------------------------------------------------------------------------
+    # -- forward ---------------------------------------------------------------------------
+    def fix_batch_size(self, batch_size: int) -> None:
+        """Agree once that every rank feeds ``batch_size`` rows to every forward.
+
+        A collective (all ranks call it; one exchange, read on the host). Afterwards forwards
+        skip the per-step size exchange, and a forward with another local size raises on the
+        rank that has it.
+
+        Raises:
+            ValueError: the ranks disagree (the message lists every rank's size).
+        """
+        sizes = all_gather_sizes(int(batch_size), self.topo, self.weight.device)
+        if len(set(sizes)) != 1:
+            raise ValueError(
+                f"heads/partial_fc.py: per-rank batch sizes differ: {sizes}; the training "
+                "loader must give every rank the same batch size (drop_last)"
+            )
+        self.fixed_batch = int(batch_size)
+
     def forward(
-        self, local_embeddings: torch.Tensor, local_labels: torch.Tensor
+        self, local_embeddings: torch.Tensor, local_labels: torch.Tensor, validate: bool = True
     ) -> tuple[torch.Tensor, dict]:
         """Loss of the global batch.
 
         Args:
             local_embeddings: ``(B, D)`` fp32/fp16/bf16 on the centers' device; cast to fp32.
-                ``B`` may differ between ranks (0 is allowed).
+                ``B`` may differ between ranks (0 is allowed) unless ``fix_batch_size`` was
+                called.
             local_labels: ``(B,)`` int64 global class ids in ``[0, C)``.
+            validate: check the label range on the host (two device reads). ``False`` skips
+                it (the data layer checks labels): an out-of-range label then makes the loss
+                NaN on every rank instead of raising, which a trainer's finite-loss check sees.
 
         Returns:
             ``(loss, stats)``: fp32 scalar, the mean over the ``N = sum_r B_r`` gathered rows,
-            identical on all ranks; ``stats`` python numbers ``num_sampled`` (K, local),
-            ``num_positive`` (distinct positive classes in this shard), ``global_batch`` (N).
+            identical on all ranks; ``stats``: ``num_sampled`` (K, local, python int),
+            ``num_positive`` (distinct positive classes in this shard, 0-dim int64 tensor on
+            the device: read it when logging), ``global_batch`` (N, python int).
             In training mode with grad enabled, the sampled rows' gradient is recorded for
-            ``HeadOptimizer``.
+            ``HeadOptimizer``. Without ``fix_batch_size`` the per-rank sizes are exchanged
+            (W device reads); otherwise nothing here reads the device.
 
         Raises:
-            ValueError: shape, dtype, device or label range errors.
+            ValueError: shape, dtype, device, batch size or (``validate``) label range errors.
         """
-        emb, labels = self._check_inputs(local_embeddings, local_labels)
-        emb, sizes = gather_embeddings(emb.float(), self.topo)
+        emb, labels = self._check_inputs(local_embeddings, local_labels, validate)
+        sizes = None if self.fixed_batch is None else [self.fixed_batch] * self.topo.world_size
+        emb, sizes = gather_embeddings(emb.float(), self.topo, sizes)
         labels = all_gather_rows(labels, sizes, self.topo)
+        n = labels.shape[0]
+        k = min(self.num_local, max(self.num_sample, n))
         index, local_labels_k = sample_classes(
-            labels, self.class_start, self.num_local, self.num_sample, self.generator()
+            labels, self.class_start, self.num_local, k, self.generator()
         )
         self.sampled_index = index
         track = self.training and torch.is_grad_enabled()
         full = index.numel() == self.num_local
         # A leaf over the sampled rows only; the full shard shares storage instead of copying.
-        rows = self.weight.detach() if full else self.weight.detach()[index]
+        ws = None
+        if track:  # one workspace per outstanding forward (gradient accumulation)
+            while len(self._workspaces) <= len(self._pending):
+                self._workspaces.append(_Workspace())
+            ws = self._workspaces[len(self._pending)]
+        if full:
+            rows = self.weight.detach()
+        elif ws is not None:
+            buf = ws.get("rows", self.weight[: index.numel()])
+            rows = torch.index_select(self.weight.detach(), 0, index, out=buf)
+        else:
+            rows = self.weight.detach().index_select(0, index)
         if track:
-            rows.requires_grad_(True)
+            rows = rows.detach().requires_grad_(True)
+            ws.leaf = rows
             self._pending.append((index, rows))
-        cos = F.linear(normalize_rows(emb), normalize_rows(rows))
-        loss = margin_softmax_cross_entropy(cos, local_labels_k, self.margin_loss, self.topo)
+        cos = cosine_logits(normalize_rows(emb), rows, self.logits_dtype, ws)
+        loss = margin_softmax_cross_entropy(
+            cos, local_labels_k, self.margin_loss, self.topo, validate=False
+        )
+        if not validate:
+            bad = ((labels < 0) | (labels >= self.num_classes)).any()
+            loss = torch.where(bad, float("nan"), loss)
+        # Distinct positives: mark the kept columns hit by some row (fixed shapes, no unique).
+        hit = torch.zeros(index.numel() + 1, dtype=torch.int64, device=index.device)
+        hit.index_fill_(0, torch.where(local_labels_k >= 0, local_labels_k, index.numel()), 1)
         stats = {
             "num_sampled": int(index.numel()),
-            "num_positive": int(torch.unique(local_labels_k[local_labels_k >= 0]).numel()),
-            "global_batch": int(labels.shape[0]),
+            "num_positive": hit[:-1].sum(),
+            "global_batch": int(n),
         }
         return loss, stats
 
-    def _check_inputs(self, emb: torch.Tensor, labels: torch.Tensor):
+    def _check_inputs(self, emb: torch.Tensor, labels: torch.Tensor, validate: bool):
         if emb.dim() != 2 or emb.shape[1] != self.embedding_size:
             raise ValueError(
                 f"heads/partial_fc.py: local_embeddings must be (B, {self.embedding_size}), got "
@@ -290,7 +488,16 @@ class PartialFC(nn.Module):
                 f"heads/partial_fc.py: inputs on {emb.device}/{labels.device} but centers on "
                 f"{self.weight.device}; move the head with .to(device)"
             )
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+        if self.fixed_batch is not None and emb.shape[0] != self.fixed_batch:
+            raise ValueError(
+                f"heads/partial_fc.py: this rank's batch has {emb.shape[0]} rows but "
+                f"fix_batch_size agreed on {self.fixed_batch} for every rank"
+            )
+        if (
+            validate
+            and labels.numel()
+            and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes)
+        ):
             raise ValueError(
                 f"heads/partial_fc.py: local_labels must be in [0, {self.num_classes}), got "
                 f"[{int(labels.min())}, {int(labels.max())}]"
@@ -328,6 +535,28 @@ class PartialFC(nn.Module):
             grad.index_add_(0, torch.searchsorted(rows, index), leaf.grad)
         return rows, grad
 
+    def recorded_rows(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """The current weights of ``rows`` (from ``sparse_grad``) without a second gather.
+
+        Returns the single recorded forward's gathered copy (the centers have not changed
+        since: only ``HeadOptimizer.step`` writes them, after this), or ``None`` when it
+        cannot (several forwards, or the full shard); callers then gather ``weight[rows]``.
+        """
+        if len(self._pending) != 1 or self._pending[0][0] is not rows:
+            return None
+        leaf = self._pending[0][1]
+        if leaf.data_ptr() == self.weight.data_ptr():
+            return None
+        return leaf.detach()
+
+    def grad_probe(self) -> torch.Tensor | None:
+        """0-dim fp32 tensor that is finite iff the recorded gradient is (up to overflow of
+        a finite sum), computed in the backward from K values; ``None`` when unknown."""
+        probes = [ws.probe for ws in self._workspaces[: len(self._pending)]]
+        if not probes or any(p is None for p in probes):
+            return None
+        return torch.stack(probes).sum() if len(probes) > 1 else probes[0]
+
     @property
     def num_recorded(self) -> int:
         """Training forwards recorded for the optimizer since the last ``zero_grad``."""
@@ -337,3 +566,5 @@ class PartialFC(nn.Module):
         """Forget the recorded forwards and their gradients (``set_to_none`` is accepted for
         ``nn.Module`` compatibility; sparse gradients are always dropped)."""
         self._pending = []
+        for ws in self._workspaces:
+            ws.probe = ws.leaf = None

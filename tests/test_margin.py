@@ -93,7 +93,7 @@ def test_interclass_filtering_zeroes_non_target_logits_above_threshold():
     assert torch.equal(cos.grad[filtered], torch.zeros(int(filtered.sum()), dtype=c.dtype))
     assert torch.equal(cos.grad[~filtered], torch.full((int((~filtered).sum()),), S, dtype=c.dtype))
     # threshold 0 disables filtering
-    assert CombinedMarginLoss(S, 1.0, 0.0, 0.4).filter_mask(c, labels, labels) is None
+    assert CombinedMarginLoss(S, 1.0, 0.0, 0.4).filter_mask(c, labels) is None
 
 
 def test_bad_parameters_and_labels_raise_naming_the_file():

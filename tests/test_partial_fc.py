@@ -206,10 +206,15 @@ def test_sample_classes_keeps_positives_and_remaps():
     assert torch.equal(local[~in_shard], torch.full_like(local[~in_shard], -1))
     # remapped labels point at the right center
     assert torch.equal(index[local[in_shard]] + start, labels[in_shard])
-    # more positives than num_sample: exactly the positives
-    index2, local2 = sample_classes(labels, start, count, 2, g)
+    # as many kept classes as positives: exactly the positives (the size is fixed by the
+    # caller; PartialFC keeps at least N classes so every positive fits)
+    index2, local2 = sample_classes(labels, start, count, 4, g)
     assert torch.equal(index2 + start, torch.tensor([17, 40, 55, 99]))
     assert torch.equal(index2[local2[in_shard]] + start, labels[in_shard])
+    head = PartialFC(D, 100, 0.02, CombinedMarginLoss())  # int(0.02 * 100) = 2 < N = 8
+    head(torch.randn(8, D), labels.clamp_max(99))
+    assert set(labels.clamp_max(99).tolist()) <= set(head.sampled_index.tolist())
+    assert head.sampled_index.numel() == 8
     # num_sample >= count keeps the whole shard, labels just shift
     index3, local3 = sample_classes(labels, start, count, count, g)
     assert torch.equal(index3, torch.arange(count))
@@ -294,3 +299,37 @@ def _raising_worker(rank, world):
 def test_distributed_helper_reraises_worker_errors():
     with pytest.raises(DistributedError, match="rank 1 of 2 failed(.|\n)*boom on rank 1"):
         run_distributed(_raising_worker, 2, timeout=60)
+
+
+def test_bf16_logits_keep_the_loss_and_finite_gradients():
+    """logits_dtype bf16 (bf16 GEMM operands, fp32 softmax) stays within 1e-2 of fp32."""
+    y = torch.randint(0, C, (32,), generator=torch.Generator().manual_seed(2))
+    x = torch.randn(32, D, generator=torch.Generator().manual_seed(3))
+    out = {}
+    for mode in ("fp32", "bf16"):
+        head = PartialFC(D, C, 0.5, CombinedMarginLoss(), seed=1, logits_dtype=mode)
+        emb = x.clone().requires_grad_(True)
+        loss, _ = head(emb, y)
+        loss.backward()
+        rows, grad = head.sparse_grad()
+        out[mode] = (loss.detach(), emb.grad, grad)
+    (l32, e32, g32), (l16, e16, g16) = out["fp32"], out["bf16"]
+    assert abs(l16.item() / l32.item() - 1) < 1e-2
+    assert torch.isfinite(e16).all() and torch.isfinite(g16).all()
+    assert not torch.equal(l16, l32)  # the bf16 path really ran
+    for a, b in ((e16, e32), (g16, g32)):  # and the gradients point the same way
+        assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+    with pytest.raises(ValueError, match="logits_dtype"):
+        PartialFC(D, C, 1.0, CombinedMarginLoss(), logits_dtype="fp8")
+
+
+def test_unvalidated_labels_poison_the_loss_and_shapes_are_fixed():
+    head = PartialFC(D, 100, 0.3, CombinedMarginLoss())
+    x = torch.randn(4, D)
+    loss, stats = head(x, torch.tensor([1, 2, 3, 100]), validate=False)  # 100 is out of range
+    assert torch.isnan(loss)
+    loss, stats = head(x, torch.tensor([1, 1, 3, 99]), validate=False)
+    assert torch.isfinite(loss) and stats["num_sampled"] == 30 and int(stats["num_positive"]) == 3
+    head.fix_batch_size(4)
+    with pytest.raises(ValueError, match="partial_fc.py.*fix_batch_size agreed on 4"):
+        head(torch.randn(3, D), torch.tensor([1, 2, 3]))
