@@ -29,6 +29,7 @@ import torch
 from data.dali_loader import build_dali_loader
 from data.datasets import RecordDataset
 from data.loader import build_cpu_loader
+from trainer.device_batch import DevicePrefetcher
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_REC = os.path.join(REPO_ROOT, "work_dirs", "lfw_demo", "train.rec")
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, dict]]:
     rows = []
     for workers in (1, 2):
         loader = build_cpu_loader(ds, args.batch_size, 0, 1, seed=0, num_workers=workers)
+        loader = DevicePrefetcher(loader, torch.device("cpu"))  # uint8 -> normalized, as the step
         rows.append(
             (f"CPU loader, {workers} worker{'s' * (workers > 1)}", measure(loader, args.batches))
         )
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=40, help="timed batches after one warm-up")
     p.add_argument("--dali-threads", type=int, default=2)
     args = p.parse_args(argv)
-    torch.set_num_threads(1)  # the main process only flips and normalizes
+    torch.set_num_threads(1)  # the main process only normalizes (workers decode and flip)
     rows = run(args)
     print(
         f"\nData loading, {args.rec} (batch {args.batch_size}, 112x112 JPEG, flip+normalize), "
