@@ -21,9 +21,17 @@ def data_dir(cfg: Config) -> str:
     return rec if os.path.isdir(rec) else os.path.dirname(rec)
 
 
+IMAGE_SIZE = 112  # the backbones' input side (models/registry.py)
+
+
 def val_bin_paths(cfg: Config) -> dict[str, str]:
     """`eval.val_targets` -> {name: path}: a name is `<data folder>/<name>.bin` (arcface_torch),
-    anything with a `/` or ending in `.bin` is a path."""
+    anything with a `/` or ending in `.bin` is a path.
+
+    Raises:
+        ConfigError: two targets with the same name (`a/lfw.bin` and `b/lfw.bin`): their results
+            would be logged under one name and one of them silently dropped.
+    """
     out = {}
     for target in cfg.eval.val_targets:
         target = str(target)
@@ -31,16 +39,45 @@ def val_bin_paths(cfg: Config) -> dict[str, str]:
             name, path = os.path.splitext(os.path.basename(target))[0], target
         else:
             name, path = target, os.path.join(data_dir(cfg), f"{target}.bin")
+        if name in out:
+            raise ConfigError(
+                f"eval.val_targets: '{out[name]}' and '{path}' have the same name '{name}'; "
+                "rename one (results are logged by file name)"
+            )
         out[name] = path
     return out
+
+
+def _check_val_bins(cfg: Config) -> None:
+    """Each `.bin` exists, parses (restricted unpickler, no image decode) and has at least as
+    many pairs as the evaluation has folds, so it cannot fail at the first evaluation."""
+    import inspect
+
+    from data.verification_bin import read_bin_raw
+    from trainer.evaluation import VerificationCallback
+
+    folds = inspect.signature(VerificationCallback).parameters["nrof_folds"].default
+    for name, path in val_bin_paths(cfg).items():
+        if not os.path.isfile(path):
+            raise ConfigError(f"eval.val_targets: '{name}': file not found: {path}")
+        try:
+            _, issame = read_bin_raw(path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"eval.val_targets: '{name}': {e}") from None
+        if len(issame) < folds:
+            raise ConfigError(
+                f"eval.val_targets: '{name}': {path} holds {len(issame)} pairs, the "
+                f"{folds}-fold evaluation needs at least {folds}"
+            )
 
 
 def preflight(cfg: Config) -> None:
     """Checks files and dataset metadata named by the config.
 
     Raises:
-        ConfigError: a missing `.rec`/`.idx`/folder or `.bin`, or a `data.num_classes` that
-            disagrees with the dataset's `property` file.
+        ConfigError: a missing `.rec`/`.idx`/folder, a garbage `property` file, a
+            `data.num_classes` that disagrees with it, or an evaluation `.bin` that is missing,
+            unreadable, has fewer pairs than folds or shares its name with another.
     """
     if cfg.data.kind == "rec":
         rec, idx = rec_paths(cfg)
@@ -49,9 +86,12 @@ def preflight(cfg: Config) -> None:
                 raise ConfigError(f"data.rec: file not found: {path}")
         prop = os.path.join(os.path.dirname(rec), "property")
         if os.path.isfile(prop):
-            from data.recordio import read_property
+            from data.recordio import RecordIOError, read_property
 
-            num_classes = read_property(prop)[0]
+            try:
+                num_classes = read_property(prop)[0]
+            except RecordIOError as e:
+                raise ConfigError(f"data.rec: {e}") from None
             if num_classes != cfg.data.num_classes:
                 raise ConfigError(
                     f"data.num_classes: config says {cfg.data.num_classes} but {prop} says "
@@ -59,9 +99,7 @@ def preflight(cfg: Config) -> None:
                 )
     elif cfg.data.kind == "folder" and not os.path.isdir(cfg.data.rec):
         raise ConfigError(f"data.rec: image folder not found: {cfg.data.rec}")
-    for name, path in val_bin_paths(cfg).items():
-        if not os.path.isfile(path):
-            raise ConfigError(f"eval.val_targets: '{name}': file not found: {path}")
+    _check_val_bins(cfg)
 
 
 def _local_rank() -> int:
@@ -85,35 +123,52 @@ def build_dataset(cfg: Config):
     DALI loader reads through the same index, so no second copy is built when `data.dali` is on.
 
     Raises:
-        ConfigError: labels that do not fit `data.num_classes` (a `.rec` is scanned at up to
-            10k evenly spaced keys; a bad label past those stops the run at first sight).
+        ConfigError: an unreadable dataset (bad/empty index, lying header record, non-image
+            file in a folder), labels that do not fit `data.num_classes` (a `.rec` is scanned at
+            up to 10k evenly spaced keys; a bad label past those stops the run at first sight)
+            or images that are not 112x112 (1000 sampled; past those, a wrong size is a corrupt
+            record: it stops the run or `data.skip_corrupt` skips it).
     """
     from data.datasets import ImageFolderDataset, RecordDataset, SyntheticDataset
 
     if cfg.data.kind == "synthetic":
         return SyntheticDataset(cfg.data.num_image, cfg.data.num_classes, seed=cfg.seed)
     if cfg.data.kind == "folder":
-        ds = ImageFolderDataset(cfg.data.rec)
+        try:  # a non-image file, a stray file at the top, an empty identity folder
+            ds = ImageFolderDataset(cfg.data.rec, image_size=IMAGE_SIZE)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"data.rec: {e}") from None
     else:
-        rec, idx = rec_paths(cfg)
         from data.image_index import shared_image_index
-        from data.recordio import RecordIOError
 
-        try:  # a cut-short .rec or a bad .idx fails here, naming the key and offset
+        rec, idx = rec_paths(cfg)
+        try:  # a cut-short .rec, a bad or empty .idx, a header record that lies
             index = shared_image_index(rec, idx, None, _local_rank(), _barrier())
-            ds = RecordDataset(rec, idx, num_classes=cfg.data.num_classes, index=index)
-        except (RecordIOError, RuntimeError) as e:  # RuntimeError: local rank 0 failed
+            ds = RecordDataset(
+                rec, idx, num_classes=cfg.data.num_classes, image_size=IMAGE_SIZE, index=index
+            )
+        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: local rank 0 failed
             raise ConfigError(f"data.rec: {e}") from None
         try:
             ds.scan_labels(10_000)
         except ValueError as e:
             raise ConfigError(f"data.num_classes={cfg.data.num_classes}: {e}") from None
+    _check_sizes(ds)
     if ds.num_classes > cfg.data.num_classes:
         raise ConfigError(
             f"data.num_classes: {cfg.data.rec} has {ds.num_classes} classes, config says "
             f"{cfg.data.num_classes}"
         )
     return ds
+
+
+def _check_sizes(ds) -> None:
+    from data.datasets import scan_image_sizes
+
+    try:
+        scan_image_sizes(ds, IMAGE_SIZE, 1000)
+    except ValueError as e:
+        raise ConfigError(f"data.rec: {e} (crop/resize it, e.g. tools/folder2rec.py)") from None
 
 
 def build_loader(cfg: Config, dataset, rank: int, world_size: int, device):
