@@ -125,7 +125,6 @@ class RecordDataset:
         self.idx_path = str(idx_path) if idx_path else os.path.splitext(self.rec_path)[0] + ".idx"
         self.index = index if index is not None else build_image_index(self.rec_path, self.idx_path)
         self.reader = RecordIOReader(self.rec_path)  # reads by offset: no second index
-        self.keys, self.offsets = self.index.keys, self.index.offsets
         self.num_classes = (
             int(num_classes) if num_classes is not None else _num_classes_of(self.index, rec_path)
         )
@@ -133,6 +132,16 @@ class RecordDataset:
             raise ValueError(f"{rec_path}: num_classes must be positive, got {self.num_classes}")
         self.transform = transform
         self.image_size = image_size
+
+    @property
+    def keys(self) -> range | np.ndarray:
+        """Image record keys in file order (properties: a pickle carries only ``index``)."""
+        return self.index.keys
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """int64 byte offsets of the image records."""
+        return self.index.offsets
 
     def __len__(self) -> int:
         return len(self.keys)

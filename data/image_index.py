@@ -33,11 +33,20 @@ class ImageIndex:
         offsets: int64 array (N,), byte offset of each image record in the ``.rec``.
         identity_keys: ``(first, end)`` key range of the identity records named by insightface's
             header record (key 0), or None without such a header.
+        cache: the cache entry the arrays are memory-mapped from (``shared_image_index``), or
+            None. Such an index pickles as this path (DataLoader workers started with ``spawn``
+            map the same file instead of receiving a copy).
     """
 
     keys: range | np.ndarray
     offsets: np.ndarray
     identity_keys: tuple[int, int] | None = None
+    cache: str | None = None
+
+    def __reduce__(self):
+        if self.cache is not None:
+            return _reload, (self.cache,)
+        return ImageIndex, (self.keys, self.offsets, self.identity_keys)
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -132,7 +141,14 @@ def _load(base: str) -> ImageIndex | None:
     if len(offsets) != meta["n"] or len(keys) != meta["n"]:
         return None
     ids = meta["identity_keys"]
-    return ImageIndex(keys, offsets, tuple(ids) if ids else None)
+    return ImageIndex(keys, offsets, tuple(ids) if ids else None, base)
+
+
+def _reload(base: str) -> ImageIndex:
+    index = _load(base)
+    if index is None:
+        raise RuntimeError(f"image index cache {base}.json is gone (unpickling an ImageIndex)")
+    return index
 
 
 def shared_image_index(

@@ -326,10 +326,12 @@ def read_index(idx_path, rec_path, rec_size):
 
 
 def sort_order(keys):
-    """None when ``keys`` (range or int64 array) is increasing, else its argsort (for lookups)."""
+    """None when ``keys`` (range or int64 array) is increasing, else its argsort (for lookups),
+    int32 below 2**31 keys."""
     if isinstance(keys, range) or len(keys) < 2 or bool(np.all(keys[1:] > keys[:-1])):
         return None
-    return np.argsort(keys, kind="stable")
+    order = np.argsort(keys, kind="stable")
+    return order.astype(np.int32) if len(keys) < 2**31 else order
 
 
 def lookup_offsets(keys, offsets, wanted, order=None):
@@ -367,8 +369,8 @@ class RecordIOReader:
     The file is opened lazily and read with ``os.pread``; pickling drops the handle, so each
     DataLoader worker opens its own. ``keys`` lists the index keys in file (idx line) order: a
     ``range`` when they are consecutive (the usual case), else an int64 array. The index is held
-    in numpy arrays: 8 B/entry, 16 B with non-consecutive keys, 24 B if they are also out of
-    order (see ``index_nbytes``).
+    in numpy arrays: 8 B/entry, 16 B with non-consecutive keys, 28 B if they are also out of
+    order (a sorted copy and int32 order for lookups; see ``index_nbytes``).
     Raises:
         RecordIOError: missing files, malformed idx line, duplicate key, offset past the end; and on
         read: wrong magic, truncated record, unexpected continuation flag, unknown key.
@@ -382,8 +384,10 @@ class RecordIOReader:
         if idx_path:
             self.keys, self.offsets = read_index(self.idx_path, self.rec_path, self._size)
             self._order = sort_order(self.keys)  # None unless the idx lists keys out of order
+            self._sorted_keys = None if self._order is None else self.keys[self._order]
         else:
-            self.keys, self.offsets, self._order = range(0), np.empty(0, dtype=np.int64), None
+            self.keys, self.offsets = range(0), np.empty(0, dtype=np.int64)
+            self._order = self._sorted_keys = None
         self._fd = None
         self._pid = None
 
@@ -391,18 +395,32 @@ class RecordIOReader:
     def index_nbytes(self):
         """Bytes held by the index arrays (keys cost nothing when they are a range)."""
         extra = 0 if isinstance(self.keys, range) else self.keys.nbytes
-        return self.offsets.nbytes + extra + (0 if self._order is None else self._order.nbytes)
+        if self._order is not None:
+            extra += self._order.nbytes + self._sorted_keys.nbytes
+        return self.offsets.nbytes + extra
 
     def __len__(self):
         return len(self.keys)
 
-    def __contains__(self, key):
+    def _row(self, key):
+        """Row of ``key`` in the index, or None (O(1) for a range of keys, else a binary search)."""
         try:
-            return bool(
-                lookup_offsets(self.keys, self.offsets, [operator.index(key)], self._order)[0][0]
-            )
-        except (TypeError, OverflowError):
-            return False
+            key = operator.index(key)
+        except TypeError:
+            return None
+        if isinstance(self.keys, range):  # plain-int arithmetic: tools check millions of keys
+            return key - self.keys.start if key in self.keys else None
+        if not len(self.keys) or not -(2**63) <= key < 2**63:
+            return None
+        order = self._order
+        sorted_keys = self.keys if order is None else self._sorted_keys
+        pos = int(np.searchsorted(sorted_keys, key))
+        if pos == len(self.keys) or int(sorted_keys[pos]) != key:
+            return None
+        return pos if order is None else int(order[pos])
+
+    def __contains__(self, key):
+        return self._row(key) is not None
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -425,16 +443,11 @@ class RecordIOReader:
 
     def offset_of(self, key):
         """Byte offset of ``key``'s first part. Raises RecordIOError for an unknown key."""
-        try:
-            found, offset = lookup_offsets(
-                self.keys, self.offsets, [operator.index(key)], self._order
-            )
-        except (TypeError, OverflowError):
-            found = [False]
-        if not found[0]:
+        row = self._row(key)
+        if row is None:
             where = self.idx_path or "(no index given)"
-            raise RecordIOError(f"{self.rec_path}: key {key!r} not in index {where}") from None
-        return int(offset[0])
+            raise RecordIOError(f"{self.rec_path}: key {key!r} not in index {where}")
+        return int(self.offsets[row])
 
     def read(self, key):
         """The record stored under ``key`` (bytes, magic words re-inserted between parts)."""

@@ -272,3 +272,9 @@ def test_shared_image_index_built_once_and_memory_mapped(lfw_rec, tmp_path, monk
         assert index.offsets.tolist() == _reference_images(rec, idx)[1]
     ds = RecordDataset(rec, idx, index=other)
     assert [ds.read_label(i) for i in range(len(ds))] == labels and ds.num_classes == 6
+    # spawn-started workers get the cache path, not a copy of the offsets
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(ds))
+    assert isinstance(clone.index.offsets, np.memmap) and clone.index.cache == other.cache
+    assert clone.read_label(5) == labels[5] and len(pickle.dumps(ds)) < 2000
