@@ -17,9 +17,11 @@ import os
 import pickle
 import pickletools
 import secrets
+import struct
 from collections.abc import Sequence
 
 import numpy as np
+import simplejpeg
 
 from data.decode import decode_image
 
@@ -187,6 +189,29 @@ def read_bin_raw(path):
     return images, np.asarray(issame, dtype=bool)
 
 
+MAX_SIDE = 4096  # verification crops are ~112 px; a larger declared size is a decode bomb
+
+
+def _declared_side(buf):
+    """Largest side a JPEG or PNG header declares (None for other formats), read before any
+    pixel is decoded: a few KB of uniform JPEG can declare 60000x60000 (10 GiB decoded)."""
+    if simplejpeg.is_jpeg(buf):
+        try:
+            return max(simplejpeg.decode_jpeg_header(buf)[:2])
+        except ValueError:
+            return None  # damaged header: decode_image reports it
+    if buf[:8] == b"\x89PNG\r\n\x1a\n" and len(buf) >= 24:
+        return max(struct.unpack(">II", buf[16:24]))  # IHDR width, height
+    return None
+
+
+def _decode(buf, path, i):
+    side = _declared_side(buf)
+    if side is not None and side > MAX_SIDE:
+        raise ValueError(f"{path}: image {i} declares a {side}-pixel side (limit {MAX_SIDE})")
+    return decode_image(buf, where=f"{path} image {i}")
+
+
 def load_bin(path):
     """Load and decode an insightface verification ``.bin``.
 
@@ -197,17 +222,22 @@ def load_bin(path):
         issame: np.ndarray bool (P,), True where the pair shows one person.
     Raises:
         FileNotFoundError: missing file.
-        ValueError: bad pickle, odd/mismatched count, an image that does not decode, or images of
-            different sizes (each message names the file and the image index).
+        ValueError: bad pickle, odd/mismatched count, an image that does not decode, declares a
+            side above ``MAX_SIDE`` pixels, or images of different sizes (each message names the
+            file and the image index).
     """
     encoded, issame = read_bin_raw(path)
     if not encoded:
         raise ValueError(f"{path}: contains no pairs")
-    first = decode_image(encoded[0], where=f"{path} image 0")
-    images = np.empty((len(encoded), *first.shape), dtype=np.uint8)
+    first = _decode(encoded[0], path, 0)
+    try:  # 2P references to one image in the pickle cost 2P decoded copies here
+        images = np.empty((len(encoded), *first.shape), dtype=np.uint8)
+    except MemoryError:
+        need = len(encoded) * first.nbytes / 2**30
+        raise ValueError(f"{path}: {len(encoded)} images need {need:.1f} GiB decoded") from None
     images[0] = first
     for i in range(1, len(encoded)):
-        img = decode_image(encoded[i], where=f"{path} image {i}")
+        img = _decode(encoded[i], path, i)
         if img.shape != first.shape:
             raise ValueError(
                 f"{path}: image {i} is {img.shape[1]}x{img.shape[0]}, image 0 is "

@@ -467,3 +467,11 @@ def test_inspect_rec_bounds_a_lying_header(tmp_path, capsys):
         f.write(frame_record(pack(IRHeader(0, [2**30, 2**30 + 4], 0, 0), b"")))
     assert inspect_rec.main([f"{liar}/train.rec"]) == 1
     assert "but the index lists 9 records" in capsys.readouterr().err
+
+
+def test_bin_image_declaring_a_huge_size_is_refused_before_decoding(tmp_path):
+    big = simplejpeg.encode_jpeg(np.zeros((4200, 4200, 3), np.uint8), colorspace="RGB")
+    assert len(big) < 2**20  # under 1 MiB on disk, 50 MiB decoded, per reference
+    write_bin(tmp_path / "huge.bin", [big, big], [True])
+    with pytest.raises(ValueError, match=r"huge\.bin: image 0 declares a 4200-pixel side"):
+        load_bin(tmp_path / "huge.bin")
