@@ -165,7 +165,7 @@ def shared_image_index(
 
     Args:
         rec_path, idx_path: the RecordIO pair (idx default: ``rec_path`` with ``.idx``).
-        cache_dir: node-local folder; default ``<tmp>/arcscale_index``. Entries are named by a
+        cache_dir: node-local folder; default ``<tmp>/arcscale_index-<uid>``. Entries are named by a
             hash of the absolute paths, sizes and modification times (a changed file: new entry).
         local_rank: this process' rank on its node. barrier: a collective all processes call
             (e.g. ``torch.distributed.barrier``); None for a single process.
@@ -180,7 +180,8 @@ def shared_image_index(
     idx_path = idx_path or _default_idx(rec_path)
     if not (os.path.isfile(rec_path) and os.path.isfile(idx_path)):
         return build_image_index(rec_path, idx_path)  # raises RecordIOError naming the file
-    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "arcscale_index")
+    user = getattr(os, "getuid", lambda: "")()  # per user: another user's folder is not ours
+    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), f"arcscale_index-{user}")
     base = os.path.join(cache_dir, _cache_name(rec_path, idx_path))
     error = None
     if local_rank == 0 and _load(base) is None:
