@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # run as `python tools/convert_to_onnx.py`: make 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
+from trainer.checkpoint import STEP_RE  # noqa: E402
 
 __all__ = ["load_backbone", "load_faces", "resolve_checkpoint", "export_onnx", "main"]
 
@@ -66,7 +67,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, dict | None]:
         return path, None
     for latest in (path / "latest", path / "checkpoints" / "latest"):
         if latest.is_file():
-            step_dir = latest.parent / latest.read_text().strip()
+            name = latest.read_text(errors="replace")[:256].strip()
+            if not STEP_RE.match(name):  # confined to the run's own checkpoints/ folder
+                raise ValueError(f"{_PROG}: {latest} must name a step_<N> folder, got {name!r}")
+            step_dir = latest.parent / name
             if not step_dir.is_dir():
                 raise FileNotFoundError(f"{_PROG}: {latest} names {step_dir}, which does not exist")
             return resolve_checkpoint(step_dir)

@@ -16,8 +16,10 @@ are reported and removed at the next start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -28,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 STEP_RE = re.compile(r"^step_(\d+)$")
+TMP_RE = re.compile(r"^step_(\d+)\.tmp$")
 
 
 def _barrier() -> None:
@@ -71,41 +74,92 @@ def list_complete(root: str) -> list[tuple[int, str]]:
 
 
 def clean_incomplete(root: str, log=print) -> list[str]:
-    """Removes half-written `step_<N>.tmp` folders (rank 0 at start-up) and reports each."""
+    """Removes the half-written `step_<N>.tmp` folders this project writes (rank 0 at start-up).
+
+    Only that temporary name is deleted: a `step_<N>` folder without `meta.json` was not written
+    by arcscale (its own folders get their final name only once complete), so it is reported and
+    left alone.
+    """
     removed = []
     if not os.path.isdir(root):
         return removed
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
-        half = name.endswith(".tmp") or (
-            STEP_RE.match(name) and not os.path.isfile(os.path.join(path, "meta.json"))
-        )
-        if half and os.path.isdir(path):
+        if not os.path.isdir(path):
+            continue
+        if TMP_RE.match(name):
             log(f"[checkpoint] removing incomplete checkpoint {path} (a run died while writing it)")
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
+        elif STEP_RE.match(name) and not os.path.isfile(os.path.join(path, "meta.json")):
+            log(f"[checkpoint] ignoring {path}: no meta.json, not a checkpoint of arcscale")
     return removed
 
 
+def foreign_checkpoints(root: str) -> list[str]:
+    """`step_<N>` folders (complete or not) and `latest` under `root`: another run's state."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(
+        os.path.join(root, n) for n in os.listdir(root) if STEP_RE.match(n) or n == "latest"
+    )
+
+
+def prepare_fresh_output(output: str, overwrite: bool, log=print) -> None:
+    """Start-up check of a run that does not resume (call before any process group starts).
+
+    Raises:
+        ConfigError: `output/checkpoints` holds another run's checkpoints and `overwrite` is
+            false (a fresh run there would prune them by step number or be resumed as them).
+    """
+    from trainer.config import ConfigError
+
+    root = checkpoint_root(output)
+    found = foreign_checkpoints(root)
+    if not found:
+        return
+    names = ", ".join(os.path.basename(p) for p in found[:4]) + (" ..." if len(found) > 4 else "")
+    if not overwrite:
+        raise ConfigError(
+            f"output: {root} holds another run's checkpoints ({names}); continue it with "
+            f"checkpoint.resume=true, pick another output, or set checkpoint.overwrite=true"
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        for path in found:
+            log(f"[checkpoint] checkpoint.overwrite=true: removing {path}")
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+
 def latest_checkpoint(output_or_root: str) -> str | None:
-    """The checkpoint named by `latest` (or the newest complete one if `latest` is stale)."""
+    """The checkpoint named by `latest` (or the newest complete one if `latest` is stale).
+
+    `latest` must hold a bare `step_<N>` name: anything else (an absolute path, `../..`) is
+    ignored, so a checkpoint is only ever taken from the run's own `checkpoints/` folder.
+    """
     root = output_or_root
     if os.path.basename(os.path.normpath(root)) != "checkpoints":
         root = checkpoint_root(output_or_root)
     pointer = os.path.join(root, "latest")
     if os.path.isfile(pointer):
-        with open(pointer) as f:
-            path = os.path.join(root, f.read().strip())
-        if os.path.isfile(os.path.join(path, "meta.json")):
+        with open(pointer, errors="replace") as f:
+            name = f.read(256).strip()
+        path = os.path.join(root, name)
+        if STEP_RE.match(name) and os.path.isfile(os.path.join(path, "meta.json")):
             return path
     done = list_complete(root)
     return done[-1][1] if done else None
 
 
 def rng_state() -> dict:
+    """Python/numpy/torch(/CUDA) RNG states as tensors and plain Python values only, so the file
+    loads with `torch.load(weights_only=True)` (no pickled numpy objects, no code)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -114,11 +168,67 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Inverse of `rng_state`."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# What DeepSpeed 0.19 pickles besides tensors in its ZeRO optimizer files (fp32/fp16/bf16, ZeRO
+# 1-3): the loss scaler, the stage enum and fragment addresses. Nothing else may be unpickled.
+def _engine_safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _refused(path, error: Exception):
+    from trainer.config import ConfigError
+
+    first = (str(error).strip().splitlines() or [""])[0]
+    detail = next((ln.strip() for ln in str(error).splitlines() if "GLOBAL" in ln), first)
+    return ConfigError(
+        f"{path}: refused to load: it holds objects other than tensors and the few DeepSpeed "
+        f"types a checkpoint needs, possibly code ({detail[:200]})"
+    )
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Within the block every `torch.load` (DeepSpeed's `weights_only=False` ones included) runs
+    with `weights_only=True` and only `_engine_safe_globals()` allowed, so a checkpoint file
+    carrying a pickled payload raises `pickle.UnpicklingError` instead of running it."""
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            raise _refused(f, e) from None
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(_engine_safe_globals()):
+            yield
+    finally:
+        torch.load = original
+
+
+def prune_checkpoints(root: str, keep_last: int, keep: str) -> list[str]:
+    """Removes complete checkpoints beyond `keep_last`, never `keep` (the one just written),
+    whatever the step numbers of the others; returns the removed paths."""
+    others = [p for _, p in list_complete(root) if os.path.normpath(p) != os.path.normpath(keep)]
+    removed = others[: max(len(others) - (keep_last - 1), 0)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def save_checkpoint(
@@ -166,11 +276,14 @@ def save_checkpoint(
         torch.save(state_dict, os.path.join(tmp, "backbone.pt"))
         write_text_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
         if os.path.isdir(final):
+            if not os.path.isfile(os.path.join(final, "meta.json")):
+                raise RuntimeError(
+                    f"{final} exists and is not an arcscale checkpoint: not replaced"
+                )
             shutil.rmtree(final)
         os.replace(tmp, final)
         write_text_atomic(os.path.join(root, "latest"), f"step_{step}\n")
-        for _, old in list_complete(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(root, keep_last, keep=final)
         log(f"[checkpoint] saved {final} in {time.time() - t0:.1f}s")
     _barrier()
     return final
@@ -195,28 +308,54 @@ def consolidate_backbone(engine_dir: str, module: torch.nn.Module) -> dict:
 
 
 def load_meta(path: str) -> dict:
-    """Reads `meta.json` of a checkpoint directory; raises FileNotFoundError naming it."""
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no meta.json)")
-    with open(meta_path) as f:
-        return json.load(f)
-
-
-def resolve_resume(resume, output: str, rank: int) -> str | None:
-    """`checkpoint.resume` -> a checkpoint dir: false -> None, true -> latest in output, path -> it.
+    """Reads `meta.json` of a checkpoint directory.
 
     Raises:
-        FileNotFoundError: an explicit path without a complete checkpoint.
+        ConfigError: no `meta.json` (not a complete checkpoint), or one that is not a JSON object
+            with integer `step`, `epoch` and `world_size` (the message names the file).
     """
+    from trainer.config import ConfigError
+
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise ConfigError(f"checkpoint.resume: {path} is not a complete checkpoint (no meta.json)")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{meta_path}: not a checkpoint meta.json ({e})") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{meta_path}: not a checkpoint meta.json (a JSON object expected)")
+    for key in ("step", "epoch", "world_size"):
+        if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool):
+            raise ConfigError(f"{meta_path}: '{key}' must be an integer, got {meta.get(key)!r}")
+    return meta
+
+
+def resolve_resume(resume, output: str, rank: int = 0) -> str | None:
+    """`checkpoint.resume` -> a checkpoint dir: false -> None, true -> latest in `output` (None,
+    logged by the caller, when there is none), a path -> that checkpoint or that run's latest.
+
+    Raises:
+        ConfigError: an explicit path that is not a complete checkpoint nor a run folder holding
+            one (an explicit path never falls back to a fresh start), or a broken meta.json.
+    """
+    from trainer.config import ConfigError
+
     if resume is False or resume in ("", "false", "False"):
         return None
-    if resume is True or resume in ("true", "True", "latest"):
+    if resume is True or resume in ("true", "True", "latest", "auto"):
         path = latest_checkpoint(output)
     else:
-        path = str(resume)
-        if os.path.isfile(os.path.join(path, "checkpoints", "latest")):
-            path = latest_checkpoint(path)
+        given = str(resume)
+        path = given
+        if not os.path.isfile(os.path.join(path, "meta.json")):
+            path = latest_checkpoint(given)
+        if path is None:
+            raise ConfigError(
+                f"checkpoint.resume: {given} is not a complete checkpoint (no meta.json) nor a "
+                f"run folder with one under checkpoints/"
+            )
     path = _broadcast_str(path or "", rank) or None
     if path is not None:
         load_meta(path)
@@ -236,7 +375,8 @@ def load_checkpoint(path: str, engine, head, head_opt, rank: int, world_size: in
     meta = load_meta(path)
     saved_world = int(meta["world_size"])
     if saved_world == world_size:
-        engine.load_checkpoint(os.path.join(path, "engine"), tag="engine")
+        with weights_only_loads():
+            engine.load_checkpoint(os.path.join(path, "engine"), tag="engine")
     else:
         if rank == 0:
             log(
@@ -247,7 +387,10 @@ def load_checkpoint(path: str, engine, head, head_opt, rank: int, world_size: in
     load_head(path, head, head_opt)
     rng_file = os.path.join(path, f"rng_rank{rank}.pt")
     if saved_world == world_size and os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        except pickle.UnpicklingError as e:
+            raise _refused(rng_file, e) from None
     return meta
 
 
@@ -270,3 +413,115 @@ def load_backbone_weights(engine, path: str) -> None:
     refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
     if callable(refresh):
         refresh()
+
+
+class Checkpointer:
+    """Owns a run's checkpoints: the meta schema, `checkpoint.every` / `keep_last`, resume, the
+    rule that a step with a non-finite loss is never saved, and the final `backbone.pt` export.
+
+    Args:
+        run: the `trainer.run.Run` whose engine, head, head optimizer and loader are saved.
+    """
+
+    def __init__(self, run) -> None:
+        self.run = run
+        self.cfg = run.cfg
+        self.root = checkpoint_root(run.cfg.output)
+        self.last_saved = latest_checkpoint(run.cfg.output)  # same on every rank (shared disk)
+
+    def meta(self, step: int) -> dict:
+        """meta.json of a checkpoint at `step` (JSON-serializable; written last)."""
+        cfg, run = self.cfg, self.run
+        from trainer.config import to_dict
+
+        return {
+            "step": step,
+            "epoch": run.loader.epoch,
+            "loader": run.loader.state_dict(),
+            "world_size": run.world,
+            "network": cfg.model.network,
+            "embedding_size": cfg.model.embedding_size,
+            "model_kwargs": cfg.model.kwargs,
+            "num_classes": cfg.data.num_classes,
+            "precision": run.settings.precision,
+            "zero_stage": run.settings.zero_stage,
+            "config": to_dict(cfg),
+        }
+
+    def resume(self) -> int:
+        """Restores the run from `checkpoint.resume`; returns the step to continue from (0 for a
+        fresh start). Every rank must call it."""
+        run = self.run
+        path = resolve_resume(self.cfg.checkpoint.resume, self.cfg.output, run.rank)
+        if path is None:
+            if self.cfg.checkpoint.resume not in (False, "", "false", "False"):
+                run.log(f"[checkpoint] no checkpoint in {self.root}: starting fresh")
+            run.loader.set_epoch(0)
+            return 0
+        meta = load_checkpoint(
+            path, run.engine, run.head, run.head_opt, run.rank, run.world, run.log
+        )
+        run.loader.set_epoch(int(meta["epoch"]))
+        run.loader.load_state_dict(meta["loader"])  # global-sample offset: any world size
+        run.log(f"[arcscale] resumed from {path} at step {meta['step']}, epoch {meta['epoch']}")
+        return int(meta["step"])
+
+    def save(self, step: int) -> None:
+        """Writes `checkpoints/step_<step>/` (collective)."""
+        run = self.run
+        save_checkpoint(
+            self.cfg.output,
+            step,
+            run.engine,
+            run.head,
+            run.head_opt,
+            self.meta(step),
+            run.rank,
+            self.cfg.checkpoint.keep_last,
+            run.log,
+        )
+        self.last_saved = os.path.join(self.root, f"step_{step}")
+
+    def maybe_save(self, step: int, finite: bool) -> None:
+        """Saves every `checkpoint.every` steps, unless this step's loss was non-finite."""
+        every = self.cfg.checkpoint.every
+        if not every or step % every:
+            return
+        if not finite:
+            self.run.log(f"[checkpoint] step {step}: not saved, the loss is non-finite")
+            return
+        self.save(step)
+
+    def finish(self, step: int) -> None:
+        """Saves the last step (if not saved yet) and exports its `backbone.pt` to the output
+        folder, where arcface_torch users look for the final weights."""
+        if self.last_saved is None or not self.last_saved.endswith(f"step_{step}"):
+            self.save(step)
+        if self.run.rank == 0:
+            final = os.path.join(self.root, f"step_{step}", "backbone.pt")
+            target = os.path.join(self.cfg.output, "backbone.pt")
+            shutil.copyfile(final, f"{target}.tmp")
+            os.replace(f"{target}.tmp", target)
+
+
+def preflight_output(cfg) -> None:
+    """Start-up checks of the run folder, before any process group (every rank, shared disk).
+
+    Raises:
+        ConfigError: `output` cannot be created or written; an explicit `checkpoint.resume`
+            path that is not a complete checkpoint; a fresh run (`checkpoint.resume=false`) in
+            a folder holding another run's checkpoints without `checkpoint.overwrite=true`.
+    """
+    import tempfile
+
+    from trainer.config import ConfigError
+
+    try:
+        os.makedirs(cfg.output, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cfg.output):
+            pass
+    except OSError as e:
+        raise ConfigError(f"output: cannot write to {cfg.output} ({e.strerror or e})") from None
+    resume = cfg.checkpoint.resume
+    if resolve_resume(resume, cfg.output) is None and resume in (False, "", "false", "False"):
+        prepare_fresh_output(cfg.output, cfg.checkpoint.overwrite)

@@ -1,0 +1,210 @@
+"""Builds everything a training run needs into one `Run`: engine, head, loaders, evaluator, logger.
+
+Order (design in docs/design.md): seed -> Accelerator + process group -> dataset and loader ->
+run-folder files -> backbone (SyncBN, activation checkpointing, input layout) -> DeepSpeed engine
+-> Partial FC head and its optimizer -> logger and verification callback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.config import Config, Resolved, resolve, save_config
+from trainer.engine import EngineSettings
+
+
+@dataclass
+class Run:
+    """The built parts of one training run (every rank holds its own)."""
+
+    cfg: Config
+    settings: EngineSettings
+    res: Resolved  # sizes derived from config + world size + dataset
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype  # the engine's parameter dtype
+    memory_format: torch.memory_format  # layout of input batches on the device
+    accelerator: Any
+    engine: Any  # DeepSpeed engine of the backbone
+    head: torch.nn.Module  # Partial FC (outside ZeRO)
+    head_opt: Any  # heads.HeadOptimizer
+    loader: Any  # yields (images, labels); epoch/state_dict/load_state_dict
+    evaluator: Any  # trainer.evaluation.VerificationCallback or None
+    logger: Any  # trainer.logging_utils.TrainLogger
+    log: Callable[..., None]  # print on rank 0, silent elsewhere
+
+    def evaluate(self, step: int) -> None:
+        """Verification on every `.bin` target (all ranks take part). A failure is logged and
+        training goes on: an evaluation never costs the run or its checkpoint."""
+        if self.evaluator is None:
+            return
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                self.evaluator(step, lambda x: self.engine(x.to(self.device, self.dtype)).float())
+        except Exception as e:  # noqa: BLE001 - logged, the run goes on
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"[eval] rank {self.rank} step {step}: evaluation failed: {first}", flush=True)
+        finally:
+            self.engine.train()
+
+    def report_corrupt(self, epoch: int, when: str = "") -> None:
+        """Logs the records `data.skip_corrupt` replaced so far (per rank)."""
+        if corrupt := getattr(self.loader, "corrupt", None):
+            print(
+                f"[arcscale] rank {self.rank} epoch {epoch}{when}: skipped {len(corrupt)} "
+                f"corrupt records (data.skip_corrupt); first: {corrupt[0]}",
+                flush=True,
+            )
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, numpy and torch (arcface_torch seeds all three with `seed`)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _write_run_files(cfg: Config, settings, ds_config: dict, res: Resolved) -> None:
+    from trainer import checkpoint as ckpt
+
+    os.makedirs(cfg.output, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.output, "config.yaml"), {**res.__dict__, **settings.__dict__})
+    ckpt.write_text_atomic(
+        os.path.join(cfg.output, "ds_config.json"), json.dumps(ds_config, indent=1)
+    )
+    ckpt.clean_incomplete(ckpt.checkpoint_root(cfg.output))
+
+
+def _build_engine(cfg: Config, accelerator, ds_config: dict, device, world: int, log):
+    import models
+    from trainer.engine import prepare_backbone
+    from trainer.memory_format import input_memory_format
+    from trainer.sync_bn import convert_sync_batchnorm
+
+    backbone = models.create(
+        cfg.model.network, embedding_size=cfg.model.embedding_size, **cfg.model.kwargs
+    )
+    if cfg.engine.sync_bn and world > 1:
+        backbone = convert_sync_batchnorm(backbone)
+    if cfg.model.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
+    memory_format, why = input_memory_format(backbone, device, cfg.engine.memory_format)
+    log(f"[arcscale] input memory format: {why}")
+    return prepare_backbone(cfg, accelerator, backbone, ds_config), memory_format
+
+
+def _build_head(cfg: Config, device):
+    from heads import CombinedMarginLoss, PartialFC, build_head_optimizer
+
+    m1, m2, m3 = cfg.head.margin_list
+    margin = CombinedMarginLoss(cfg.head.scale, m1, m2, m3, cfg.head.interclass_filtering_threshold)
+    head = PartialFC(
+        cfg.model.embedding_size, cfg.data.num_classes, cfg.head.sample_rate, margin, seed=cfg.seed
+    ).to(device)
+    head_opt = build_head_optimizer(
+        head,
+        name=cfg.optim.optimizer,
+        lr=cfg.optim.lr,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+    )
+    return head, head_opt
+
+
+def _build_evaluator(cfg: Config, rank: int, world: int, logger):
+    from trainer.data_setup import val_bin_paths
+    from trainer.evaluation import VerificationCallback
+
+    bins = val_bin_paths(cfg)
+    if not bins:
+        return None
+    return VerificationCallback(
+        bins,
+        rank,
+        world,
+        batch_size=cfg.eval.batch_size,
+        log_fn=logger.info,
+        tb_writer=logger.writer,
+        out_dir=cfg.output,
+    )
+
+
+def build_run(cfg: Config, settings: EngineSettings, ds_config: dict) -> Run:
+    """Builds every part of a run on this rank (collective: every rank must call it).
+
+    Raises:
+        ConfigError: the dataset, device or engine settings contradict the config.
+    """
+    from trainer.data_setup import build_dataset, build_loader
+    from trainer.device_batch import DevicePrefetcher
+    from trainer.engine import create_accelerator, dist_info
+    from trainer.logging_utils import TrainLogger
+    from trainer.step import DTYPES
+
+    seed_everything(cfg.seed)
+    accelerator = create_accelerator(cfg, ds_config, settings.precision)
+    info = dist_info()
+    rank, world, device = info.rank, info.world_size, info.device
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    dataset = build_dataset(cfg)
+    loader = build_loader(cfg, dataset, rank, world, device)
+    res = resolve(cfg, world, len(dataset))
+    if rank == 0:
+        _write_run_files(cfg, settings, ds_config, res)
+        log(
+            f"[arcscale] world size {world} on {device}, ZeRO-{settings.zero_stage} "
+            f"{settings.precision}, {cfg.model.network}, {cfg.data.num_classes} classes, "
+            f"{res.num_image} images, global batch {res.global_batch}, "
+            f"{res.steps_per_epoch} steps/epoch, {res.total_steps} steps"
+        )
+    engine, memory_format = _build_engine(cfg, accelerator, ds_config, device, world, log)
+    head, head_opt = _build_head(cfg, device)
+    dtype = DTYPES[settings.precision]
+    logger = TrainLogger(
+        cfg.output,
+        rank,
+        res.total_steps,
+        res.global_batch,
+        use_tensorboard=cfg.logging.tensorboard,
+        progress_bar=cfg.logging.progress_bar,
+    )
+    return Run(
+        cfg=cfg,
+        settings=settings,
+        res=res,
+        rank=rank,
+        world=world,
+        device=device,
+        dtype=dtype,
+        memory_format=memory_format,
+        accelerator=accelerator,
+        engine=engine,
+        head=head,
+        head_opt=head_opt,
+        loader=DevicePrefetcher(loader, device, dtype, memory_format),  # normalizes on device
+        evaluator=_build_evaluator(cfg, rank, world, logger),
+        logger=logger,
+        log=log,
+    )
+
+
+def micro_batches(loader, at_epoch_end=None):
+    """Endless (images, labels) stream; advances the loader's epoch at each epoch end."""
+    while True:
+        yield from loader
+        if at_epoch_end is not None:
+            at_epoch_end(loader.epoch, "")
+        loader.set_epoch(loader.epoch + 1)
