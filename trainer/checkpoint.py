@@ -1,4 +1,4 @@
-"""Atomic, re-shardable training checkpoints (layout in design.md).
+"""Atomic, re-shardable training checkpoints (layout in docs/design.md).
 
 ```
 <output>/checkpoints/
