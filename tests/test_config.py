@@ -138,3 +138,13 @@ def test_poly_lr_matches_formula():
     assert poly_lr(55, base, total, warm) == pytest.approx(base * (1 - 45 / 90) ** 2)
     assert poly_lr(100, base, total, warm) == 0.0
     assert poly_lr(3, base, total, 0) == pytest.approx(base * (1 - 3 / 100) ** 2)
+
+
+def test_clear_aliases_for_arcface_torch_names(tmp_path):
+    data = {"path": "/d", "batch_size": 8, "num_classes": 10}
+    path = _write(tmp_path, {"eval": {"every_steps": 500}, "data": data})
+    cfg = load_config(str(path), ["logging.every_steps=7", "data.path=/e"])
+    assert (cfg.eval.verbose, cfg.logging.frequent, cfg.data.rec) == (500, 7, "/e")
+    both = _write(tmp_path, {"eval": {"every_steps": 5, "verbose": 6}}, "both.yaml")
+    with pytest.raises(ConfigError, match="'eval.every_steps' and 'eval.verbose'"):
+        load_config(str(both))

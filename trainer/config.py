@@ -263,12 +263,36 @@ def _check_keys_are_strings(raw: dict, prefix: str, src: str) -> None:
             )
 
 
+# Clearer names accepted beside arcface_torch's (which stay the documented, saved names).
+ALIASES = {
+    "eval.every_steps": "eval.verbose",
+    "logging.every_steps": "logging.frequent",
+    "data.path": "data.rec",
+}
+
+
+def _apply_aliases(raw: dict, prefix: str, src: str) -> dict:
+    out = dict(raw)
+    for key in list(raw):
+        canonical = ALIASES.get(f"{prefix}{key}")
+        if canonical is None:
+            continue
+        name = canonical.rsplit(".", 1)[-1]
+        if name in raw:
+            raise ConfigError(
+                f"{src}: '{prefix}{key}' and '{canonical}' are the same field: give one"
+            )
+        out[name] = out.pop(key)
+    return out
+
+
 def _build(cls: type, raw: dict, prefix: str, src: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{src}: '{prefix or 'top level'}' must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     _check_keys_are_strings(raw, prefix, src)
+    raw = _apply_aliases(raw, prefix, src)
     unknown = sorted(set(raw) - names)
     if unknown:
         key = f"{prefix}{unknown[0]}"
@@ -285,6 +309,7 @@ def _build(cls: type, raw: dict, prefix: str, src: str) -> Any:
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any, src: str) -> None:
+    dotted = ALIASES.get(dotted, dotted)  # an override of an alias replaces the file's value
     node = raw
     parts = dotted.split(".")
     for part in parts[:-1]:
@@ -292,6 +317,9 @@ def _set_dotted(raw: dict, dotted: str, value: Any, src: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"{src}: '{dotted}' goes through non-mapping '{part}'")
         node = child
+    for alias, canonical in ALIASES.items():  # the file may have used the other name
+        if canonical == dotted:
+            node.pop(alias.rsplit(".", 1)[-1], None)
     node[parts[-1]] = value
 
 
