@@ -50,18 +50,23 @@ def _reference(world, gas):
     return loss.item(), grads, centers.grad.float()
 
 
-def _worker(rank, world, stage, precision, gas):
+def build_step(rank, world, stage, precision, gas, overrides=(), sample_rate=1.0, ds_edit=None):
+    """This rank's Accelerate + DeepSpeed engine, head, head optimizer and micro-batches for
+    `trainer.step.train_step` (lr 1, no momentum/decay/clipping unless `overrides` say so;
+    `ds_edit` {section: {key: value}} is merged into the resolved DeepSpeed config).
+
+    Returns:
+        (accelerator, engine, head, head_opt, micro_batches, initial backbone params).
+    """
     os.environ.update(
         {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)},
         ACCELERATE_USE_DEEPSPEED="true",
     )
     from deepspeed.accelerator import get_accelerator
-    from deepspeed.utils import safe_get_full_fp32_param
 
     from heads import CombinedMarginLoss, PartialFC, build_head_optimizer
     from trainer.config import load_config
     from trainer.engine import EngineSettings, build_ds_config, create_accelerator
-    from trainer.step import train_step
 
     cfg = load_config(
         None,
@@ -75,6 +80,7 @@ def _worker(rank, world, stage, precision, gas):
             "optim.momentum=0.0",
             "optim.weight_decay=0.0",
             "optim.lr=1.0",
+            *overrides,
         ],
     )
     ds = build_ds_config(cfg, EngineSettings(stage, precision, "ds_configs/zero2_bf16.json"))
@@ -83,14 +89,18 @@ def _worker(rank, world, stage, precision, gas):
         # DeepSpeed's CPU accelerator refuses fp16 unless oneDNN has fp16 kernels (AVX512-FP16);
         # torch's fp16 CPU ops still run, so the loss-scale path can be checked without them.
         get_accelerator().is_fp16_supported = lambda: True
+    for section, values in (ds_edit or {}).items():
+        ds.setdefault(section, {}).update(values)
     accelerator = create_accelerator(cfg, ds, precision)
     model = _backbone()
     init = {k: p.detach().clone() for k, p in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     engine, _ = accelerator.prepare(model, opt)
-    head = PartialFC(D, C, 1.0, CombinedMarginLoss(S, 1.0, M2, 0.0))
-    w0 = head.weight.detach().clone()
-    head_opt = build_head_optimizer(head, "sgd", lr=1.0, momentum=0.0, weight_decay=0.0)
+    head = PartialFC(D, C, sample_rate, CombinedMarginLoss(S, 1.0, M2, 0.0))
+    o = cfg.optim
+    head_opt = build_head_optimizer(
+        head, "sgd", lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
+    )
 
     images, labels = _batches(world, gas)
     per_micro = world * B
@@ -98,6 +108,18 @@ def _worker(rank, world, stage, precision, gas):
     for m in range(gas):  # each micro-batch of the global batch is split over ranks in order
         lo = m * per_micro + rank * B
         micro.append((images[lo : lo + B], labels[lo : lo + B]))
+    return accelerator, engine, head, head_opt, micro, init
+
+
+def _worker(rank, world, stage, precision, gas):
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from trainer.step import train_step
+
+    accelerator, engine, head, head_opt, micro, init = build_step(
+        rank, world, stage, precision, gas
+    )
+    w0 = head.weight.detach().clone()
     result = train_step(accelerator, engine, head, head_opt, micro, precision, torch.device("cpu"))
     updates = {
         k: (safe_get_full_fp32_param(p).float() - init[k])
