@@ -14,7 +14,13 @@ from heads.comm import Topology, resolve_group, shard_range
 from heads.dist_softmax import margin_softmax_cross_entropy
 from heads.margin import CombinedMarginLoss
 from heads.optim import OPTIMIZERS, HeadOptimizer, build_head_optimizer
-from heads.partial_fc import PartialFC, init_centers, sample_classes
+from heads.partial_fc import (
+    LOGITS_DTYPES,
+    PartialFC,
+    init_centers,
+    resolve_logits_dtype,
+    sample_classes,
+)
 
 __all__ = [
     "CombinedMarginLoss",
@@ -26,6 +32,8 @@ __all__ = [
     "load_head",
     "margin_softmax_cross_entropy",
     "sample_classes",
+    "resolve_logits_dtype",
+    "LOGITS_DTYPES",
     "init_centers",
     "shard_range",
     "resolve_group",

@@ -39,6 +39,7 @@ __all__ = [
     "init_centers",
     "cosine_logits",
     "LOGITS_DTYPES",
+    "resolve_logits_dtype",
 ]
 
 INIT_BLOCK = 65536  # classes per independently seeded block of initial centers
@@ -165,6 +166,28 @@ class _CosineLinear(torch.autograd.Function):
                 ctx.workspace.probe = coef.sum()
                 grad_w = None
         return grad_e, grad_w, None, None, None
+
+
+def resolve_logits_dtype(name: str, device: torch.device, precision: str) -> str:
+    """The head's GEMM precision for a config value (``head.logits_dtype``).
+
+    ``auto``: on CUDA ``bf16`` when the engine trains in bf16, ``tf32`` otherwise (fast either
+    way; the softmax stays fp32); ``fp32`` elsewhere (CPUs gain nothing from bf16 GEMMs here).
+    Other values are returned as given.
+
+    Raises:
+        ValueError: a name outside ``auto`` and ``LOGITS_DTYPES``.
+    """
+    if name == "auto":
+        if torch.device(device).type != "cuda":
+            return "fp32"
+        return "bf16" if precision == "bf16" else "tf32"
+    if name not in LOGITS_DTYPES:
+        raise ValueError(
+            f"heads/partial_fc.py: logits dtype must be auto or one of {LOGITS_DTYPES}, got "
+            f"{name!r}"
+        )
+    return name
 
 
 class _tf32:

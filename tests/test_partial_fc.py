@@ -333,3 +333,14 @@ def test_unvalidated_labels_poison_the_loss_and_shapes_are_fixed():
     head.fix_batch_size(4)
     with pytest.raises(ValueError, match="partial_fc.py.*fix_batch_size agreed on 4"):
         head(torch.randn(3, D), torch.tensor([1, 2, 3]))
+
+
+def test_logits_dtype_auto_is_fast_on_cuda_and_fp32_on_cpu():
+    from heads import resolve_logits_dtype
+
+    assert resolve_logits_dtype("auto", torch.device("cpu"), "bf16") == "fp32"
+    assert resolve_logits_dtype("auto", torch.device("cuda", 0), "bf16") == "bf16"
+    assert resolve_logits_dtype("auto", torch.device("cuda", 0), "fp16") == "tf32"
+    assert resolve_logits_dtype("fp32", torch.device("cuda", 0), "bf16") == "fp32"
+    with pytest.raises(ValueError, match="logits dtype"):
+        resolve_logits_dtype("half", torch.device("cpu"), "fp32")

@@ -60,6 +60,9 @@ class HeadConfig:
     margin_list: tuple = (1.0, 0.5, 0.0)
     scale: float = 64.0
     interclass_filtering_threshold: float = 0.0
+    # GEMM precision of the logits: fp32, tf32, bf16 (bf16 operands, fp32 accumulation and
+    # softmax); auto = bf16 on CUDA under bf16 training, tf32 on other CUDA runs, fp32 on CPU.
+    logits_dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -400,6 +403,10 @@ def validate(cfg: Config, src: str = "<config>") -> None:
         raise bad("head.sample_rate", f"must be in (0, 1], got {cfg.head.sample_rate}")
     if len(cfg.head.margin_list) != 3:
         raise bad("head.margin_list", f"must be [m1, m2, m3], got {list(cfg.head.margin_list)}")
+    if cfg.head.logits_dtype not in ("auto", "fp32", "tf32", "bf16"):
+        raise bad(
+            "head.logits_dtype", f"must be auto, fp32, tf32 or bf16, got {cfg.head.logits_dtype!r}"
+        )
     if len(cfg.optim.betas) != 2:
         raise bad("optim.betas", f"must be [beta1, beta2], got {list(cfg.optim.betas)}")
     if cfg.data.kind != "synthetic" and not cfg.data.rec:

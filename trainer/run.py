@@ -103,13 +103,18 @@ def _build_engine(cfg: Config, accelerator, ds_config: dict, device, world: int,
     return prepare_backbone(cfg, accelerator, backbone, ds_config), memory_format
 
 
-def _build_head(cfg: Config, device):
-    from heads import CombinedMarginLoss, PartialFC, build_head_optimizer
+def _build_head(cfg: Config, device, precision: str):
+    from heads import CombinedMarginLoss, PartialFC, build_head_optimizer, resolve_logits_dtype
 
     m1, m2, m3 = cfg.head.margin_list
     margin = CombinedMarginLoss(cfg.head.scale, m1, m2, m3, cfg.head.interclass_filtering_threshold)
     head = PartialFC(
-        cfg.model.embedding_size, cfg.data.num_classes, cfg.head.sample_rate, margin, seed=cfg.seed
+        cfg.model.embedding_size,
+        cfg.data.num_classes,
+        cfg.head.sample_rate,
+        margin,
+        seed=cfg.seed,
+        logits_dtype=resolve_logits_dtype(cfg.head.logits_dtype, device, precision),
     ).to(device)
     head_opt = build_head_optimizer(
         head,
@@ -171,7 +176,9 @@ def build_run(cfg: Config, settings: EngineSettings, ds_config: dict) -> Run:
             f"{res.steps_per_epoch} steps/epoch, {res.total_steps} steps"
         )
     engine, memory_format = _build_engine(cfg, accelerator, ds_config, device, world, log)
-    head, head_opt = _build_head(cfg, device)
+    if device.type == "cuda":  # fixed input sizes: let cuDNN pick the fastest kernels once
+        torch.backends.cudnn.benchmark = True
+    head, head_opt = _build_head(cfg, device, settings.precision)
     dtype = DTYPES[settings.precision]
     logger = TrainLogger(
         cfg.output,
