@@ -37,8 +37,6 @@ def _import_index_module():
         pkg = types.ModuleType("data")
         pkg.__path__ = [os.path.join(REPO_ROOT, "data")]
         sys.modules["data"] = pkg
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
     import data.image_index as image_index
 
     return image_index

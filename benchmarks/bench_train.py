@@ -24,15 +24,14 @@ import argparse
 import importlib.metadata
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from trainer.ports import free_port
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __package__ in (None, ""):  # run as a script: make the repo's packages importable
-    sys.path.insert(0, REPO_ROOT)
 
 __all__ = [
     "PUBLISHED",
@@ -110,12 +109,6 @@ def _reset_peak_rss() -> bool:
 
 
 # -- one case -----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _init_single_process() -> None:
     """A one-rank process group (gloo on CPU, nccl on GPU) unless one already exists."""
     import torch
@@ -124,7 +117,7 @@ def _init_single_process() -> None:
     if dist.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)

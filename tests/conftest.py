@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+from data.lfw import DEFAULT_LFW
+
 # DeepSpeed picks its accelerator at import; without CUDA it must be told to use the CPU one.
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -12,10 +14,7 @@ os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/arcscale/torch_extensions")
 )
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LFW_ROOT = os.environ.get(
-    "ARCSCALE_LFW", os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "lfw")
-)
+LFW_ROOT = DEFAULT_LFW
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,23 +19,18 @@ import io
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 
 import torch
+
+from trainer.ports import free_port
 
 __all__ = ["run_distributed", "DistributedError"]
 
 
 class DistributedError(RuntimeError):
     """A worker raised, exited without a result, or the run timed out."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world_size, port, fn, args, results, env):
@@ -113,7 +108,7 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 120.
     # milliseconds instead of paying a fresh interpreter + torch import (seconds) per rank.
     ctx.set_forkserver_preload(["torch", "torch.distributed"])
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     worker_env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     procs = [
         ctx.Process(

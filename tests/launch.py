@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
+
+from trainer.ports import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -24,12 +25,6 @@ TINY = [
     "eval.batch_size=256",
     "eval.val_targets=[]",  # verification costs minutes on 2 cores: only tests that check it
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_env() -> dict:
@@ -109,7 +104,8 @@ def check(proc: subprocess.CompletedProcess) -> str:
 def make_lfw_rec(lfw_root: str, out: str, num_people: int = 16, max_per_person: int = 60) -> str:
     """A small insightface-style `.rec` of real LFW faces in `out`: the first `num_people`
     people (sorted) with 20..`max_per_person` images, labels 0..num_people-1. Returns `out`."""
-    from tools.folder2rec import convert
+    from data.lfw import LFW_CROP
+    from data.pack_rec import convert
 
     root = os.path.join(lfw_root, "lfw-deepfunneled")
     people = [
@@ -122,5 +118,5 @@ def make_lfw_rec(lfw_root: str, out: str, num_people: int = 16, max_per_person: 
         for label, p in enumerate(people)
         for f in sorted(os.listdir(os.path.join(root, p)))
     ]
-    convert(samples, out, crop=(59, 56, 191, 188), insightface_header=True, progress=False)
+    convert(samples, out, crop=LFW_CROP, insightface_header=True, progress=False)
     return out

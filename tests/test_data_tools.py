@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from data import face_jpeg, lfw, pack_rec
 from data.decode import decode_image
 from data.recordio import RecordIOReader, read_property, record_label, unpack
 from data.verification_bin import load_bin
@@ -78,12 +79,12 @@ def test_folder2rec_insightface_layout(folder, tmp_path, capsys):
 
 def test_folder2rec_min_images_crop_and_workers(folder, tmp_path):
     out1, out2 = tmp_path / "w1", tmp_path / "w2"
-    samples, names, skipped = folder2rec.scan_folder(str(folder), min_images=2)
+    samples, names, skipped = pack_rec.scan_folder(str(folder), min_images=2)
     assert names == ["alice", "bob"] and len(samples) == 3 + 3  # bob's broken.jpg is listed
     assert any("solo_0001.jpg" in p and "--min-images" in r for p, r in skipped)
     kwargs = {"crop": (5, 5, 25, 25), "size": 8, "num_classes": 2, "progress": False}
-    s1 = folder2rec.convert(samples, out1, workers=1, **kwargs)
-    folder2rec.convert(samples, out2, workers=2, **kwargs)
+    s1 = pack_rec.convert(samples, out1, workers=1, **kwargs)
+    pack_rec.convert(samples, out2, workers=2, **kwargs)
     assert (s1.num_images, s1.num_classes, len(s1.skipped)) == (5, 2, 1)
     assert (out1 / "train.rec").read_bytes() == (out2 / "train.rec").read_bytes()
     assert (out1 / "train.idx").read_text().splitlines()[0] == "0\t0"  # no header: keys from 0
@@ -94,13 +95,13 @@ def test_folder2rec_min_images_crop_and_workers(folder, tmp_path):
 def test_crop_box_selects_the_region(tmp_path):
     path = str(tmp_path / "x.png")
     write_image(path, (0, 0, 0), size=(50, 40), box=(10, 5, 30, 25))
-    jpeg, copied = folder2rec.encode_face(path, crop=(10, 5, 30, 25), size=16)
+    jpeg, copied = face_jpeg.encode_face(path, crop=(10, 5, 30, 25), size=16)
     assert not copied and decode_image(jpeg).min() > 240  # only the white box survives
     with pytest.raises(ValueError, match=r"crop box \(0, 0, 60, 10\) is outside the 50x40 image"):
-        folder2rec.encode_face(path, crop=(0, 0, 60, 10), size=16)
+        face_jpeg.encode_face(path, crop=(0, 0, 60, 10), size=16)
     small = str(tmp_path / "s.jpg")
     write_image(small, (9, 99, 199), size=(16, 16))
-    jpeg, copied = folder2rec.encode_face(small, size=16)
+    jpeg, copied = face_jpeg.encode_face(small, size=16)
     with open(small, "rb") as f:
         assert copied and jpeg == f.read()  # right size already: no second lossy encode
 
@@ -117,11 +118,11 @@ def test_folder2rec_abort_leaves_no_partial_rec(folder, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_pack(header, payload)
 
-    real_pack = folder2rec.pack
-    monkeypatch.setattr(folder2rec, "pack", failing_pack)
-    samples, _, _ = folder2rec.scan_folder(str(folder))
+    real_pack = pack_rec.pack
+    monkeypatch.setattr(pack_rec, "pack", failing_pack)
+    samples, _, _ = pack_rec.scan_folder(str(folder))
     with pytest.raises(KeyboardInterrupt):
-        folder2rec.convert(samples, out, size=16, progress=False)
+        pack_rec.convert(samples, out, size=16, progress=False)
     assert os.listdir(out) == ["train.rec"] and (out / "train.rec").read_bytes() == b"old"
 
 
@@ -134,8 +135,8 @@ def test_folder2rec_errors(tmp_path, capsys):
 
 def test_inspect_rec_reports_bad_keys(folder, tmp_path, capsys):
     out = tmp_path / "out"
-    samples, _, _ = folder2rec.scan_folder(str(folder))
-    folder2rec.convert(samples, out, size=16, progress=False, insightface_header=True)
+    samples, _, _ = pack_rec.scan_folder(str(folder))
+    pack_rec.convert(samples, out, size=16, progress=False, insightface_header=True)
     reader = RecordIOReader(out / "train.rec", out / "train.idx")
     offset = reader.offset_of(2)
     data = bytearray((out / "train.rec").read_bytes())
@@ -183,7 +184,7 @@ def test_make_bin_pairs_and_folds(tmp_path):
     assert make_bin.main([*argv, "--no-progress"]) == 1  # Cid_0009.jpg does not exist
     (tmp_path / "pairs.txt").write_text("1\t1\nAnn\t1\t2\nAnn\t1\tBen\n")
     with pytest.raises(ValueError, match=r"pairs.txt:3: expected a mismatched"):
-        make_bin.parse_pairs(str(tmp_path / "pairs.txt"))
+        lfw.parse_pairs(str(tmp_path / "pairs.txt"))
 
 
 def test_prepare_lfw_split_and_idempotence(tmp_path, capsys):
@@ -209,7 +210,7 @@ def test_prepare_lfw_split_and_idempotence(tmp_path, capsys):
 
 
 def test_real_lfw_split(lfw_root):
-    samples, names, pairs = prepare_lfw.split_lfw(lfw_root, [1])
+    samples, names, pairs = lfw.split_lfw(lfw_root, [1])
     held_out = {p[0] for p in pairs} | {p[2] for p in pairs}
     assert len(pairs) == 600 and sum(p[4] for p in pairs) == 300
     assert not held_out & set(names)
@@ -221,11 +222,11 @@ def test_real_lfw_split(lfw_root):
 
 
 def test_real_lfw_small_bin(lfw_root, tmp_path):
-    folds = make_bin.parse_pairs(os.path.join(lfw_root, "pairs.txt"))
+    folds = lfw.parse_pairs(os.path.join(lfw_root, "pairs.txt"))
     assert len(folds) == 10 and all(len(f) == 600 for f in folds)
     pairs = folds[0][295:305]  # 5 matched + 5 mismatched
     image_root = os.path.join(lfw_root, "lfw-deepfunneled")
-    n = make_bin.build_bin(pairs, image_root, tmp_path / "x.bin", crop=prepare_lfw.LFW_CROP)
+    n = lfw.build_bin(pairs, image_root, tmp_path / "x.bin", crop=lfw.LFW_CROP)
     images, issame = load_bin(tmp_path / "x.bin")
     assert n == 10 and images.shape == (20, 112, 112, 3)
     assert issame.tolist() == [True] * 5 + [False] * 5
@@ -239,7 +240,7 @@ def test_real_lfw_prepare_one_fold(lfw_root, tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    samples, names, pairs = prepare_lfw.split_lfw(lfw_root, [10])
+    samples, names, pairs = lfw.split_lfw(lfw_root, [10])
     assert read_property(out) == (len(names), 112, 112)
     report = inspect_rec.inspect(str(out / "train.rec"), str(out / "train.idx"), len(names))
     assert report["bad"] == [] and report["images"] == len(samples)

@@ -15,9 +15,8 @@ from PIL import Image
 
 from data.datasets import ImageFolderDataset, RecordDataset, SyntheticDataset
 from data.decode import decode_image, normalize
+from data.lfw import LFW_CROP
 from data.recordio import IRHeader, RecordIOWriter, pack
-
-LFW_BOX = (59, 56, 191, 188)  # deep-funneled face box -> 112x112 (shared/data/README.md)
 
 
 def lfw_faces(lfw_root: str, num_people: int, per_person: int = 3):
@@ -30,7 +29,7 @@ def lfw_faces(lfw_root: str, num_people: int, per_person: int = 3):
             continue
         for f in files[:per_person]:
             with Image.open(os.path.join(base, name, f)) as im:
-                face = im.convert("RGB").crop(LFW_BOX).resize((112, 112), Image.BILINEAR)
+                face = im.convert("RGB").crop(LFW_CROP).resize((112, 112), Image.BILINEAR)
             out.append((name, np.asarray(face)))
         if len(out) >= num_people * per_person:
             return out

@@ -13,6 +13,7 @@ import torch
 
 import models
 from tools import convert_to_onnx as conv
+from trainer.saved_backbone import load_backbone, resolve_checkpoint
 
 FULL = {"r18": 512, "mbf": 128, "vit_t": 512}  # network -> embedding size exported
 TINY_KWARGS = {"base_width": 8}  # a tiny r18 for the checkpoint-layout and bad-input tests
@@ -83,7 +84,7 @@ def test_export_matches_pytorch(name, tmp_path, lfw_root, capsys):
     assert sorted(p.name for p in out.parent.iterdir()) == ["backbone.onnx"]  # single file
 
     # Independent check (not trusting the tool's own comparison): random and real faces, N=1, 4.
-    model = conv.load_backbone(weights, name, embedding_size=dim)
+    model = load_backbone(weights, name, embedding_size=dim)
     assert not model.training
     session = _session(out)
     faces = conv.load_faces(lfw_root=Path(lfw_root))
@@ -101,7 +102,7 @@ def test_run_dir_resolves_latest_step_and_meta(tmp_path):
     _step_dir(tmp_path, 10, "r18", 32, TINY_KWARGS)
     newest = _step_dir(tmp_path, 20, "r18", 48, TINY_KWARGS)
     (tmp_path / "checkpoints" / "latest").write_text("step_20\n")
-    assert conv.resolve_checkpoint(tmp_path) == (
+    assert resolve_checkpoint(tmp_path) == (
         newest / "backbone.pt",
         {"network": "r18", "embedding_size": 48, "model_kwargs": TINY_KWARGS},
     )
@@ -109,7 +110,7 @@ def test_run_dir_resolves_latest_step_and_meta(tmp_path):
     out = newest / "backbone.onnx"
     session = _session(out)
     assert session.run(None, {"data": np.zeros((3, 3, 112, 112), np.float32)})[0].shape == (3, 48)
-    model = conv.load_backbone(newest)
+    model = load_backbone(newest)
     assert model.embedding_size == 48 and model.conv1.out_channels == 8
 
 
@@ -118,8 +119,8 @@ def test_arcface_style_pth_loads(tmp_path):
     path = tmp_path / "backbone.pth"
     torch.save(_calibrated_state("r18", 16, **TINY_KWARGS), path)
     with pytest.raises(ValueError, match="--network"):
-        conv.load_backbone(path)
-    model = conv.load_backbone(path, "r18", embedding_size=16, **TINY_KWARGS)
+        load_backbone(path)
+    model = load_backbone(path, "r18", embedding_size=16, **TINY_KWARGS)
     assert torch.equal(model.fc.weight, torch.load(path)["fc.weight"])
 
 

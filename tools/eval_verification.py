@@ -5,7 +5,7 @@
     python tools/eval_verification.py --untrained --network mbf --bin ...   # random-init baseline
 
 The model is an ONNX file (run with onnxruntime on CPU), PyTorch weights or a checkpoint folder
-(loaded by ``tools.convert_to_onnx.load_backbone``), or with ``--untrained`` a freshly initialized
+(loaded by ``trainer.saved_backbone.load_backbone``), or with ``--untrained`` a freshly initialized
 network of the registry. Prints XNorm, flip-test accuracy (mean+-std over 10 folds) and TAR@FAR per
 target; writes ``results.json`` and ``roc.png`` to ``--out``.
 """
@@ -22,9 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-if __package__ in (None, ""):  # run as a script: make the repo's packages importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from data.atomic import write_text_atomic
 from trainer.verification import embed_views, evaluate_views, format_results, plot_roc
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]
@@ -138,7 +136,7 @@ def make_embedder(args: argparse.Namespace) -> tuple[EmbedFn, int, bool, str]:
     if args.model.endswith(".onnx"):
         fn, bs, fixed = onnx_embedder(args.model, args.batch_size)
         return fn, bs, fixed, args.model
-    from tools.convert_to_onnx import load_backbone  # heavy (models, checkpoints): lazy
+    from trainer.saved_backbone import load_backbone  # heavy (models, checkpoints): lazy
 
     model = load_backbone(args.model, args.network)
     return torch_embedder(model, args.device), args.batch_size, False, args.model
@@ -228,8 +226,8 @@ def _evaluate(args: argparse.Namespace) -> dict[str, dict]:
         summary[name] = {k: v for k, v in res.items() if k != "roc"}
     os.makedirs(args.out, exist_ok=True)
     plot_roc(results, os.path.join(args.out, "roc.png"), title=f"ROC: {os.path.basename(desc)}")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"model": desc, "targets": summary}, f, indent=2)
+    text = json.dumps({"model": desc, "targets": summary}, indent=2)
+    write_text_atomic(os.path.join(args.out, "results.json"), text)
     print(f"wrote {args.out}/results.json and roc.png")
     return summary
 

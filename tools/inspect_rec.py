@@ -18,9 +18,6 @@ import multiprocessing as mp
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: make the repo's packages importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from data.decode import decode_image
 from data.recordio import RecordIOError, RecordIOReader, read_property, record_label, unpack
 

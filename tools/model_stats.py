@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-if __package__ in (None, ""):  # run as `python tools/model_stats.py`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import models  # noqa: E402
+import models
 
 __all__ = ["PUBLISHED_GFLOPS", "count_stats", "format_table", "main"]
 

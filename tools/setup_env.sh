@@ -32,6 +32,13 @@ elif [ "$(readlink -f .venv)" != "$(readlink -f "$venv")" ]; then
     rm -rf .venv && ln -sfn "$venv" .venv
 fi
 
+# The project itself, editable (scripts import trainer/, data/, ... with no sys.path edits). Also
+# when a cached venv still points at another checkout that made it.
+where='import os, trainer; print(os.path.dirname(os.path.dirname(os.path.realpath(trainer.__file__))))'
+if [ "$(cd / && "$venv/bin/python" -c "$where" 2>/dev/null)" != "$(pwd -P)" ]; then
+    "$venv/bin/pip" install -q --no-deps --no-build-isolation -e .
+fi
+
 # DeepSpeed JIT-builds its CPU ops (shm_comm, cpu_adam) on first use: keep them in a cached folder.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$CACHE/torch_extensions}
 if ! nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=cpu; fi

@@ -13,9 +13,6 @@ import os
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a script by the `deepspeed` launcher
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import torch
 
 from trainer.config import ConfigError, load_config
@@ -67,11 +64,9 @@ def _standalone_env(env) -> bool:
     whether it did."""
     if any(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
         return False
-    import socket
+    from trainer.ports import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(port))

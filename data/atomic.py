@@ -1,0 +1,61 @@
+"""Atomic file writes: write under a temporary name in the target's folder, then ``os.replace``.
+
+A reader (or a crash) never sees a partial file: ``path`` holds either its old content or the
+complete new one. The one helper for every file the project writes that others read (configs,
+checkpoints, head shards, ``.rec``/``.bin`` datasets, ONNX exports, index caches, manifests).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ["atomic_path", "write_text_atomic"]
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; on a clean exit move it onto ``path``.
+
+    The temporary name is hidden (``.NAME.PID-RANDOM.tmpEXT``, keeping the extension for writers
+    that add or check one, e.g. ``np.save``) and unique per process, so ranks or nodes sharing a
+    folder do not collide. The caller creates the file with ``open()`` (or ``torch.save``...), so
+    it gets the user's umask permissions. On an exception (KeyboardInterrupt included) the
+    temporary file is removed and ``path`` is left as it was.
+
+    Args:
+        path: final file path; its folder must exist.
+        fsync: flush the data to disk before the rename (so a crash cannot leave an empty file).
+    Yields:
+        the temporary path (str).
+    Raises:
+        OSError: from the rename (e.g. ``path`` is a directory); the temporary file is removed.
+    """
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    ext = os.path.splitext(name)[1]
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{ext}")
+    try:
+        yield tmp
+        if fsync:
+            _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` atomically (see ``atomic_path``)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding=encoding) as f:
+        f.write(text)

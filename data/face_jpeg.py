@@ -1,0 +1,111 @@
+"""Face crops as JPEG bytes: read an image file, crop, resize, encode; in worker processes.
+
+The one encoder behind the dataset builders (``data/pack_rec.py`` for a training ``.rec``,
+``data/lfw.py`` for a verification ``.bin``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import cv2
+import numpy as np
+import simplejpeg
+
+from data.decode import decode_image
+
+Box = tuple[int, int, int, int]
+EncodeJob = tuple[str, "Box | None", int, int]  # (path, crop, size, quality)
+
+
+def check_crop(box: Sequence[int] | None) -> Box | None:
+    """A crop box (left, top, right, bottom) as a tuple of 4 ints, or None for no crop.
+
+    Raises:
+        ValueError: not 4 values, or not ``0 <= left < right`` and ``0 <= top < bottom``.
+    """
+    if box is None:
+        return None
+    if len(box) != 4:
+        raise ValueError(f"crop box {tuple(box)}: need 4 values L T R B")
+    left, top, right, bottom = (int(v) for v in box)
+    if not (0 <= left < right and 0 <= top < bottom):
+        raise ValueError(f"crop box {tuple(box)}: need 0 <= L < R and 0 <= T < B")
+    return left, top, right, bottom
+
+
+def encode_face(
+    path: str, crop: Box | None = None, size: int = 112, quality: int = 95
+) -> tuple[bytes, bool]:
+    """Read one image file, crop it, resize it to ``size`` x ``size`` and JPEG-encode it.
+
+    Args:
+        path: image file (JPEG/PNG/BMP/WebP).
+        crop: None or box (left, top, right, bottom) in pixels, right/bottom exclusive.
+        size: output side in pixels.
+        quality: JPEG quality 1..100.
+    Returns:
+        (jpeg bytes, copied: bool). A JPEG that already is ``size`` x ``size`` with no crop is
+        returned unchanged (copied=True) to avoid a second lossy encode.
+    Raises:
+        OSError: unreadable file. ValueError: undecodable image or crop box outside the image.
+    """
+    with open(path, "rb") as f:
+        buf = f.read()
+    img = decode_image(buf, where=str(path))
+    h, w = img.shape[:2]
+    if crop is None and (h, w) == (size, size) and simplejpeg.is_jpeg(buf):
+        return buf, True
+    if crop is not None:
+        left, top, right, bottom = crop
+        if not (0 <= left < right <= w and 0 <= top < bottom <= h):
+            raise ValueError(f"crop box {tuple(crop)} is outside the {w}x{h} image")
+        img = img[top:bottom, left:right]
+    if img.shape[:2] != (size, size):
+        shrink = img.shape[0] > size or img.shape[1] > size
+        interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        img = cv2.resize(img, (size, size), interpolation=interp)
+    jpeg = simplejpeg.encode_jpeg(np.ascontiguousarray(img), quality=quality, colorspace="RGB")
+    return jpeg, False
+
+
+def encode_job(job: EncodeJob) -> tuple[bytes | None, bool, str | None]:
+    """``encode_face(*job)`` for a worker pool: returns (jpeg or None, copied, error or None)."""
+    path, crop, size, quality = job
+    try:
+        jpeg, copied = encode_face(path, crop, size, quality)
+        return jpeg, copied, None
+    except (OSError, ValueError) as e:
+        return None, False, str(e).replace(f"{path}: ", "")
+
+
+@contextmanager
+def encoded(
+    jobs: Sequence[EncodeJob], workers: int = 1
+) -> Iterator[Iterable[tuple[bytes | None, bool, str | None]]]:
+    """``encode_job`` results in job order, from ``workers`` processes (1 = this process).
+
+    A context manager: leaving it (also by an exception) terminates the pool.
+    """
+    pool = mp.Pool(workers) if workers > 1 else None
+    try:
+        yield pool.imap(encode_job, jobs, chunksize=8) if pool else map(encode_job, jobs)
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def progress_bar(enabled: bool):
+    """A rich progress bar (count, ETA); a no-op when ``enabled`` is False."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    cols = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(*cols, disable=not enabled)
+
+
+def default_workers() -> int:
+    """Encoding processes a command line uses by default: the CPU count, at most 8."""
+    return min(8, os.cpu_count() or 1)
