@@ -3,7 +3,7 @@
     python benchmarks/bench_data.py [--rec work_dirs/lfw_demo/train.rec] [--batch-size 128]
         [--batches 40] [--dali-threads 2]
 
-Reads the LFW demo ``.rec`` (built with ``tools/prepare_lfw.py`` when missing) and prints a
+Reads the LFW demo ``.rec`` (built as ``tools/prepare_lfw.py`` does when missing) and prints a
 Markdown table of images/s per rank, decode + flip + normalize included, after one warm-up
 batch (worker start-up and pipeline build are reported separately). Speed only, never pass/fail.
 
@@ -18,31 +18,32 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
-
-if __package__ in (None, ""):  # run as a script: make the repo's packages importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
 from data.dali_loader import build_dali_loader
 from data.datasets import RecordDataset
+from data.face_jpeg import default_workers
+from data.lfw import DEFAULT_LFW
+from data.lfw_demo import DEFAULT_OUT, build_demo_split
 from data.loader import build_cpu_loader
 from trainer.device_batch import DevicePrefetcher
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_REC = os.path.join(REPO_ROOT, "work_dirs", "lfw_demo", "train.rec")
+DEFAULT_REC = os.path.join(DEFAULT_OUT, "train.rec")
 
 
 def ensure_rec(rec_path: str) -> None:
-    """Build the LFW demo split with ``tools/prepare_lfw.py`` if ``rec_path`` is missing."""
+    """Build the LFW demo split (``data/lfw_demo.py``, as ``tools/prepare_lfw.py`` does) if
+    ``rec_path`` is missing."""
     if os.path.isfile(rec_path):
         return
-    from tools.prepare_lfw import main as prepare_main
-
-    if prepare_main(["--out", os.path.dirname(rec_path), "--no-progress"]) != 0:
-        raise SystemExit(f"bench_data: could not build {rec_path} with tools/prepare_lfw.py")
+    try:
+        build_demo_split(
+            DEFAULT_LFW, os.path.dirname(rec_path), workers=default_workers(), progress=False
+        )
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"bench_data: could not build {rec_path} from {DEFAULT_LFW}: {e}") from e
 
 
 def measure(loader, batches: int) -> dict:

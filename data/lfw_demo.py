@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 
 from data.atomic import write_text_atomic
 from data.lfw import LFW_CROP, build_bin, split_lfw
@@ -20,6 +21,7 @@ from data.pack_rec import convert
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(_REPO_ROOT, "work_dirs", "lfw_demo")
+DEFAULT_EVAL_FOLDS = (1, 2, 3)  # pairs.txt folds held out for verification
 MANIFEST = "prepare_lfw.json"
 OUTPUTS = ("train.rec", "train.idx", "train.lst", "property", "lfw_heldout.bin")
 
@@ -57,7 +59,7 @@ def build_demo_split(
     lfw: str,
     out: str = DEFAULT_OUT,
     *,
-    eval_folds: list[int],
+    eval_folds: Sequence[int] = DEFAULT_EVAL_FOLDS,
     size: int = 112,
     quality: int = 95,
     workers: int = 1,
@@ -77,6 +79,7 @@ def build_demo_split(
         FileNotFoundError / ValueError: missing LFW files, bad pairs.txt or folds, an unreadable
             image (the split must be complete).
     """
+    eval_folds = list(eval_folds)  # as JSON gives it back from the manifest
     settings = _settings(lfw, eval_folds, size, quality)
     out = os.path.abspath(out)
     if not force and (manifest := _up_to_date(out, settings)):

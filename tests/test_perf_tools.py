@@ -1,5 +1,6 @@
 """Performance tools: the training benchmark (benchmarks/bench_train.py) and the memory planner
-(tools/plan_memory.py). Smoke runs at tiny sizes, and the planner's scaling laws."""
+(trainer/memory_plan.py, tools/plan_memory.py). Smoke runs at tiny sizes, and the planner's
+scaling laws."""
 
 import os
 import re
@@ -10,6 +11,7 @@ import pytest
 
 from benchmarks import bench_train
 from tools import plan_memory
+from trainer import memory_plan
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(network="r18", model_kwargs={"base_width": 8}, embedding_size=64)
@@ -30,7 +32,7 @@ def _plan(**kw):
         profile=PROFILE,
     )
     args.update(kw)
-    return plan_memory.plan(**args)
+    return memory_plan.plan(**args)
 
 
 def _head_bytes(result):
@@ -146,9 +148,9 @@ def test_plan_rejects_bad_arguments(bad):
 
 # -- plan_memory: measurement and command line --------------------------------------------------
 def test_activation_profile_linear_in_batch_and_reduced_by_checkpointing():
-    two = plan_memory.measure_activations(**TINY, batch=2)
-    four = plan_memory.measure_activations(**TINY, batch=4)
-    ckpt = plan_memory.measure_activations(**TINY, grad_checkpointing=True, batch=2)
+    two = memory_plan.measure_activations(**TINY, batch=2)
+    four = memory_plan.measure_activations(**TINY, batch=4)
+    ckpt = memory_plan.measure_activations(**TINY, grad_checkpointing=True, batch=2)
     assert two["float_bytes"] > 0
     assert four["float_bytes"] == pytest.approx(two["float_bytes"], rel=0.05)
     assert ckpt["float_bytes"] < 0.7 * two["float_bytes"]

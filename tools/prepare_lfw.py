@@ -18,7 +18,7 @@ import sys
 
 from data.face_jpeg import default_workers
 from data.lfw import DEFAULT_LFW, parse_folds
-from data.lfw_demo import DEFAULT_OUT, build_demo_split
+from data.lfw_demo import DEFAULT_EVAL_FOLDS, DEFAULT_OUT, build_demo_split
 
 LFW_SOURCE = (
     "LFW (Huang, Ramesh, Berg, Learned-Miller, 'Labeled Faces in the Wild',\n"
@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lfw", default=DEFAULT_LFW, help=f"LFW folder (default {DEFAULT_LFW})")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    p.add_argument("--eval-folds", default="1,2,3", help="1-based held-out folds (default 1,2,3)")
+    folds = ",".join(map(str, DEFAULT_EVAL_FOLDS))
+    p.add_argument("--eval-folds", default=folds, help=f"1-based held-out folds (default {folds})")
     p.add_argument("--size", type=int, default=112, help="output side in pixels (default 112)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
     p.add_argument("--workers", type=int, default=default_workers())
