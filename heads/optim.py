@@ -78,6 +78,8 @@ class HeadOptimizer:
         self.state: dict[str, torch.Tensor] = {}
         self._grad: tuple[torch.Tensor, torch.Tensor] | None = None  # unscaled (rows, grad)
         self._rows_buf: torch.Tensor | None = None  # gathered momentum rows, reused
+        # (coef, w) when the unscaled gradient is a - coef * w, not yet formed (see step)
+        self._lazy: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -153,7 +155,16 @@ class HeadOptimizer:
     @property
     def grad_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows (U,) int64, grad (U, D) fp32)`` after ``unscale_`` (or the raw sum before)."""
-        return self._grad if self._grad is not None else self.head.sparse_grad()
+        if self._grad is None:
+            return self.head.sparse_grad()
+        self._materialize()
+        return self._grad
+
+    def _materialize(self) -> None:
+        if self._lazy is not None:
+            coef, w = self._lazy
+            self._grad[1].addcmul_(w, coef.unsqueeze(1), value=-1.0)
+            self._lazy = None
 
     def unscale_(self, loss_scale: float = 1.0, blocking: bool = True):
         """Divide the accumulated head gradient by ``loss_scale``; report finiteness everywhere.
@@ -178,7 +189,14 @@ class HeadOptimizer:
             raise RuntimeError("heads/optim.py: unscale_() called twice since zero_grad()")
         if not loss_scale > 0:
             raise ValueError(f"heads/optim.py: loss_scale must be > 0, got {loss_scale}")
-        rows, grad = self.head.sparse_grad()  # buffers owned by the head: safe to edit
+        parts = self.head.sparse_grad_parts() if self.name == "sgd" else None
+        if parts is not None:  # grad = a - coef * w: SGD forms it inside its update pass
+            rows, grad, coef, w = parts
+            if loss_scale != 1.0:
+                coef.div_(loss_scale)
+            self._lazy = (coef, w)
+        else:
+            rows, grad = self.head.sparse_grad()  # buffers owned by the head: safe to edit
         if loss_scale != 1.0:
             grad.div_(loss_scale)
         self._grad = (rows, grad)
@@ -198,7 +216,7 @@ class HeadOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the head's recorded forwards and the unscaled gradient."""
-        self._grad = None
+        self._grad = self._lazy = None
         self.head.zero_grad()
 
     # -- update --------------------------------------------------------------------------------
@@ -228,6 +246,7 @@ class HeadOptimizer:
         if self.name == "sgd":
             self._sgd_rows(rows, w, grad, finite)
         else:
+            self._materialize()
             self._adamw_rows(rows, w, grad, finite)
 
     @staticmethod
@@ -241,7 +260,14 @@ class HeadOptimizer:
 
     def _sgd_rows(self, rows, w: torch.Tensor, grad: torch.Tensor, ok) -> None:
         # Fused passes over the (U, D) rows: d = g + wd*w; d += m*b; b <- d; W[rows] -= lr*d.
-        d = grad.add_(w, alpha=self.weight_decay) if self.weight_decay else grad
+        if self._lazy is not None:  # d = a + (wd - coef) * w in one pass
+            coef, _ = self._lazy
+            self._lazy = None
+            d = grad.addcmul_(w, coef.neg_().add_(self.weight_decay).unsqueeze(1))
+        elif self.weight_decay:
+            d = grad.add_(w, alpha=self.weight_decay)
+        else:
+            d = grad
         if ok is not None:
             d.masked_fill_(~ok, 0.0)  # a skipped step: zero direction (and NaN-free)
         if self.momentum:

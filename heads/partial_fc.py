@@ -158,12 +158,16 @@ class _CosineLinear(torch.autograd.Function):
             prod = ctx.workspace.get("scratch", rows) if ctx.workspace is not None else None
             prod = torch.mul(grad_w, rows, out=prod)
             coef = prod.sum(dim=1).mul_(inv).mul_(inv)
-            grad_w.addcmul_(rows, coef.unsqueeze(1), value=-1.0)
-            if ctx.workspace is not None:  # hand the gradient to the head, not to autograd
-                ctx.workspace.leaf.grad = grad_w
+            if ctx.workspace is None:
+                grad_w.addcmul_(rows, coef.unsqueeze(1), value=-1.0)
+            else:  # hand the gradient to the head, not to autograd
+                # Kept as (a, coef): the optimizer folds "- coef * w" into its own pass over
+                # the rows; PartialFC.sparse_grad applies it for every other reader.
+                ws = ctx.workspace
+                ws.leaf.grad, ws.coef = grad_w, coef
                 # Non-finite iff some grad_w entry was (each enters a product with finite w):
                 # the optimizer's finiteness check reads K values instead of K * D.
-                ctx.workspace.probe = coef.sum()
+                ws.probe = coef.sum()
                 grad_w = None
         return grad_e, grad_w, None, None, None
 
@@ -215,6 +219,13 @@ class _Workspace:
         self.buffers: dict[str, torch.Tensor] = {}
         self.leaf: torch.Tensor | None = None
         self.probe: torch.Tensor | None = None
+        self.coef: torch.Tensor | None = None  # radial part still to remove from leaf.grad
+
+    def materialize(self) -> None:
+        """Apply the pending radial correction: ``leaf.grad -= coef * leaf`` (once)."""
+        if self.coef is not None and self.leaf is not None and self.leaf.grad is not None:
+            self.leaf.grad.addcmul_(self.leaf.detach(), self.coef.unsqueeze(1), value=-1.0)
+        self.coef = None
 
     def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
         t = self.buffers.get(name)
@@ -549,6 +560,8 @@ class PartialFC(nn.Module):
                     f"heads/partial_fc.py: training forward #{i} since zero_grad() has no "
                     "gradient; call backward on its loss, or run it in eval()/no_grad()"
                 )
+        for ws in self._workspaces[: len(self._pending)]:
+            ws.materialize()
         if len(self._pending) == 1:
             index, leaf = self._pending[0]
             return index, leaf.grad
@@ -557,6 +570,21 @@ class PartialFC(nn.Module):
         for index, leaf in self._pending:
             grad.index_add_(0, torch.searchsorted(rows, index), leaf.grad)
         return rows, grad
+
+    def sparse_grad_parts(self):
+        """The gradient of a single recorded forward as ``(rows, a, coef, w)`` with
+        ``grad = a - coef[:, None] * w`` not yet formed, so an optimizer can fold the
+        correction into its own pass (``w`` the forward's gathered rows, still current);
+        ``None`` when not available (several forwards, already materialized, no backward).
+        ``a`` and ``coef`` are the head's buffers: the caller may edit them in place."""
+        if len(self._pending) != 1 or not self._workspaces:
+            return None
+        ws = self._workspaces[0]
+        index, leaf = self._pending[0]
+        if ws.coef is None or leaf.grad is None or ws.leaf is not leaf:
+            return None
+        coef, ws.coef = ws.coef, None  # handed over: the caller applies it
+        return index, leaf.grad, coef, leaf.detach()
 
     def recorded_rows(self, rows: torch.Tensor) -> torch.Tensor | None:
         """The current weights of ``rows`` (from ``sparse_grad``) without a second gather.
@@ -590,4 +618,4 @@ class PartialFC(nn.Module):
         ``nn.Module`` compatibility; sparse gradients are always dropped)."""
         self._pending = []
         for ws in self._workspaces:
-            ws.probe = ws.leaf = None
+            ws.probe = ws.leaf = ws.coef = None
