@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from benchmarks.memory_probe import reset_peak_rss, status_bytes
 from trainer.ports import free_port
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,26 +87,6 @@ class Case:
             f"{self.network}{extra} {self.precision} ZeRO-{self.zero_stage}{flags} "
             f"B={self.batch_size}"
         )
-
-
-# -- memory probes ------------------------------------------------------------------------------
-def _status_bytes(key: str) -> int:
-    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"benchmarks/bench_train.py: /proc/self/status has no {key} field")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux ``clear_refs`` code 5); False where refused."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # -- one case -----------------------------------------------------------------------------------
@@ -175,9 +156,11 @@ def run_case(case: Case) -> dict:
     import models
     from data import SyntheticDataset, build_cpu_loader
     from heads import CombinedMarginLoss, PartialFC, build_head_optimizer
+    from trainer.device_batch import to_device
     from trainer.engine import (
         build_backbone_optimizer,
         build_ds_config,
+        keep_batchnorm_stats_fp32,
         loss_scale,
         resolve_engine_settings,
     )
@@ -192,8 +175,8 @@ def run_case(case: Case) -> dict:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    _reset_peak_rss()
-    rss0 = _status_bytes("VmRSS")
+    reset_peak_rss()
+    rss0 = status_bytes("VmRSS")
 
     init_peak = 0
     torch.manual_seed(0)
@@ -203,10 +186,11 @@ def run_case(case: Case) -> dict:
     if case.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in backbone.parameters())
-    optimizer = build_backbone_optimizer(cfg, backbone)
+    ds_config = build_ds_config(cfg, resolve_engine_settings(cfg, env={}))
+    keep_batchnorm_stats_fp32(backbone, device)  # as trainer/engine.py prepare_backbone
+    optimizer = build_backbone_optimizer(cfg, backbone, ds_config)
     if case.compile:  # order as trainer/engine.py: checkpointing, compile, then the engine
         backbone = torch.compile(backbone)
-    ds_config = build_ds_config(cfg, resolve_engine_settings(cfg, env={}))
     engine, _, _, _ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=ds_config)
     engine.train()
     head = PartialFC(
@@ -228,12 +212,12 @@ def run_case(case: Case) -> dict:
         if step == case.warmup:
             sync()
             times = {p: 0.0 for p in PHASES}
-            init_peak = _status_bytes("VmHWM") - rss0  # build + warm-up
-            _reset_peak_rss()
+            init_peak = status_bytes("VmHWM") - rss0  # build + warm-up
+            reset_peak_rss()
         sync()
         t0 = time.perf_counter()
         images, labels = next(batches)
-        images = images.to(device, dtype, non_blocking=True, memory_format=memory_format)
+        images = to_device(images, device, dtype, memory_format)  # uint8 copy, then normalize
         labels = labels.to(device, non_blocking=True)
         sync()
         t1 = time.perf_counter()
@@ -274,7 +258,7 @@ def run_case(case: Case) -> dict:
             memory="torch.cuda.max_memory_allocated",
         )
     else:
-        steady = _status_bytes("VmHWM") - rss0
+        steady = status_bytes("VmHWM") - rss0
         result.update(
             peak_mb=max(init_peak, steady) / 2**20,
             steady_peak_mb=steady / 2**20,

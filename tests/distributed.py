@@ -109,7 +109,13 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 120.
     ctx.set_forkserver_preload(["torch", "torch.distributed"])
     results = ctx.Queue()
     port = free_port()
-    worker_env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    # CPU ranks even on a GPU host: hide CUDA so torch agrees with DS_ACCELERATOR=cpu.
+    worker_env = {
+        "DS_ACCELERATOR": "cpu",
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
     procs = [
         ctx.Process(
             target=_worker, args=(r, world_size, port, fn, args, results, worker_env), daemon=True

@@ -28,8 +28,13 @@ TINY = [
 
 
 def launch_env() -> dict:
+    """The launch environment: DS_ACCELERATOR=cpu only where torch sees no CUDA (on a GPU host an
+    inherited `cpu` would contradict torch: trainer/engine.py resolve_device)."""
+    import torch
+
     env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/arcscale/torch_extensions"))
     env["PYTHONUNBUFFERED"] = "1"
     env["OMP_NUM_THREADS"] = "1"

@@ -107,7 +107,7 @@ def test_engine_precedence_and_ds_config(tmp_path):
     # Accelerate launch config decides when the experiment config leaves it open.
     env = {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_MIXED_PRECISION": "no"}
     s = resolve_engine_settings(cfg, env)
-    assert (s.zero_stage, s.precision) == (3, "fp32")
+    assert (s.zero_stage, s.precision) == (3, "bf16")  # Accelerate's "no" = unset: the JSON's
     # ... the experiment config wins over it.
     cfg2 = load_config(path, ["engine.zero_stage=1", "engine.precision=bf16"])
     s2 = resolve_engine_settings(cfg2, env)
@@ -122,9 +122,9 @@ def test_engine_precedence_and_ds_config(tmp_path):
     assert ds["gradient_clipping"] == 2.5
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["fp16"]["enabled"] is True and ds["bf16"]["enabled"] is False
-    assert ds["data_types"]["buffer_dtype"] == "fp16"
+    assert "buffer_dtype" not in ds["data_types"]  # BatchNorm running stats stay fp32
     ds32 = build_ds_config(cfg, EngineSettings(1, "fp32", "ds_configs/zero3_bf16.json"))
-    assert "data_types" not in ds32
+    assert "buffer_dtype" not in ds32.get("data_types", {})
     assert not any(k.startswith("stage3_") for k in ds32["zero_optimization"])
     with pytest.raises(ConfigError, match="not found"):
         resolve_engine_settings(load_config(path, ["engine.ds_config=nope.json"]), {})

@@ -1,7 +1,7 @@
 """Accelerate + DeepSpeed set-up for the backbone; distribution facts taken from the process group.
 
 Only the backbone and its optimizer go through `accelerator.prepare`; the Partial FC head and its
-optimizer stay outside ZeRO (see design.md). Parallelism is applied here in one order: activation
+optimizer stay outside ZeRO (docs/design.md). Parallelism is applied here in one order: activation
 checkpointing on the bare model, then the DeepSpeed engine.
 """
 
@@ -10,11 +10,13 @@ from __future__ import annotations
 import copy
 import json
 import os
+import types
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from trainer.config import Config, ConfigError
 
@@ -25,7 +27,9 @@ DEFAULT_DS_CONFIGS = {
     2: "ds_configs/zero2_bf16.json",
     3: "ds_configs/zero3_bf16.json",
 }
-_ACCEL_PRECISION = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
+# Accelerate exports "no" whenever its launch config names no precision, so "no" means unset:
+# the JSON decides (fp32 on purpose: `engine.precision: fp32`, or a JSON without fp16/bf16).
+_ACCEL_PRECISION = {"fp16": "fp16", "bf16": "bf16"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ def resolve_engine_settings(cfg: Config, env: dict | None = None) -> EngineSetti
     `engine.ds_config`), then what `accelerate launch --config_file` exported
     (`ACCELERATE_DEEPSPEED_ZERO_STAGE`, `ACCELERATE_MIXED_PRECISION`,
     `ACCELERATE_DEEPSPEED_CONFIG_FILE`), then the base JSON's own values.
+    `ACCELERATE_MIXED_PRECISION=no` counts as unset: Accelerate exports it for every launch
+    config without `mixed_precision`, so it cannot mean "fp32 wanted".
 
     Raises:
         ConfigError: a JSON file that does not exist or does not parse.
@@ -93,7 +99,13 @@ def build_ds_config(cfg: Config, settings: EngineSettings) -> dict:
 
     Returns a complete DeepSpeed config dict: micro-batch = `data.batch_size`,
     `gradient_accumulation_steps` = `optim.gradient_acc`, `gradient_clipping` = `optim.clip_grad`,
-    `zero_optimization.stage`, fp16/bf16 flags and BatchNorm buffer dtype for the precision.
+    `zero_optimization.stage`, fp16/bf16 flags. Under bf16 gradients are all-reduced and
+    accumulated in fp32 unless the JSON says otherwise (`communication_data_type`,
+    `data_types.grad_accum_dtype`): bf16's 8-bit mantissa loses small contributions in a sum
+    over ranks and micro-batches. The JSON's `data_types` is merged, never replaced; BatchNorm
+    running statistics stay fp32 (no `buffer_dtype`; on CPU see `keep_batchnorm_stats_fp32`).
+    With optimizer offload, SGD runs as torch.optim.SGD on the CPU partition
+    (`zero_force_ds_cpu_optimizer: false`, see `build_backbone_optimizer`).
     """
     ds = copy.deepcopy(load_ds_json(settings.ds_config_path))
     ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
@@ -106,23 +118,38 @@ def build_ds_config(cfg: Config, settings: EngineSettings) -> dict:
     if settings.zero_stage < 3:
         for key in [k for k in zero if k.startswith("stage3_")] + ["offload_param"]:
             zero.pop(key, None)
+    pin = _accelerator_name() == "cuda"  # pinned host memory needs a CUDA device
     if cfg.engine.offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
         if settings.zero_stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+            zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    for key in ("offload_optimizer", "offload_param"):
+        if isinstance(zero.get(key), dict) and not pin:
+            zero[key]["pin_memory"] = False
+    if optimizer_offloaded(ds) and cfg.optim.optimizer == "sgd":
+        ds["zero_force_ds_cpu_optimizer"] = False  # DeepSpeed has no CPU SGD kernel
     fp16 = ds.get("fp16") if isinstance(ds.get("fp16"), dict) else {}
     fp16["enabled"] = settings.precision == "fp16"
     ds["fp16"] = fp16
     ds["bf16"] = {"enabled": settings.precision == "bf16"}
-    # DeepSpeed casts parameters, not buffers: BatchNorm running stats must follow the precision.
-    if settings.precision == "fp32":
-        ds.pop("data_types", None)
+    data_types = dict(ds.get("data_types") or {})
+    if settings.precision == "bf16":
+        ds.setdefault("communication_data_type", "fp32")
+        data_types.setdefault("grad_accum_dtype", "fp32")
+    if data_types:
+        ds["data_types"] = data_types
     else:
-        ds["data_types"] = {"buffer_dtype": settings.precision}
+        ds.pop("data_types", None)
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     if leftover:
         raise ConfigError(f"{settings.ds_config_path}: cannot fill 'auto' for {leftover}")
     return ds
+
+
+def optimizer_offloaded(ds_config: dict) -> bool:
+    """True when the DeepSpeed config moves optimizer state off the device (cpu or nvme)."""
+    offload = (ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return str(offload.get("device", "none")).lower() in ("cpu", "nvme")
 
 
 def _walk(d: dict, prefix: str = ""):
@@ -143,30 +170,81 @@ class DistInfo:
     device: torch.device
 
 
+def _accelerator_name() -> str:
+    """DeepSpeed's accelerator ("cuda", "cpu", ...): DS_ACCELERATOR, else its auto-detection."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator()._name
+
+
+def resolve_device(
+    local_rank: int | None = None, accelerator=None, cuda_available: bool | None = None
+) -> tuple[torch.device, str]:
+    """The device of this rank and the process-group backend, both from DeepSpeed's accelerator.
+
+    DeepSpeed places the engine on its accelerator (`DS_ACCELERATOR`, else auto-detected), so the
+    head, the batches and the process group follow it too: one source for every part.
+
+    Args:
+        local_rank: index of the device on this node (default: `LOCAL_RANK`, else 0).
+        accelerator: a DeepSpeed accelerator (default: `deepspeed.accelerator.get_accelerator()`).
+        cuda_available: what torch reports (default: `torch.cuda.is_available()`).
+
+    Returns:
+        (`cuda:LOCAL_RANK` or `cpu` ..., "nccl" / "gloo" / the accelerator's backend).
+
+    Raises:
+        ConfigError: DeepSpeed's accelerator and torch disagree about CUDA (e.g. an inherited
+            `DS_ACCELERATOR=cpu` on a GPU host), naming both.
+    """
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    name = accelerator._name
+    ds_env = os.environ.get("DS_ACCELERATOR")
+    source = f"DS_ACCELERATOR={ds_env}" if ds_env else "auto-detected"
+    if (name == "cuda") != bool(cuda_available):
+        raise ConfigError(
+            f"device: DeepSpeed's accelerator is '{name}' ({source}) but "
+            f"torch.cuda.is_available() is {bool(cuda_available)}: unset DS_ACCELERATOR on a GPU "
+            f"host, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on CPU"
+        )
+    if name == "cpu":
+        return torch.device("cpu"), "gloo"
+    backend = accelerator.communication_backend_name()
+    return torch.device(accelerator.device_name(local_rank)), backend
+
+
 def dist_info() -> DistInfo:
-    """Reads the initialized torch.distributed group; world size 1 without one."""
+    """Reads the initialized torch.distributed group; world size 1 without one. The device is
+    `resolve_device`'s (ConfigError on a contradiction)."""
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    device, _ = resolve_device(local_rank)
     return DistInfo(rank, world, local_rank, device)
 
 
 def create_accelerator(cfg: Config, ds_config: dict, precision: str):
     """One Accelerator with a DeepSpeed plugin built from `ds_config`.
 
-    On CPU the process group must be gloo (passed explicitly: otherwise Accelerate reports one
-    process on every rank). The collective timeout is `engine.timeout_s`.
+    Device and backend come from `resolve_device` (gloo on CPU, passed explicitly: otherwise
+    Accelerate reports one process on every rank). The collective timeout is `engine.timeout_s`.
+
+    Raises:
+        ConfigError: DeepSpeed's accelerator contradicts torch or `accelerator.device`.
     """
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import InitProcessGroupKwargs
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device, backend = resolve_device()
     pg_kwargs = InitProcessGroupKwargs(
         backend=backend, timeout=timedelta(seconds=cfg.engine.timeout_s)
     )
@@ -174,31 +252,129 @@ def create_accelerator(cfg: Config, ds_config: dict, precision: str):
     # (resolve_engine_settings); Accelerate would reject them beside a full JSON.
     os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
     plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
-    mixed = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[precision]
-    return Accelerator(
+    mixed = _ACCEL_PRECISION.get(precision, "no")  # fp32: Accelerate's "no"
+    accelerator = Accelerator(
         deepspeed_plugin=plugin,
         mixed_precision=mixed,
         gradient_accumulation_steps=cfg.optim.gradient_acc,
         kwargs_handlers=[pg_kwargs],
     )
+    if accelerator.device.type != device.type:
+        raise ConfigError(
+            f"device: Accelerate chose {accelerator.device} but DeepSpeed's accelerator is "
+            f"{device}: check DS_ACCELERATOR and the launch config's use_cpu"
+        )
+    return accelerator
 
 
-def build_backbone_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The client optimizer DeepSpeed wraps: SGD (momentum, wd) or AdamW, as arcface_torch."""
+def build_backbone_optimizer(
+    cfg: Config, model: torch.nn.Module, ds_config: dict | None = None
+) -> torch.optim.Optimizer:
+    """The client optimizer DeepSpeed wraps: SGD (momentum, wd) or AdamW, as arcface_torch.
+
+    With optimizer offload in `ds_config` DeepSpeed 0.19.8 refuses a torch AdamW
+    (`zero_force_ds_cpu_optimizer`): AdamW becomes `DeepSpeedCPUAdam(adamw_mode=True)` (same
+    update, its C++ kernel, JIT-built once into TORCH_EXTENSIONS_DIR). DeepSpeed has no CPU SGD,
+    so SGD stays torch.optim.SGD stepping the CPU fp32 partition (`build_ds_config` sets
+    `zero_force_ds_cpu_optimizer: false`). Which one runs is logged.
+    """
+    offload = ds_config is not None and optimizer_offloaded(ds_config)
     if cfg.optim.optimizer == "sgd":
-        return torch.optim.SGD(
+        opt = torch.optim.SGD(
             model.parameters(),
             lr=cfg.optim.lr,
             momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay,
         )
-    return torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
+    elif offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(
+            model.parameters(),
+            lr=cfg.optim.lr,
+            betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+            adamw_mode=True,
+        )
+    else:
+        opt = torch.optim.AdamW(
+            model.parameters(),
+            lr=cfg.optim.lr,
+            betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+        )
+    if offload and int(os.environ.get("RANK", 0)) == 0:
+        print(
+            f"[arcscale] optimizer offload: backbone optimizer {type(opt).__module__}."
+            f"{type(opt).__name__} steps on the CPU copy of the fp32 weights",
+            flush=True,
+        )
+    return opt
+
+
+def keep_batchnorm_stats_fp32(model: torch.nn.Module, device: torch.device) -> int:
+    """Lets BatchNorm keep fp32 running statistics under bf16/fp16 on CPU.
+
+    DeepSpeed casts parameters to bf16/fp16 and leaves buffers fp32. CUDA's batch_norm accepts
+    that mix; the CPU kernel wants weight, bias and running stats in one dtype ("expected scalar
+    type BFloat16 but found Float") but accepts a bf16/fp16 input with all of them fp32. So on CPU
+    each plain BatchNorm runs with its affine parameters upcast to fp32 (a differentiable cast:
+    gradients reach the bf16 parameters). No-op on other devices and for SyncBatchNorm.
+
+    Returns:
+        the number of BatchNorm modules changed.
+    """
+    if device.type != "cpu":
+        return 0
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
+            module, torch.nn.SyncBatchNorm
+        ):
+            module.forward = types.MethodType(_batchnorm_fp32_affine, module)
+            changed += 1
+    return changed
+
+
+def _batchnorm_fp32_affine(self, x: torch.Tensor) -> torch.Tensor:
+    # _BatchNorm.forward (torch 2.x) with weight and bias passed as fp32.
+    self._check_input_dim(x)
+    momentum = 0.0 if self.momentum is None else self.momentum
+    if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            momentum = 1.0 / float(self.num_batches_tracked)
+    batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+    use_running = not self.training or self.track_running_stats
+    weight = None if self.weight is None else self.weight.float()
+    bias = None if self.bias is None else self.bias.float()
+    return F.batch_norm(
+        x,
+        self.running_mean if use_running else None,
+        self.running_var if use_running else None,
+        weight,
+        bias,
+        batch_stats,
+        momentum,
+        self.eps,
     )
+
+
+def prepare_backbone(cfg: Config, accelerator, backbone: torch.nn.Module, ds_config: dict):
+    """The backbone's optimizer (`build_backbone_optimizer`) and DeepSpeed engine
+    (`accelerator.prepare`), BatchNorm statistics kept fp32 (`keep_batchnorm_stats_fp32`).
+
+    Returns:
+        the DeepSpeed engine, in train mode.
+    """
+    device, _ = resolve_device()
+    keep_batchnorm_stats_fp32(backbone, device)
+    optimizer = build_backbone_optimizer(cfg, backbone, ds_config)
+    engine, _ = accelerator.prepare(backbone, optimizer)
+    engine.train()
+    return engine
 
 
 def loss_scale(engine) -> float:
