@@ -27,6 +27,8 @@ import types
 
 import numpy as np
 
+from benchmarks.memory_probe import status_bytes
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINES_PER_WRITE = 1 << 20
 
@@ -43,12 +45,8 @@ def _import_index_module():
 
 
 def _status_mib(field: str) -> float:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in MiB (ru_maxrss survives exec)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in MiB."""
+    return status_bytes(field) / 2**20
 
 
 def write_synthetic(folder: str, entries: int, ids_per: int) -> tuple[str, str]:

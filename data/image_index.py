@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data.atomic import atomic_path, write_text_atomic
 from data.recordio import RecordIOReader, lookup_offsets, unpack
 
 __all__ = ["ImageIndex", "build_image_index", "image_index_of", "shared_image_index"]
@@ -117,18 +118,16 @@ def _cache_name(rec_path: str, idx_path: str) -> str:
 
 
 def _save(index: ImageIndex, base: str) -> None:
-    tag = f"{os.getpid()}.tmp"  # nodes may share the cache folder: write, then rename
+    # nodes may share the cache folder: each file is written, then renamed
     meta = {"n": len(index), "identity_keys": index.identity_keys}
-    np.save(f"{base}.offsets.{tag}.npy", index.offsets)
-    os.replace(f"{base}.offsets.{tag}.npy", f"{base}.offsets.npy")
+    with atomic_path(f"{base}.offsets.npy") as tmp:
+        np.save(tmp, index.offsets)
     if isinstance(index.keys, range):
         meta["keys"] = [index.keys.start, index.keys.stop]
     else:
-        np.save(f"{base}.keys.{tag}.npy", index.keys)
-        os.replace(f"{base}.keys.{tag}.npy", f"{base}.keys.npy")
-    with open(f"{base}.{tag}.json", "w") as fh:
-        json.dump(meta, fh)
-    os.replace(f"{base}.{tag}.json", f"{base}.json")  # last: marks the entry complete
+        with atomic_path(f"{base}.keys.npy") as tmp:
+            np.save(tmp, index.keys)
+    write_text_atomic(f"{base}.json", json.dumps(meta))  # last: marks the entry complete
 
 
 def _load(base: str) -> ImageIndex | None:

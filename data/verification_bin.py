@@ -16,13 +16,13 @@ import math
 import os
 import pickle
 import pickletools
-import secrets
 import struct
 from collections.abc import Sequence
 
 import numpy as np
 import simplejpeg
 
+from data.atomic import atomic_path
 from data.decode import decode_image
 
 try:  # numpy >= 2 moved its internals to numpy._core
@@ -267,14 +267,5 @@ def write_bin(path, encoded_images: Sequence[bytes], issame: Sequence[bool]):
         raise ValueError(
             f"{path}: {len(images)} images for {len(flags)} pairs; need exactly 2 per pair"
         )
-    folder = os.path.dirname(os.path.abspath(path))
-    # open(), not mkstemp: the file gets the user's umask permissions (mkstemp makes it 0600)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(4)}.bin")
-    try:
-        with open(tmp, "xb") as f:
-            pickle.dump((images, flags), f, protocol=4)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        pickle.dump((images, flags), f, protocol=4)

@@ -16,6 +16,7 @@ import re
 import torch
 import torch.distributed as dist
 
+from data.atomic import atomic_path
 from heads.optim import HeadOptimizer
 from heads.partial_fc import PartialFC
 
@@ -64,9 +65,8 @@ def save_head(directory: str, head: PartialFC, head_opt: HeadOptimizer | None = 
         sd["state"] = {k: v.detach().cpu().contiguous() for k, v in sd["state"].items()}
         payload["optimizer"] = sd
     path = os.path.join(folder, f"shard_{start}_{end}.pt")
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     if head.topo.world_size > 1:
         dist.barrier(group=head.topo.group)
     return path

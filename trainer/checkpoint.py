@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data.atomic import atomic_path, write_text_atomic
+
 STEP_RE = re.compile(r"^step_(\d+)$")
 TMP_RE = re.compile(r"^step_(\d+)\.tmp$")
 
@@ -48,16 +50,6 @@ def _broadcast_str(value: str, rank: int) -> str:
 
 def checkpoint_root(output: str) -> str:
     return os.path.join(output, "checkpoints")
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes `text` to `path` through a temp file + fsync + os.replace."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def list_complete(root: str) -> list[tuple[int, str]]:
@@ -500,8 +492,8 @@ class Checkpointer:
         if self.run.rank == 0:
             final = os.path.join(self.root, f"step_{step}", "backbone.pt")
             target = os.path.join(self.cfg.output, "backbone.pt")
-            shutil.copyfile(final, f"{target}.tmp")
-            os.replace(f"{target}.tmp", target)
+            with atomic_path(target) as tmp:
+                shutil.copyfile(final, tmp)
 
 
 def preflight_output(cfg) -> None:

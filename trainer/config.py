@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from data.atomic import write_text_atomic
 from trainer.memory_format import CHOICES as MEMORY_FORMATS
 
 
@@ -518,10 +519,7 @@ def save_config(cfg: Config, path: str, resolved: dict | None = None) -> None:
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if resolved:
         text += "# resolved:\n" + "".join(f"#   {k}: {v}\n" for k, v in resolved.items())
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 @dataclass(frozen=True)

@@ -75,13 +75,12 @@ def seed_everything(seed: int) -> None:
 
 
 def _write_run_files(cfg: Config, settings, ds_config: dict, res: Resolved) -> None:
+    from data.atomic import write_text_atomic
     from trainer import checkpoint as ckpt
 
     os.makedirs(cfg.output, exist_ok=True)
     save_config(cfg, os.path.join(cfg.output, "config.yaml"), {**res.__dict__, **settings.__dict__})
-    ckpt.write_text_atomic(
-        os.path.join(cfg.output, "ds_config.json"), json.dumps(ds_config, indent=1)
-    )
+    write_text_atomic(os.path.join(cfg.output, "ds_config.json"), json.dumps(ds_config, indent=1))
     ckpt.clean_incomplete(ckpt.checkpoint_root(cfg.output))
 
 
