@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from benchmarks.memory_probe import reset_peak_rss, status_bytes
 from trainer.ports import free_port
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,26 +87,6 @@ class Case:
             f"{self.network}{extra} {self.precision} ZeRO-{self.zero_stage}{flags} "
             f"B={self.batch_size}"
         )
-
-
-# -- memory probes ------------------------------------------------------------------------------
-def _status_bytes(key: str) -> int:
-    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"benchmarks/bench_train.py: /proc/self/status has no {key} field")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux ``clear_refs`` code 5); False where refused."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # -- one case -----------------------------------------------------------------------------------
@@ -193,8 +174,8 @@ def run_case(case: Case) -> dict:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    _reset_peak_rss()
-    rss0 = _status_bytes("VmRSS")
+    reset_peak_rss()
+    rss0 = status_bytes("VmRSS")
 
     init_peak = 0
     torch.manual_seed(0)
@@ -230,8 +211,8 @@ def run_case(case: Case) -> dict:
         if step == case.warmup:
             sync()
             times = {p: 0.0 for p in PHASES}
-            init_peak = _status_bytes("VmHWM") - rss0  # build + warm-up
-            _reset_peak_rss()
+            init_peak = status_bytes("VmHWM") - rss0  # build + warm-up
+            reset_peak_rss()
         sync()
         t0 = time.perf_counter()
         images, labels = next(batches)
@@ -276,7 +257,7 @@ def run_case(case: Case) -> dict:
             memory="torch.cuda.max_memory_allocated",
         )
     else:
-        steady = _status_bytes("VmHWM") - rss0
+        steady = status_bytes("VmHWM") - rss0
         result.update(
             peak_mb=max(init_peak, steady) / 2**20,
             steady_peak_mb=steady / 2**20,
