@@ -168,6 +168,14 @@ def test_cpu_batchnorm_keeps_fp32_stats_with_bf16_parameters():
     expect = 0.1 * x.float().mean((0, 2, 3))
     torch.testing.assert_close(bn.running_mean, expect, atol=1e-3, rtol=1e-2)
     assert keep_batchnorm_stats_fp32(torch.nn.BatchNorm2d(3), torch.device("cuda", 0)) == 0
+    # trainer/sync_bn.py's layer outside its synchronized path (eval here: no process group)
+    from trainer.sync_bn import convert_sync_batchnorm
+
+    sync = convert_sync_batchnorm(bf16_bn()).eval()
+    with pytest.raises(RuntimeError):
+        sync(x)
+    assert keep_batchnorm_stats_fp32(sync, torch.device("cpu")) == 1
+    assert sync(x).dtype == torch.bfloat16 and sync.running_mean.dtype == torch.float32
 
 
 def _engine_worker(rank, world, stage):

@@ -321,7 +321,8 @@ def keep_batchnorm_stats_fp32(model: torch.nn.Module, device: torch.device) -> i
     that mix; the CPU kernel wants weight, bias and running stats in one dtype ("expected scalar
     type BFloat16 but found Float") but accepts a bf16/fp16 input with all of them fp32. So on CPU
     each plain BatchNorm runs with its affine parameters upcast to fp32 (a differentiable cast:
-    gradients reach the bf16 parameters). No-op on other devices and for SyncBatchNorm.
+    gradients reach the bf16 parameters); SyncBatchNorm (trainer/sync_bn.py) the same outside
+    its synchronized path. No-op on other devices.
 
     Returns:
         the number of BatchNorm modules changed.
@@ -330,12 +331,23 @@ def keep_batchnorm_stats_fp32(model: torch.nn.Module, device: torch.device) -> i
         return 0
     changed = 0
     for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
-            module, torch.nn.SyncBatchNorm
-        ):
+        if isinstance(module, torch.nn.SyncBatchNorm):
+            module.forward = types.MethodType(_sync_batchnorm_fp32_affine, module)
+        elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.forward = types.MethodType(_batchnorm_fp32_affine, module)
-            changed += 1
+        else:
+            continue
+        changed += 1
     return changed
+
+
+def _sync_batchnorm_fp32_affine(self, x: torch.Tensor) -> torch.Tensor:
+    # trainer/sync_bn.py's synchronized CPU path handles mixed dtypes itself; its plain path
+    # (eval, one process) is the CPU batch_norm kernel, which needs the fp32 parameters.
+    group = self.process_group or (dist.group.WORLD if dist.is_initialized() else None)
+    if self.training and group is not None and dist.get_world_size(group) > 1:
+        return type(self).forward(self, x)
+    return _batchnorm_fp32_affine(self, x)
 
 
 def _batchnorm_fp32_affine(self, x: torch.Tensor) -> torch.Tensor:
