@@ -6,6 +6,7 @@ The one encoder behind the dataset builders (``data/pack_rec.py`` for a training
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -109,3 +110,34 @@ def progress_bar(enabled: bool):
 def default_workers() -> int:
     """Encoding processes a command line uses by default: the CPU count, at most 8."""
     return min(8, os.cpu_count() or 1)
+
+
+def add_encoding_arguments(parser: argparse.ArgumentParser, crop: bool = True) -> None:
+    """The encoder's command-line options: ``--crop L T R B`` (when ``crop``), ``--size``,
+    ``--quality``, ``--workers`` (``default_workers()``) and ``--no-progress``."""
+    if crop:
+        box = ("L", "T", "R", "B")
+        parser.add_argument("--crop", type=int, nargs=4, metavar=box, help="crop box")
+    parser.add_argument("--size", type=int, default=112, help="output side in pixels (default 112)")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def encoding_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The options of ``add_encoding_arguments`` as keyword arguments of the dataset builders
+    (``crop`` when the parser has it, ``size``, ``quality``, ``workers``, ``progress``).
+
+    Bad values end the program through ``parser.error`` (exit status 2).
+    """
+    opts = dict(
+        size=args.size, quality=args.quality, workers=args.workers, progress=not args.no_progress
+    )
+    if not 1 <= args.quality <= 100 or args.size < 1 or args.workers < 1:
+        parser.error("--quality must be 1..100; --size and --workers >= 1")
+    if hasattr(args, "crop"):
+        try:
+            opts["crop"] = check_crop(args.crop)
+        except ValueError as e:
+            parser.error(f"--crop: {e}")
+    return opts

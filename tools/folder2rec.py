@@ -16,7 +16,7 @@ The work is done by ``data/pack_rec.py``.
 import argparse
 import sys
 
-from data.face_jpeg import check_crop, default_workers
+from data.face_jpeg import add_encoding_arguments, encoding_options
 from data.pack_rec import convert, scan_folder
 
 
@@ -25,13 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("src_dir", help="folder with one sub-folder of images per identity")
     p.add_argument("out_dir", help="output folder for train.rec/.idx/.lst and property")
-    p.add_argument("--crop", type=int, nargs=4, metavar=("L", "T", "R", "B"), help="crop box")
-    p.add_argument("--size", type=int, default=112, help="output side in pixels (default 112)")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
-    p.add_argument("--workers", type=int, default=default_workers())
+    add_encoding_arguments(p)
     p.add_argument("--insightface-header", action="store_true", help="header + identity records")
     p.add_argument("--min-images", type=int, default=1, help="drop identities with fewer images")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -39,25 +35,18 @@ def main(argv=None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 bad input, 2 usage)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        crop = check_crop(args.crop)
-    except ValueError as e:
-        parser.error(f"--crop: {e}")
-    if not 1 <= args.quality <= 100 or args.size < 1 or args.workers < 1 or args.min_images < 1:
-        parser.error("--quality must be 1..100; --size, --workers, --min-images >= 1")
+    encoding = encoding_options(parser, args)
+    if args.min_images < 1:
+        parser.error("--min-images must be >= 1")
     try:
         samples, names, skipped = scan_folder(args.src_dir, args.min_images)
         summary = convert(
             samples,
             args.out_dir,
-            crop=crop,
-            size=args.size,
-            quality=args.quality,
-            workers=args.workers,
             insightface_header=args.insightface_header,
             num_classes=len(names),
             root=args.src_dir,
-            progress=not args.no_progress,
+            **encoding,
         )
     except (OSError, ValueError) as e:
         print(f"folder2rec: error: {e}", file=sys.stderr)

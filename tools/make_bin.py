@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from data.face_jpeg import check_crop, default_workers
+from data.face_jpeg import add_encoding_arguments, encoding_options
 from data.lfw import build_bin, parse_folds, parse_pairs
 
 
@@ -25,12 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pairs_txt", help="LFW-style pairs.txt")
     p.add_argument("image_root", help="folder with <name>/<name>_NNNN.jpg")
     p.add_argument("out_bin", help="output .bin")
-    p.add_argument("--crop", type=int, nargs=4, metavar=("L", "T", "R", "B"), help="crop box")
-    p.add_argument("--size", type=int, default=112, help="output side in pixels (default 112)")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    add_encoding_arguments(p)
     p.add_argument("--folds", help="comma-separated 1-based folds (default: all)")
-    p.add_argument("--workers", type=int, default=default_workers())
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -38,25 +34,13 @@ def main(argv=None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 bad input, 2 usage)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        crop = check_crop(args.crop)
-    except ValueError as e:
-        parser.error(f"--crop: {e}")
+    encoding = encoding_options(parser, args)
     t0 = time.perf_counter()
     try:
         folds = parse_pairs(args.pairs_txt)
         chosen = parse_folds(args.folds, len(folds))
         pairs = [pair for k in chosen for pair in folds[k - 1]]
-        n = build_bin(
-            pairs,
-            args.image_root,
-            args.out_bin,
-            crop=crop,
-            size=args.size,
-            quality=args.quality,
-            workers=args.workers,
-            progress=not args.no_progress,
-        )
+        n = build_bin(pairs, args.image_root, args.out_bin, **encoding)
     except (OSError, ValueError) as e:
         print(f"make_bin: error: {e}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from data.face_jpeg import default_workers
+from data.face_jpeg import add_encoding_arguments, encoding_options
 from data.lfw import DEFAULT_LFW, parse_folds
 from data.lfw_demo import DEFAULT_EVAL_FOLDS, DEFAULT_OUT, build_demo_split
 
@@ -47,17 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     folds = ",".join(map(str, DEFAULT_EVAL_FOLDS))
     p.add_argument("--eval-folds", default=folds, help=f"1-based held-out folds (default {folds})")
-    p.add_argument("--size", type=int, default=112, help="output side in pixels (default 112)")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
-    p.add_argument("--workers", type=int, default=default_workers())
+    add_encoding_arguments(p, crop=False)  # the crop is LFW's face box
     p.add_argument("--force", action="store_true", help="rebuild even if outputs match")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
 def main(argv=None) -> int:
     """CLI entry point; returns 0 on success, 1 when LFW is missing or the build fails."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    encoding = encoding_options(parser, args)
     missing = [
         p
         for p in (os.path.join(args.lfw, "lfw-deepfunneled"), os.path.join(args.lfw, "pairs.txt"))
@@ -71,11 +70,8 @@ def main(argv=None) -> int:
             args.lfw,
             args.out,
             eval_folds=parse_folds(args.eval_folds, 10**6),
-            size=args.size,
-            quality=args.quality,
-            workers=args.workers,
             force=args.force,
-            progress=not args.no_progress,
+            **encoding,
         )
     except (OSError, ValueError) as e:
         print(f"prepare_lfw: error: {e}", file=sys.stderr)
