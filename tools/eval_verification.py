@@ -23,16 +23,10 @@ import numpy as np
 import torch
 
 from data.atomic import write_text_atomic
+from data.verification_bin import load_bin
 from trainer.verification import embed_views, evaluate_views, format_results, plot_roc
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def load_bin(path: str):
-    """``data.verification_bin.load_bin``, imported on first use."""
-    from data.verification_bin import load_bin as _load
-
-    return _load(path)
 
 
 def onnx_embedder(path: str, batch_size: int) -> tuple[EmbedFn, int, bool]:
