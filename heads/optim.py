@@ -302,36 +302,29 @@ class HeadOptimizer:
     def _adamw_rows(self, rows, w: torch.Tensor, grad: torch.Tensor, ok) -> None:
         b1, b2 = self.betas
         st = self.state
-        if ok is not None:
+        lr, wd = self.lr, self.weight_decay
+        if ok is None:
+            inc, w1, b2v, decay, lr_v = 1, 1 - b1, b2, 1 - lr * wd, lr
+        else:  # a skipped step: every coefficient turns into the identity, on the device
             grad.masked_fill_(~ok, 0.0)
-        step_old = self._get(st["step"], rows)
-        m_old = self._get(st["exp_avg"], rows)
-        v_old = self._get(st["exp_avg_sq"], rows)
-        if ok is not None or rows is None:  # keep the old values for the masked select
-            step_old, m_old, v_old = step_old.clone(), m_old.clone(), v_old.clone()
-        step = step_old + 1
-        m = m_old.lerp(grad, 1 - b1)
-        v = v_old.mul(b2).addcmul_(grad, grad, value=1 - b2)
-        w_new = w.mul(1 - self.lr * self.weight_decay) if self.weight_decay else w.clone()
-        t = step.to(torch.float64).unsqueeze(1)
+            okf = ok.to(w.dtype)
+            inc, w1, lr_v = ok.to(torch.int64), okf * (1 - b1), okf * lr
+            b2v, decay = torch.where(ok, b2, 1.0), torch.where(ok, 1 - lr * wd, 1.0)
+        step = self._get(st["step"], rows).add_(inc)
+        m = self._get(st["exp_avg"], rows).lerp_(grad, w1)
+        v = self._get(st["exp_avg_sq"], rows).mul_(b2v).addcmul_(grad, grad, value=1 - b2)
+        if wd:
+            w.mul_(decay)
+        t = step.clamp_min(1).to(torch.float64).unsqueeze(1)  # a never-stepped row: no 0/0
         bc1 = (1 - b1**t).to(w.dtype)
         bc2_sqrt = (1 - b2**t).sqrt().to(w.dtype)
         denom = v.sqrt().div_(bc2_sqrt).add_(self.eps)
-        w_new.sub_(m.div(denom).mul_(self.lr / bc1))
-        if ok is not None:
-            step = torch.where(ok, step, step_old)
-            m = torch.where(ok, m, m_old)
-            v = torch.where(ok, v, v_old)
-            w_new = torch.where(ok, w_new, w)
-        for key, value in (("step", step), ("exp_avg", m), ("exp_avg_sq", v)):
-            if rows is None:
-                st[key].copy_(value)
-            else:
-                st[key].index_copy_(0, rows, value)
-        if rows is None:
-            self.head.weight.data.copy_(w_new)
-        else:
-            self.head.weight.data.index_copy_(0, rows, w_new)
+        w.sub_(m.div(denom).mul_(lr_v / bc1))
+        self._put(st["step"], rows, step)
+        self._put(st["exp_avg"], rows, m)
+        self._put(st["exp_avg_sq"], rows, v)
+        if rows is not None:
+            self.head.weight.data.index_copy_(0, rows, w)
 
 
 def build_head_optimizer(
