@@ -212,3 +212,14 @@ def test_bf16_engine_fp32_stats_reduction_and_accumulation(stage):
         assert r["weight"] == torch.bfloat16
         assert r["stats"] == {torch.float32} and r["moved"] > 0
         assert r["comm"] == torch.float32 and r["accum"] == torch.float32
+
+
+def test_sync_bn_is_never_a_default():
+    """engine.sync_bn costs two collectives per BatchNorm layer and step (README): opt-in only."""
+    import glob
+
+    from trainer.config import EngineConfig
+
+    assert EngineConfig().sync_bn is False
+    for path in glob.glob(os.path.join(REPO, "configs", "*.yaml")):
+        assert load_config(path).engine.sync_bn is False, path

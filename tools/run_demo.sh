@@ -18,7 +18,10 @@ CONFIG=${DEMO_CONFIG:-configs/lfw_demo_mbf.yaml}
 ACCEL=${DEMO_ACCELERATE:-accelerate_configs/cpu_2proc_zero2.yaml}
 DATA=work_dirs/lfw_demo
 PY=.venv/bin/python
-if ! nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=cpu; fi
+# DeepSpeed must agree with torch about CUDA (trainer/engine.py resolve_device): CPU only then.
+if ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+    export DS_ACCELERATOR=cpu
+fi
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/arcscale/torch_extensions}
 start=$(date +%s)
 stage_start=$start

@@ -41,7 +41,10 @@ fi
 
 # DeepSpeed JIT-builds its CPU ops (shm_comm, cpu_adam) on first use: keep them in a cached folder.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$CACHE/torch_extensions}
-if ! nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=cpu; fi
+# DeepSpeed must agree with torch about CUDA (trainer/engine.py resolve_device): CPU only then.
+if ! .venv/bin/python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+    export DS_ACCELERATOR=cpu
+fi
 .venv/bin/python - <<'PY'
 import torch, deepspeed, accelerate, timm
 print(f"[setup] torch {torch.__version__} deepspeed {deepspeed.__version__} "
