@@ -3,7 +3,7 @@
 Everything here takes the process group explicitly (``None`` means the default group when
 ``torch.distributed`` is initialized, else a single process), so the head never reads globals.
 
-Gradient convention (design.md, "The math that must hold"): the distributed cross-entropy in
+Gradient convention (docs/design.md, "Gradient and loss-scale conventions"): the distributed CE in
 ``heads/dist_softmax.py`` has a *local* backward, so each head shard receives exactly its rows of
 the single-process gradient. The embedding gradient then has to be summed over ranks (every rank
 holds a partial sum over its classes) and multiplied by the world size W, because DeepSpeed/DDP

@@ -60,17 +60,21 @@ class TrainLogger:
         if self.rank == 0:
             print(msg, flush=True)
 
-    def step(self, step: int, epoch: int, scalars: dict, frequent: int) -> None:
+    def step(self, step: int, epoch: int, scalars, frequent: int) -> None:
         """Records one optimizer step; every `frequent` steps prints and logs `scalars`.
 
-        `scalars` holds at least `loss` and `lr`; others (loss_scale, grad_norm,
-        num_sampled, ...) are printed and logged as given.
+        `scalars` is a dict, or a callable returning one that is called on logging steps only
+        (reading device values costs a host sync: the loop passes a callable). It holds at least
+        `loss` and `lr`; others (loss_scale, grad_norm, num_sampled, ...) are printed and logged
+        as given.
         """
         self._window_steps += 1
         if self.progress is not None:
             self.progress.update(self._task, completed=step)
         if self.rank != 0 or (step % frequent != 0 and step != self.total_steps):
             return
+        if callable(scalars):
+            scalars = scalars()
         now = time.time()
         speed = self._window_steps * self.global_batch / max(now - self._window_start, 1e-9)
         self._window_start, self._window_steps = now, 0

@@ -88,7 +88,6 @@ def train_step(
     micro_batches,
     precision: str,
     device: torch.device,
-    nan_loss: bool = False,
     memory_format: torch.memory_format = torch.preserve_format,
 ) -> StepResult:
     """Runs one optimizer step over `micro_batches` (a list of `gradient_acc` (images, labels)).
@@ -101,8 +100,6 @@ def train_step(
             the CPU loader (copied as uint8, normalized on `device`) or float (B,3,112,112).
         precision: "fp32", "fp16" or "bf16": the engine's parameter dtype for the inputs.
         device: where the engine and head live.
-        nan_loss: fault-injection hook (ARCSCALE_FAULT_NAN_LOSS, see docs/reliability.md):
-            replace the head loss of every micro-batch with NaN.
         memory_format: layout of the images on `device` (trainer/memory_format.py; default:
             as the loader made them).
 
@@ -129,8 +126,6 @@ def train_step(
                 head.fix_batch_size(labels.shape[0])
             loss, stats = head(embeddings, labels, validate=False)
             positives.append(stats["num_positive"])
-            if nan_loss:
-                loss = loss * float("nan")
             sampled += float(stats.get("num_sampled", 0))
             if torch.isfinite(loss):  # the loss is replicated: every rank takes the same branch
                 losses.append(loss.detach())

@@ -8,10 +8,11 @@ backbone engine, head -> train -> tear down in `finally`. Nothing happens at imp
 from __future__ import annotations
 
 import argparse
-import math
+import functools
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -86,6 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     """Runs a training job; returns the process exit code (2 for configuration errors)."""
     args = parse_args(argv)
+    # DeepSpeed 0.19.8's ZeRO partitioning calls the collective torch 2.14 deprecated; ours use
+    # the current API, so this warning is the only one a clean run would print every step.
+    warnings.filterwarnings(
+        "ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning
+    )
     if args.local_rank is not None:  # the deepspeed launcher passes --local_rank
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     if not torch.cuda.is_available():
@@ -187,22 +193,10 @@ def train(cfg, settings, ds_config, faults=None) -> None:
             )
             step += 1
             skipped += not result.applied
-            bad_steps = bad_steps + 1 if not math.isfinite(result.loss) else 0
+            bad_steps = bad_steps + 1 if not result.loss_finite else 0  # host value: no sync
             if bad_steps >= cfg.engine.max_bad_steps:
-                raise TrainingDiverged(
-                    f"loss non-finite for {bad_steps} consecutive steps at step {step}; "
-                    f"last good checkpoint: {checkpointer.last_saved or 'none'}. Likely causes: "
-                    f"lr {cfg.optim.lr} too high, margin {list(cfg.head.margin_list)} too hard "
-                    f"(ViT needs AdamW and warmup), fp16 overflow (try bf16)"
-                )
-            scalars = {
-                "loss": result.loss,
-                "lr": lr,
-                "loss_scale": result.loss_scale,
-                "grad_norm": _grad_norm(run.engine),
-                "num_sampled": result.num_sampled,
-                "skipped_steps": skipped,
-            }
+                raise _diverged(cfg, step, bad_steps, checkpointer.last_saved)
+            scalars = functools.partial(_scalars, result, run.engine, lr, skipped)
             run.logger.step(step, run.loader.epoch, scalars, cfg.logging.frequent)
             checkpointer.maybe_save(step, finite=bad_steps == 0)  # saved before evaluating
             if step % cfg.eval.verbose == 0 and step < total:
@@ -217,11 +211,26 @@ def train(cfg, settings, ds_config, faults=None) -> None:
         run.logger.close()
 
 
-def _grad_norm(engine) -> float:
-    value = engine.get_global_grad_norm()
-    if value is None:
-        return float("nan")
-    return float(value.item() if hasattr(value, "item") else value)
+def _scalars(result, engine, lr: float, skipped: int) -> dict:
+    """The logged values of one step, read from the device in one transfer."""
+    values = result.read(engine)
+    return {
+        "loss": values["loss"],
+        "lr": lr,
+        "loss_scale": values["loss_scale"],
+        "grad_norm": values["grad_norm"],
+        "num_sampled": values["num_sampled"],
+        "skipped_steps": skipped,
+    }
+
+
+def _diverged(cfg, step: int, bad_steps: int, last_saved: str | None) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"loss non-finite for {bad_steps} consecutive steps at step {step}; last good "
+        f"checkpoint: {last_saved or 'none'}. Likely causes: lr {cfg.optim.lr} too high, margin "
+        f"{list(cfg.head.margin_list)} too hard (ViT needs AdamW and warmup), fp16 overflow "
+        f"(try bf16)"
+    )
 
 
 if __name__ == "__main__":
