@@ -38,6 +38,9 @@ def launch_env() -> dict:
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/arcscale/torch_extensions"))
     env["PYTHONUNBUFFERED"] = "1"
     env["OMP_NUM_THREADS"] = "1"
+    # The cached venv's editable install names the checkout that last ran tools/setup_env.sh;
+    # scripts run by path (`deepspeed trainer/train.py`) must import this checkout's code.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH", "")]))
     return env
 
 

@@ -128,7 +128,7 @@ def test_deepspeed_hostfile_over_ssh_trains_and_resumes(ssh_hosts, tmp_path):
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     base = launch_env()
     ds_env = tmp_path / "deepspeed_env"  # what every rank gets (README "Multi-node")
-    keep = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS")
+    keep = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "PYTHONPATH")
     ds_env.write_text("".join(f"{k}={base[k]}\n" for k in keep if k in base))
     env = dict(base, DS_ENV_FILE=str(ds_env), PATH=f"{ssh_hosts}{os.pathsep}{BIN}{os.pathsep}")
     env["PATH"] += base.get("PATH", "")
