@@ -130,6 +130,7 @@ def _trainer(network: str, size: dict, kwargs: dict):
             memory_format=memory_format,
         )
 
+    step.accelerator = accelerator  # to release the engine (`free_memory`) after timing
     return engine, device, step, memory_format
 
 
@@ -284,6 +285,7 @@ def _speed_row(network: str, size: dict, kwargs: dict) -> tuple[dict, object]:
         "batch": size["batch"],
         "loss": read["loss"],
     }
+    step.accelerator.free_memory()  # the plain loop after it runs without the engine's memory
     del engine, step
     return row, (device, memory_format)
 
