@@ -2,15 +2,15 @@
 
     python benchmarks/bench_train.py [--networks mbf,r18] [--precisions bf16,fp32]
         [--stages 1,2,3] [--checkpointing off,on] [--batch 8] [--steps 3] [--warmup 1]
-        [--channels-last] [--compile] [--smoke] [--json out.json]
+        [--channels-last] [--smoke] [--json out.json]
 
-Every case builds the backbone, wraps it with ``deepspeed.initialize`` (DeepSpeed JSON from
-``trainer.engine.build_ds_config``, so the engine is the trainer's), puts a single-rank Partial FC
-head beside it and times ``--steps`` optimizer steps after ``--warmup`` untimed ones. Each step is
-split synchronize-then-time into data (loader ``next()`` + copy), backbone forward, head forward,
-backward (``engine.backward``, head backward included) and optimizer (``engine.step`` + head
-unscale/step). By default each case runs in a fresh subprocess, which isolates its peak memory and
-DeepSpeed's global state.
+Every case builds the engine and head exactly as training does (`trainer.run.build_engine` /
+`build_head`: Accelerate + DeepSpeed with the JSON of `trainer.engine.build_ds_config`) and times
+``--steps`` calls of the trainer's own `trainer.step.train_step` after ``--warmup`` untimed ones.
+Each step is cut, synchronize-then-time, at hooks of the real step into data (loader ``next()``
+and the uint8 copy + normalize), backbone forward, head forward, backward and optimizer
+(``engine.step`` + head unscale/step). By default each case runs in a fresh subprocess, which
+isolates its peak memory and DeepSpeed's global state.
 
 Peak memory: on GPU ``torch.cuda.max_memory_allocated``; on CPU the peak resident set (``VmHWM``
 of ``/proc/self/status``) minus the resident set before the model was built, reported twice:
@@ -74,7 +74,6 @@ class Case:
     optimizer: str = "sgd"
     offload: bool = False
     channels_last: bool = False
-    compile: bool = False
     num_workers: int = 0
     model_kwargs: dict = field(default_factory=dict)
 
@@ -82,7 +81,7 @@ class Case:
         """Short human-readable name of the case, e.g. ``r18 bf16 ZeRO-2 ckpt B=8``."""
         extra = "".join(f" {k}={v}" for k, v in sorted(self.model_kwargs.items()))
         flags = " ckpt" * self.grad_checkpointing + " offload" * self.offload
-        flags += " cl" * self.channels_last + " compile" * self.compile
+        flags += " cl" * self.channels_last
         return (
             f"{self.network}{extra} {self.precision} ZeRO-{self.zero_stage}{flags} "
             f"B={self.batch_size}"
@@ -130,7 +129,10 @@ def _config(case: Case):
         head=HeadConfig(sample_rate=case.sample_rate),
         optim=OptimConfig(optimizer=case.optimizer),
         engine=EngineConfig(
-            zero_stage=case.zero_stage, precision=case.precision, offload=case.offload
+            zero_stage=case.zero_stage,
+            precision=case.precision,
+            offload=case.offload,
+            memory_format="channels_last" if case.channels_last else "contiguous",
         ),
     )
     validate(cfg, "benchmarks/bench_train.py case")
@@ -138,7 +140,14 @@ def _config(case: Case):
 
 
 def run_case(case: Case) -> dict:
-    """Runs `case` in this process and measures it.
+    """Runs `case` in this process through the trainer's own set-up and `train_step`.
+
+    The engine and head come from `trainer.run.build_engine` / `build_head` (Accelerate +
+    DeepSpeed as in training) and each optimizer step is `trainer.step.train_step`. Phases are
+    cut at the step's own boundaries (synchronize, then read the clock): data (loader `next()`
+    and the uint8 copy/normalize up to the backbone's forward pre-hook), forward (backbone),
+    head (Partial FC forward), backward (up to `engine.step`) and optimizer (`engine.step` and the
+    head's unscale/step).
 
     Returns:
         dict with ``samples_per_s`` (steady state, timed steps only), ``step_ms`` and one
@@ -153,117 +162,120 @@ def run_case(case: Case) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     import torch
 
-    import models
     from data import SyntheticDataset, build_cpu_loader
-    from heads import CombinedMarginLoss, PartialFC, build_head_optimizer
-    from trainer.engine import (
-        build_backbone_optimizer,
-        build_ds_config,
-        keep_batchnorm_stats_fp32,
-        loss_scale,
-        resolve_engine_settings,
-    )
-    from trainer.step import DTYPES
+    from trainer.engine import build_ds_config, create_accelerator, resolve_engine_settings
+    from trainer.run import build_engine, build_head
+    from trainer.step import train_step
 
     cfg = _config(case)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     _init_single_process()
-    import deepspeed
-
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     reset_peak_rss()
     rss0 = status_bytes("VmRSS")
 
-    init_peak = 0
     torch.manual_seed(0)
-    backbone = models.create(case.network, case.embedding_size, **case.model_kwargs)
-    if case.grad_checkpointing:
-        backbone.set_grad_checkpointing(True)
-    if case.channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
-    n_params = sum(p.numel() for p in backbone.parameters())
-    ds_config = build_ds_config(cfg, resolve_engine_settings(cfg, env={}))
-    keep_batchnorm_stats_fp32(backbone, device)  # as trainer/engine.py prepare_backbone
-    optimizer = build_backbone_optimizer(cfg, backbone, ds_config)
-    if case.compile:  # order as trainer/engine.py: checkpointing, compile, then the engine
-        backbone = torch.compile(backbone)
-    engine, _, _, _ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=ds_config)
-    engine.train()
-    head = PartialFC(
-        case.embedding_size, case.num_classes, case.sample_rate, CombinedMarginLoss()
-    ).to(device)
-    head_opt = build_head_optimizer(head, name=case.optimizer, lr=0.1)
-    dataset = SyntheticDataset(cfg.data.num_image, case.num_classes, seed=0)
+    settings = resolve_engine_settings(cfg, env={})
+    ds_config = build_ds_config(cfg, settings)
+    accelerator = create_accelerator(cfg, ds_config, settings.precision)
+    engine, memory_format = build_engine(cfg, accelerator, ds_config, device, 1, lambda *a: None)
+    head, head_opt = build_head(cfg, device, settings.precision)
+    n_params = sum(p.numel() for p in engine.module.parameters())
     loader = build_cpu_loader(
-        dataset, case.batch_size, 0, 1, seed=0, num_workers=case.num_workers, flip=True
+        SyntheticDataset(cfg.data.num_image, case.num_classes, seed=0),
+        case.batch_size,
+        0,
+        1,
+        seed=0,
+        num_workers=case.num_workers,
+        flip=True,
     )
     loader.set_epoch(0)
     batches = iter(loader)
-    dtype = DTYPES[case.precision]
-    memory_format = torch.channels_last if case.channels_last else torch.contiguous_format
+    clock = _PhaseClock(sync, engine, head)
 
-    times = {p: 0.0 for p in PHASES}
-    loss = torch.tensor(0.0)
+    init_peak, times = 0, dict.fromkeys(PHASES, 0.0)
     for step in range(case.warmup + case.steps):
         if step == case.warmup:
             sync()
-            times = {p: 0.0 for p in PHASES}
+            times = dict.fromkeys(PHASES, 0.0)
             init_peak = status_bytes("VmHWM") - rss0  # build + warm-up
             reset_peak_rss()
-        sync()
-        t0 = time.perf_counter()
-        images, labels = next(batches)
-        images = images.to(device, dtype, non_blocking=True, memory_format=memory_format)
-        labels = labels.to(device, non_blocking=True)
-        sync()
-        t1 = time.perf_counter()
-        embeddings = engine(images)
-        sync()
-        t2 = time.perf_counter()
-        scale = loss_scale(engine)  # the S this step's backward multiplies by
-        loss, _ = head(embeddings, labels)
-        sync()
-        t3 = time.perf_counter()
-        engine.backward(loss)
-        sync()
-        t4 = time.perf_counter()
-        engine.step()
-        if head_opt.unscale_(loss_scale=scale) and engine.was_step_applied():
-            head_opt.step()
-        head_opt.zero_grad()
-        sync()
-        t5 = time.perf_counter()
-        for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+        clock.start()
+        micro = [next(batches)]
+        result = train_step(
+            accelerator, engine, head, head_opt, micro, settings.precision, device, memory_format
+        )
+        for phase, dt in clock.stop().items():
             times[phase] += dt
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"benchmarks/bench_train.py: {case.label()}: loss {loss.item()}")
+        if not result.loss_finite:
+            raise RuntimeError(f"benchmarks/bench_train.py: {case.label()}: loss not finite")
 
     total = sum(times.values())
-    result = {f"{p}_ms": 1000 * times[p] / case.steps for p in PHASES}
-    result.update(
+    out = {f"{p}_ms": 1000 * times[p] / case.steps for p in PHASES}
+    out.update(
         samples_per_s=case.batch_size * case.steps / total,
         step_ms=1000 * total / case.steps,
-        loss=float(loss),
+        loss=result.read(engine)["loss"],
         params=n_params,
         device=str(device),
     )
     if cuda:
-        result.update(
+        out.update(
             peak_mb=torch.cuda.max_memory_allocated() / 2**20,
             steady_peak_mb=None,
             memory="torch.cuda.max_memory_allocated",
         )
     else:
         steady = status_bytes("VmHWM") - rss0
-        result.update(
+        out.update(
             peak_mb=max(init_peak, steady) / 2**20,
             steady_peak_mb=steady / 2**20,
             memory="VmHWM - VmRSS before build",
         )
-    return result
+    return out
+
+
+class _PhaseClock:
+    """Cuts one `train_step` into PHASES at hooks of the real step (benchmark only): the
+    backbone's and the head's forward hooks and the engine's `step`, each after a synchronize."""
+
+    def __init__(self, sync, engine, head) -> None:
+        self.sync, self.marks = sync, {}
+        engine.module.register_forward_pre_hook(lambda *a: self._mark("forward"))
+        engine.module.register_forward_hook(lambda *a: self._mark("head"))
+        head.register_forward_hook(lambda *a: self._mark("backward"))
+        step = engine.step
+
+        def timed_step(*args, **kwargs):
+            self._mark("optimizer")
+            return step(*args, **kwargs)
+
+        engine.step = timed_step
+
+    def _mark(self, phase: str) -> None:
+        self.sync()
+        self.marks.setdefault(phase, time.perf_counter())
+
+    def start(self) -> None:
+        self.sync()
+        self.marks = {"data": time.perf_counter()}
+
+    def stop(self) -> dict:
+        """Seconds per phase since `start` (a phase whose mark is missing gets 0)."""
+        self.sync()
+        end, out = time.perf_counter(), {}
+        bounds = [self.marks.get(p) for p in PHASES] + [end]
+        for i, phase in enumerate(PHASES):
+            if bounds[i] is None:
+                out[phase] = 0.0
+                continue
+            nxt = next(b for b in bounds[i + 1 :] if b is not None)
+            out[phase] = nxt - bounds[i]
+        return out
 
 
 def _has_cuda() -> bool:
@@ -339,7 +351,6 @@ def build_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
         sample_rate=args.sample_rate,
         optimizer=args.optimizer,
         channels_last=args.channels_last,
-        compile=args.compile,
         num_workers=args.workers,
     )
     if args.smoke:
@@ -419,7 +430,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-kwargs", default="", help="JSON, e.g. '{\"base_width\": 16}'")
     p.add_argument("--workers", type=int, default=0, help="loader worker processes")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the backbone first")
     p.add_argument("--smoke", action="store_true", help="one tiny case, 2 steps (CI)")
     p.add_argument("--in-process", action="store_true", help="no subprocess per case")
     p.add_argument("--json", default="", help="also write the results to this JSON file")

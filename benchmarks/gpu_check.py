@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --cpu [--out ...]                  # tiny sizes on CPU (CI)
 
 Each case runs in its own process (world size 1, the trainer's own set-up: `create_accelerator`,
-`trainer.run._build_engine` / `_build_head`, `trainer.step.train_step`; NCCL on GPU, gloo with
+`trainer.run.build_engine` / `build_head`, `trainer.step.train_step`; NCCL on GPU, gloo with
 --cpu) and reports rows:
 
 - host_syncs: `torch.cuda.set_sync_debug_mode` around steady-state r18 + Partial FC bf16 steps,
@@ -91,7 +91,7 @@ def _trainer(network: str, size: dict, kwargs: dict):
         dist_info,
         resolve_engine_settings,
     )
-    from trainer.run import _build_engine, _build_head
+    from trainer.run import build_engine, build_head
     from trainer.step import train_step
 
     cfg = load_config(
@@ -114,8 +114,8 @@ def _trainer(network: str, size: dict, kwargs: dict):
     ds_config = build_ds_config(cfg, settings)
     accelerator = create_accelerator(cfg, ds_config, "bf16")
     device = dist_info().device
-    engine, memory_format = _build_engine(cfg, accelerator, ds_config, device, 1, _quiet)
-    head, head_opt = _build_head(cfg, device, "bf16")
+    engine, memory_format = build_engine(cfg, accelerator, ds_config, device, 1, _quiet)
+    head, head_opt = build_head(cfg, device, "bf16")
     batches = _batches(size, device)
 
     def step(i: int):

@@ -84,7 +84,7 @@ def _write_run_files(cfg: Config, settings, ds_config: dict, res: Resolved) -> N
     ckpt.clean_incomplete(ckpt.checkpoint_root(cfg.output))
 
 
-def _build_engine(cfg: Config, accelerator, ds_config: dict, device, world: int, log):
+def build_engine(cfg: Config, accelerator, ds_config: dict, device, world: int, log):
     import models
     from trainer.engine import prepare_backbone
     from trainer.memory_format import input_memory_format
@@ -102,7 +102,7 @@ def _build_engine(cfg: Config, accelerator, ds_config: dict, device, world: int,
     return prepare_backbone(cfg, accelerator, backbone, ds_config), memory_format
 
 
-def _build_head(cfg: Config, device, precision: str):
+def build_head(cfg: Config, device, precision: str):
     from heads import CombinedMarginLoss, PartialFC, build_head_optimizer, resolve_logits_dtype
 
     m1, m2, m3 = cfg.head.margin_list
@@ -174,10 +174,10 @@ def build_run(cfg: Config, settings: EngineSettings, ds_config: dict) -> Run:
             f"{res.num_image} images, global batch {res.global_batch}, "
             f"{res.steps_per_epoch} steps/epoch, {res.total_steps} steps"
         )
-    engine, memory_format = _build_engine(cfg, accelerator, ds_config, device, world, log)
+    engine, memory_format = build_engine(cfg, accelerator, ds_config, device, world, log)
     if device.type == "cuda":  # fixed input sizes: let cuDNN pick the fastest kernels once
         torch.backends.cudnn.benchmark = True
-    head, head_opt = _build_head(cfg, device, settings.precision)
+    head, head_opt = build_head(cfg, device, settings.precision)
     dtype = DTYPES[settings.precision]
     logger = TrainLogger(
         cfg.output,
