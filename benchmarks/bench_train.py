@@ -223,20 +223,26 @@ def run_case(case: Case) -> dict:
         params=n_params,
         device=str(device),
     )
+    out.update(_peak_memory(cuda, init_peak, rss0))
+    return out
+
+
+def _peak_memory(cuda: bool, init_peak: int, rss0: int) -> dict:
+    """``peak_mb`` (whole case), ``steady_peak_mb`` (timed steps, CPU only) and what was read."""
     if cuda:
-        out.update(
+        import torch
+
+        return dict(
             peak_mb=torch.cuda.max_memory_allocated() / 2**20,
             steady_peak_mb=None,
             memory="torch.cuda.max_memory_allocated",
         )
-    else:
-        steady = status_bytes("VmHWM") - rss0
-        out.update(
-            peak_mb=max(init_peak, steady) / 2**20,
-            steady_peak_mb=steady / 2**20,
-            memory="VmHWM - VmRSS before build",
-        )
-    return out
+    steady = status_bytes("VmHWM") - rss0
+    return dict(
+        peak_mb=max(init_peak, steady) / 2**20,
+        steady_peak_mb=steady / 2**20,
+        memory="VmHWM - VmRSS before build",
+    )
 
 
 class _PhaseClock:
