@@ -163,8 +163,7 @@ def set_rng_state(state: dict) -> None:
     """Inverse of `rng_state`."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
-    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
-    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, gauss))
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -324,6 +323,11 @@ def load_meta(path: str) -> dict:
     return meta
 
 
+def resume_off(resume) -> bool:
+    """`checkpoint.resume` asks for a fresh start (false, or an empty / "false" string)."""
+    return resume is False or resume in ("", "false", "False")
+
+
 def resolve_resume(resume, output: str, rank: int = 0) -> str | None:
     """`checkpoint.resume` -> a checkpoint dir: false -> None, true -> latest in `output` (None,
     logged by the caller, when there is none), a path -> that checkpoint or that run's latest.
@@ -334,7 +338,7 @@ def resolve_resume(resume, output: str, rank: int = 0) -> str | None:
     """
     from trainer.config import ConfigError
 
-    if resume is False or resume in ("", "false", "False"):
+    if resume_off(resume):
         return None
     if resume is True or resume in ("true", "True", "latest", "auto"):
         path = latest_checkpoint(output)
@@ -446,7 +450,7 @@ class Checkpointer:
         run = self.run
         path = resolve_resume(self.cfg.checkpoint.resume, self.cfg.output, run.rank)
         if path is None:
-            if self.cfg.checkpoint.resume not in (False, "", "false", "False"):
+            if not resume_off(self.cfg.checkpoint.resume):
                 run.log(f"[checkpoint] no checkpoint in {self.root}: starting fresh")
             run.loader.set_epoch(0)
             return 0
@@ -514,6 +518,7 @@ def preflight_output(cfg) -> None:
             pass
     except OSError as e:
         raise ConfigError(f"output: cannot write to {cfg.output} ({e.strerror or e})") from None
-    resume = cfg.checkpoint.resume
-    if resolve_resume(resume, cfg.output) is None and resume in (False, "", "false", "False"):
+    if resume_off(cfg.checkpoint.resume):
         prepare_fresh_output(cfg.output, cfg.checkpoint.overwrite)
+    else:
+        resolve_resume(cfg.checkpoint.resume, cfg.output)  # an explicit path must resolve
