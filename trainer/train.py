@@ -67,10 +67,10 @@ def _standalone_env(env) -> bool:
         return False
     from trainer.ports import free_port
 
-    port = free_port()
     env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(port))
+    if "MASTER_PORT" not in env:
+        env["MASTER_PORT"] = str(free_port())
     return True
 
 
