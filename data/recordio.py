@@ -16,9 +16,12 @@ import numbers
 import operator
 import os
 import struct
-from collections import namedtuple
+from collections.abc import Iterator, Sequence
+from io import BufferedWriter, TextIOWrapper
+from typing import Any, NamedTuple, SupportsIndex, TypeAlias, cast
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -27,7 +30,22 @@ _LENGTH_BITS = 29
 _LENGTH_MASK = (1 << _LENGTH_BITS) - 1
 MAX_RECORD_BYTES = 1 << _LENGTH_BITS  # dmlc rejects records of 2**29 bytes or more
 
-IRHeader = namedtuple("IRHeader", ["flag", "label", "id", "id2"])
+StrPath: TypeAlias = str | os.PathLike[str]
+# An IRHeader label: a float (flag 0), float32 labels read back by ``unpack``, or labels to pack.
+Label: TypeAlias = float | NDArray[np.float32] | Sequence[float]
+# Index keys in file order: consecutive keys as a range, else an int64 array.
+Keys: TypeAlias = range | NDArray[np.int64]
+
+
+class IRHeader(NamedTuple):
+    """insightface/mxnet's image record header (struct ``IfQQ``); see the module docstring."""
+
+    flag: int
+    label: Label
+    id: int
+    id2: int
+
+
 _IR = struct.Struct("<IfQQ")  # mxnet packs native "IfQQ": the same 24 bytes on little-endian hosts
 IR_SIZE = _IR.size
 
@@ -36,11 +54,11 @@ class RecordIOError(ValueError):
     """A malformed .rec/.idx/property file; the message names the file and key and/or offset."""
 
 
-def _pad(n):
+def _pad(n: int) -> int:
     return (-n) % 4
 
 
-def frame_record(record):
+def frame_record(record: bytes) -> bytes:
     """Encode one record as dmlc RecordIO parts, exactly as ``dmlc::RecordIOWriter::WriteRecord``.
 
     Args:
@@ -74,7 +92,7 @@ def frame_record(record):
     return b"".join(out)
 
 
-def pack(header, payload):
+def pack(header: IRHeader | tuple[int, Label, int, int], payload: bytes) -> bytes:
     """Prepend an IRHeader to ``payload``, byte-identical to ``mxnet.recordio.pack``.
 
     Args:
@@ -104,7 +122,7 @@ def pack(header, payload):
     return head + extra + bytes(payload)
 
 
-def unpack(record):
+def unpack(record: bytes) -> tuple[IRHeader, bytes]:
     """Split a record into (IRHeader, payload), like ``mxnet.recordio.unpack``.
 
     Args:
@@ -132,9 +150,13 @@ def unpack(record):
     return header._replace(label=labels), bytes(record[end:])
 
 
-def record_label(header):
-    """The class label of an image record: ``label`` if flag == 0, else ``label[0]`` (int)."""
-    return int(header.label if header.flag == 0 else header.label[0])
+def record_label(header: IRHeader) -> int:
+    """The class label of an image record (int): ``label`` if it is a number (flag == 0), else
+    ``label[0]`` (as insightface reads it)."""
+    label = header.label  # what ``unpack`` gives: a float when flag == 0, else an array
+    if isinstance(label, (int, float, np.floating, np.integer)):
+        return int(label)
+    return int(label[0])
 
 
 class RecordIOWriter:
@@ -146,19 +168,20 @@ class RecordIOWriter:
     Use as a context manager; ``write`` returns the record's byte offset.
     """
 
-    def __init__(self, rec_path, idx_path=None):
-        self.rec_path, self.idx_path = str(rec_path), idx_path and str(idx_path)
+    def __init__(self, rec_path: StrPath, idx_path: StrPath | None = None) -> None:
+        self.rec_path = str(rec_path)
+        self.idx_path = None if idx_path is None else str(idx_path)
         # Held open across write() calls and closed by close()/__exit__.
-        self._rec = open(self.rec_path, "wb")  # noqa: SIM115
-        self._idx = (
+        self._rec: BufferedWriter | None = open(self.rec_path, "wb")  # noqa: SIM115
+        self._idx: TextIOWrapper | None = (
             open(self.idx_path, "w", encoding="ascii", newline="\n")  # noqa: SIM115
-            if idx_path
+            if self.idx_path
             else None
         )
         self._offset = 0
-        self._keys = set()
+        self._keys: set[int] = set()
 
-    def write(self, key, record):
+    def write(self, key: SupportsIndex, record: bytes) -> int:
         """Append ``record`` (bytes) under integer ``key``; returns its byte offset in the .rec.
 
         Raises:
@@ -184,17 +207,17 @@ class RecordIOWriter:
             self._idx.write(f"{key}\t{offset}\n")
         return offset
 
-    def close(self):
+    def close(self) -> None:
         """Flush and close both files (idempotent)."""
         for f in (self._rec, self._idx):
             if f is not None:
                 f.close()
         self._rec = self._idx = None
 
-    def __enter__(self):
+    def __enter__(self) -> "RecordIOWriter":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -203,7 +226,14 @@ _DIGITS = np.zeros(256, dtype=bool)
 _DIGITS[ord("0") : ord("9") + 1] = True
 
 
-def _idx_line_error(idx_path, rec_path, rec_size, lineno, line, seen=None):
+def _idx_line_error(
+    idx_path: StrPath,
+    rec_path: StrPath,
+    rec_size: int,
+    lineno: int,
+    line: str,
+    seen: set[int] | None = None,
+) -> RecordIOError | None:
     """The error for one bad .idx line (None if it is fine), with the messages of the old parser."""
     fields = line.split()
     if not fields:
@@ -227,7 +257,7 @@ def _idx_line_error(idx_path, rec_path, rec_size, lineno, line, seen=None):
     return None
 
 
-def _line_of_entry(idx_path, entry):
+def _line_of_entry(idx_path: StrPath, entry: int) -> int:
     """1-based line number of the ``entry``-th (0-based) non-blank line of an .idx file."""
     count = -1
     with open(idx_path, encoding="ascii", errors="replace") as f:
@@ -238,7 +268,7 @@ def _line_of_entry(idx_path, entry):
     raise AssertionError(f"{idx_path}: entry {entry} past the end")
 
 
-def _chunk_is_clean(chunk):
+def _chunk_is_clean(chunk: bytes) -> bool:
     """True if every line of ``chunk`` (bytes ending with a newline) is blank or two integers."""
     if chunk.translate(None, b"0123456789 \t\r\n"):
         return False  # a character no index line may hold
@@ -252,7 +282,9 @@ def _chunk_is_clean(chunk):
     return bool(np.all((per_line == 0) | (per_line == 2)))
 
 
-def read_index(idx_path, rec_path, rec_size):
+def read_index(
+    idx_path: StrPath, rec_path: StrPath, rec_size: int
+) -> tuple[Keys, NDArray[np.int64]]:
     """Parse a ``.idx`` file into numpy arrays, in line order (C parsing, chunk by chunk).
 
     Args:
@@ -271,7 +303,7 @@ def read_index(idx_path, rec_path, rec_size):
     with open(idx_path, "rb") as f:
         lines = sum(block.count(b"\n") for block in iter(lambda: f.read(_CHUNK_BYTES), b""))
     offsets = np.empty(lines + 1, dtype=np.int64)  # + a last line without a newline
-    keys = None  # filled only once the keys stop being consecutive
+    key_array: NDArray[np.int64] | None = None  # filled once the keys stop being consecutive
     first, n, lineno, tail = 0, 0, 0, b""
     with open(idx_path, "rb") as f:
         while True:
@@ -291,30 +323,31 @@ def read_index(idx_path, rec_path, rec_size):
                 values = np.fromstring(chunk, dtype=np.int64, sep=" ")
                 m = len(values) // 2
                 got = values[0::2]
-                if m and keys is None:
+                if m and key_array is None:
                     first = int(got[0]) if n == 0 else first
                     if not np.array_equal(got, np.arange(first + n, first + n + m)):
-                        keys = np.empty(len(offsets), dtype=np.int64)
-                        keys[:n] = np.arange(first, first + n)
-                if keys is not None:
-                    keys[n : n + m] = got
+                        key_array = np.empty(len(offsets), dtype=np.int64)
+                        key_array[:n] = np.arange(first, first + n)
+                if key_array is not None:
+                    key_array[n : n + m] = got
                 offsets[n : n + m] = values[1::2]
                 n += m
                 lineno += chunk.count(b"\n")
             if not block:
                 break
     offsets = offsets[:n]
-    if keys is None:
+    keys: Keys
+    if key_array is None:
         keys = range(first, first + n)
     else:
-        keys = keys[:n]
-        if not np.all(keys[1:] > keys[:-1]):  # not strictly increasing: look for repeats
-            order = np.argsort(keys, kind="stable")
-            repeat = keys[order[1:]] == keys[order[:-1]]
+        keys = key_array = key_array[:n]
+        if not np.all(key_array[1:] > key_array[:-1]):  # not strictly increasing: find repeats
+            order = np.argsort(key_array, kind="stable")
+            repeat = key_array[order[1:]] == key_array[order[:-1]]
             if repeat.any():
                 entry = int(order[1:][repeat].min())
-                line = _line_of_entry(idx_path, entry)
-                raise RecordIOError(f"{idx_path}:{line}: duplicate key {int(keys[entry])}")
+                at = _line_of_entry(idx_path, entry)
+                raise RecordIOError(f"{idx_path}:{at}: duplicate key {int(key_array[entry])}")
     bad = np.flatnonzero((offsets < 0) | (offsets > rec_size - _PART_HEAD.size))
     if len(bad):
         entry = int(bad[0])
@@ -325,7 +358,7 @@ def read_index(idx_path, rec_path, rec_size):
     return keys, offsets
 
 
-def sort_order(keys):
+def sort_order(keys: Keys) -> NDArray[np.int32] | NDArray[np.intp] | None:
     """None when ``keys`` (range or int64 array) is increasing, else its argsort (for lookups),
     int32 below 2**31 keys."""
     if isinstance(keys, range) or len(keys) < 2 or bool(np.all(keys[1:] > keys[:-1])):
@@ -334,7 +367,12 @@ def sort_order(keys):
     return order.astype(np.int32) if len(keys) < 2**31 else order
 
 
-def lookup_offsets(keys, offsets, wanted, order=None):
+def lookup_offsets(
+    keys: Keys,
+    offsets: NDArray[np.int64],
+    wanted: ArrayLike,
+    order: NDArray[np.int32] | NDArray[np.intp] | None = None,
+) -> tuple[NDArray[np.bool_], NDArray[np.int64]]:
     """Offsets of the keys ``wanted`` in an index ``(keys, offsets)``.
 
     Args:
@@ -376,36 +414,40 @@ class RecordIOReader:
         read: wrong magic, truncated record, unexpected continuation flag, unknown key.
     """
 
-    def __init__(self, rec_path, idx_path=None):
-        self.rec_path, self.idx_path = str(rec_path), idx_path and str(idx_path)
+    def __init__(self, rec_path: StrPath, idx_path: StrPath | None = None) -> None:
+        self.rec_path = str(rec_path)
+        self.idx_path = None if idx_path is None else str(idx_path)
         if not os.path.isfile(self.rec_path):
             raise RecordIOError(f"{self.rec_path}: record file not found")
         self._size = os.path.getsize(self.rec_path)
-        if idx_path:
+        self.keys: Keys = range(0)
+        self.offsets: NDArray[np.int64] = np.empty(0, dtype=np.int64)
+        # Both None unless the idx lists keys out of order.
+        self._order: NDArray[np.int32] | NDArray[np.intp] | None = None
+        self._sorted_keys: NDArray[np.int64] | None = None
+        if self.idx_path:
             self.keys, self.offsets = read_index(self.idx_path, self.rec_path, self._size)
-            self._order = sort_order(self.keys)  # None unless the idx lists keys out of order
-            self._sorted_keys = None if self._order is None else self.keys[self._order]
-        else:
-            self.keys, self.offsets = range(0), np.empty(0, dtype=np.int64)
-            self._order = self._sorted_keys = None
-        self._fd = None
-        self._pid = None
+            self._order = sort_order(self.keys)
+            if self._order is not None and not isinstance(self.keys, range):
+                self._sorted_keys = self.keys[self._order]
+        self._fd: int | None = None
+        self._pid: int | None = None
 
     @property
-    def index_nbytes(self):
+    def index_nbytes(self) -> int:
         """Bytes held by the index arrays (keys cost nothing when they are a range)."""
         extra = 0 if isinstance(self.keys, range) else self.keys.nbytes
-        if self._order is not None:
+        if self._order is not None and self._sorted_keys is not None:
             extra += self._order.nbytes + self._sorted_keys.nbytes
         return self.offsets.nbytes + extra
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.keys)
 
-    def _row(self, key):
+    def _row(self, key: object) -> int | None:
         """Row of ``key`` in the index, or None (O(1) for a range of keys, else a binary search)."""
         try:
-            key = operator.index(key)
+            key = operator.index(cast(SupportsIndex, key))  # raises TypeError for the others
         except TypeError:
             return None
         if isinstance(self.keys, range):  # plain-int arithmetic: tools check millions of keys
@@ -413,35 +455,36 @@ class RecordIOReader:
         if not len(self.keys) or not -(2**63) <= key < 2**63:
             return None
         order = self._order
-        sorted_keys = self.keys if order is None else self._sorted_keys
+        sorted_keys = self.keys if self._sorted_keys is None else self._sorted_keys
         pos = int(np.searchsorted(sorted_keys, key))
         if pos == len(self.keys) or int(sorted_keys[pos]) != key:
             return None
         return pos if order is None else int(order[pos])
 
-    def __contains__(self, key):
+    def __contains__(self, key: object) -> bool:
         return self._row(key) is not None
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_fd"] = state["_pid"] = None
         return state
 
-    def __del__(self):
+    def __del__(self) -> None:
         self.close()
 
-    def close(self):
+    def close(self) -> None:
         """Close the file handle (it reopens on the next read)."""
-        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
-            os.close(self._fd)
+        fd: int | None = getattr(self, "_fd", None)  # unset if __init__ raised
+        if fd is not None and self._pid == os.getpid():
+            os.close(fd)
         self._fd = None
 
-    def _pread(self, n, offset):
+    def _pread(self, n: int, offset: int) -> bytes:
         if self._fd is None or self._pid != os.getpid():
             self._fd, self._pid = os.open(self.rec_path, os.O_RDONLY), os.getpid()
         return os.pread(self._fd, n, offset)
 
-    def offset_of(self, key):
+    def offset_of(self, key: SupportsIndex) -> int:
         """Byte offset of ``key``'s first part. Raises RecordIOError for an unknown key."""
         row = self._row(key)
         if row is None:
@@ -449,7 +492,7 @@ class RecordIOReader:
             raise RecordIOError(f"{self.rec_path}: key {key!r} not in index {where}")
         return int(self.offsets[row])
 
-    def read(self, key):
+    def read(self, key: SupportsIndex) -> bytes:
         """The record stored under ``key`` (bytes, magic words re-inserted between parts)."""
         offset = self.offset_of(key)
         try:
@@ -457,13 +500,13 @@ class RecordIOReader:
         except RecordIOError as e:
             raise RecordIOError(f"{e} (key {key})") from None
 
-    def read_at(self, offset):
+    def read_at(self, offset: int) -> tuple[bytes, int]:
         """Read the record whose first part starts at byte ``offset``.
 
         Returns:
             (record bytes, offset of the next record).
         """
-        chunks = []
+        chunks: list[bytes] = []
         pos = offset
         while True:
             head = self._pread(_PART_HEAD.size, pos)
@@ -496,7 +539,7 @@ class RecordIOReader:
             if cflag in (0, 3):
                 return _MAGIC_BYTES.join(chunks), pos
 
-    def scan(self, start=0):
+    def scan(self, start: int = 0) -> Iterator[tuple[int, bytes]]:
         """Iterate over ``(offset, record bytes)`` from byte ``start`` to the end; needs no idx."""
         offset = start
         while offset < self._size:
@@ -505,7 +548,7 @@ class RecordIOReader:
             offset = nxt
 
 
-def read_property(dir_or_file):
+def read_property(dir_or_file: StrPath) -> tuple[int, int, int]:
     """Read insightface's ``property`` file: one line ``num_classes,height,width``.
 
     Args:
@@ -531,7 +574,7 @@ def read_property(dir_or_file):
     return values
 
 
-def write_property(out_dir, num_classes, height, width):
+def write_property(out_dir: StrPath, num_classes: int, height: int, width: int) -> str:
     """Write ``out_dir/property`` as ``num_classes,height,width``; returns its path."""
     path = os.path.join(out_dir, "property")
     with open(path, "w", encoding="ascii") as f:
