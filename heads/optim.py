@@ -286,18 +286,13 @@ class HeadOptimizer:
                 buf.copy_(d)
             else:
                 buf.index_copy_(0, rows, d)
-        target = self.head.weight.data
+        # rows are unique and ``w`` holds their current weights: update the gathered copy and
+        # write it back (index_copy_ is ~2x cheaper than index_add_'s read-modify-write).
         if ok is None:
-            if rows is None:
-                target.add_(d, alpha=-self.lr)
-            else:
-                target.index_add_(0, rows, d, alpha=-self.lr)
-            return
-        neg_lr = torch.where(ok, -self.lr, 0.0)
-        if rows is None:
-            target.addcmul_(d, neg_lr)
+            w.add_(d, alpha=-self.lr)
         else:
-            target.index_add_(0, rows, d.mul_(neg_lr))
+            w.addcmul_(d, torch.where(ok, -self.lr, 0.0))
+        self._put(self.head.weight.data, rows, w)
 
     def _adamw_rows(self, rows, w: torch.Tensor, grad: torch.Tensor, ok) -> None:
         b1, b2 = self.betas
