@@ -11,47 +11,62 @@ is the project's only ``.bin`` reader (the trainer, ``tools/eval_verification.py
 """
 
 import codecs
+import importlib
 import io
 import math
 import os
 import pickle
 import pickletools
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import IO, Any, NoReturn
 
 import numpy as np
 import simplejpeg
+from numpy.typing import NDArray
 
 from data.atomic import atomic_path
 from data.decode import decode_image
 
-try:  # numpy >= 2 moved its internals to numpy._core
-    from numpy._core.multiarray import scalar as _numpy_scalar
-except ImportError:  # pragma: no cover - numpy 1.x
-    from numpy.core.multiarray import scalar as _numpy_scalar
+
+def _import_numpy_scalar() -> Callable[..., Any]:
+    """``numpy.core.multiarray.scalar`` (numpy >= 2 moved its internals to ``numpy._core``)."""
+    try:
+        module = importlib.import_module("numpy._core.multiarray")
+    except ImportError:  # pragma: no cover - numpy 1.x
+        module = importlib.import_module("numpy.core.multiarray")
+    scalar: Callable[..., Any] = module.scalar
+    return scalar
+
+
+_numpy_scalar = _import_numpy_scalar()
 
 
 class _Refused:
     """Stands for ``numpy.ndarray`` in a pickle: only ``_reconstruct`` may use it, never a call."""
 
 
-def _bounded_globals(limit):
+# Pickle's globals are called with whatever the stream holds: Any is the boundary here.
+_Global = Callable[..., Any] | type
+
+
+def _bounded_globals(limit: int) -> dict[tuple[str, str], _Global]:
     """The only globals a .bin pickle may reference (numpy arrays/bools in some converted sets),
     each wrapped so that no call allocates more than ``limit`` bytes (the file's own length): a
     few bytes of pickle can otherwise ask for ``bytearray(2**40)`` or a huge array."""
 
-    def refuse(what):
+    def refuse(what: str) -> NoReturn:
         raise pickle.UnpicklingError(f"refusing {what}: larger than the file ({limit} bytes)")
 
-    def dtype(spec, *args):
-        d = np.dtype(spec, *args)
+    def dtype(spec: Any, *args: Any) -> np.dtype[Any]:
+        d: np.dtype[Any] = np.dtype(spec, *args)
         if d.hasobject:
             raise pickle.UnpicklingError(f"refusing numpy dtype {d} (holds Python objects)")
         if d.itemsize > limit:
             refuse(f"numpy dtype of {d.itemsize} bytes")
         return d
 
-    def reconstruct(subtype, shape, kind):
+    def reconstruct(subtype: Any, shape: Any, kind: Any) -> NDArray[Any]:
         if subtype is not _Refused:
             raise pickle.UnpicklingError(f"refusing to reconstruct a {subtype!r}")
         d = dtype(kind)
@@ -61,23 +76,23 @@ def _bounded_globals(limit):
             refuse(f"an array of shape {tuple(shape)}")
         return np.ndarray(shape, d)
 
-    def scalar(kind, *args):
+    def scalar(kind: Any, *args: Any) -> Any:
         return _numpy_scalar(dtype(kind), *args)
 
-    def frombuffer(buf, kind, shape, order):
+    def frombuffer(buf: Any, kind: Any, shape: Any, order: Any) -> NDArray[Any]:
         return np.frombuffer(buf, dtype(kind)).reshape(shape, order=order)
 
-    def make_bytearray(source=b"", *args):
+    def make_bytearray(source: Any = b"", *args: Any) -> bytearray:
         if not isinstance(source, (bytes, str)):  # what picklers write; an int would allocate
             raise pickle.UnpicklingError(f"refusing bytearray({type(source).__name__})")
         return bytearray(source, *args)
 
-    def encode(text, encoding="utf-8", *args):
+    def encode(text: Any, encoding: str = "utf-8", *args: Any) -> bytes:
         if codecs.lookup(encoding).name != "iso8859-1":  # pickle's bytes: latin-1, 1 byte/char
             raise pickle.UnpicklingError(f"refusing _codecs.encode(..., {encoding!r})")
         return codecs.encode(text, encoding, *args)
 
-    table = {
+    table: dict[str, _Global] = {
         "_reconstruct": reconstruct,
         "scalar": scalar,
         "_frombuffer": frombuffer,
@@ -103,7 +118,7 @@ def _bounded_globals(limit):
 _MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
 
 
-def _check_opcodes(blob):
+def _check_opcodes(blob: bytes) -> None:
     """Walks the opcodes without building anything, so that nothing the C unpickler would
     allocate from a number in the stream exceeds the stream: counted bytes/strings must be
     there (``genops`` reads them), and a memo index may not run ahead of the objects stored so
@@ -119,23 +134,23 @@ def _check_opcodes(blob):
         if op.name == "MEMOIZE":
             stored += 1
         elif op.name in _MEMO_OPS:
-            if int(arg) > stored + 1:
+            if not isinstance(arg, int) or arg > stored + 1:  # genops decodes memo args as int
                 raise pickle.UnpicklingError(f"memo index {arg} after {stored} stored objects")
             stored += op.name.endswith("PUT")
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    def __init__(self, file, limit, **kwargs):
+    def __init__(self, file: IO[bytes], limit: int, **kwargs: Any) -> None:
         super().__init__(file, **kwargs)
         self._globals = _bounded_globals(limit)
 
-    def find_class(self, module, name):
+    def find_class(self, module: str, name: str) -> _Global:
         if (module, name) in self._globals:
             return self._globals[(module, name)]
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
 
-def _to_bytes(item, path, i):
+def _to_bytes(item: object, path: str, i: int) -> bytes:
     if isinstance(item, bytes):
         return item
     if isinstance(item, (bytearray, memoryview)):
@@ -145,7 +160,7 @@ def _to_bytes(item, path, i):
     raise ValueError(f"{path}: image {i} is a {type(item).__name__}, expected encoded image bytes")
 
 
-def read_bin_raw(path):
+def read_bin_raw(path: str | os.PathLike[str]) -> tuple[list[bytes], NDArray[np.bool_]]:
     """Unpickle a verification .bin without decoding the images.
 
     Args:
@@ -180,8 +195,10 @@ def read_bin_raw(path):
         raise ValueError(
             f"{path}: {len(bins)} images for {len(issame)} pairs; a .bin needs exactly 2 per pair"
         )
-    copies = {}  # one copy per distinct object: a list may name one big bytearray 10**6 times
-    images = []
+    copies: dict[
+        int, bytes
+    ] = {}  # one copy per distinct object: a list may name one big bytearray 10**6 times
+    images: list[bytes] = []
     for i, b in enumerate(bins):
         if id(b) not in copies:
             copies[id(b)] = _to_bytes(b, path, i)
@@ -192,27 +209,27 @@ def read_bin_raw(path):
 MAX_SIDE = 4096  # verification crops are ~112 px; a larger declared size is a decode bomb
 
 
-def _declared_side(buf):
+def _declared_side(buf: bytes) -> int | None:
     """Largest side a JPEG or PNG header declares (None for other formats), read before any
     pixel is decoded: a few KB of uniform JPEG can declare 60000x60000 (10 GiB decoded)."""
     if simplejpeg.is_jpeg(buf):
         try:
-            return max(simplejpeg.decode_jpeg_header(buf)[:2])
+            return int(max(simplejpeg.decode_jpeg_header(buf)[:2]))
         except ValueError:
             return None  # damaged header: decode_image reports it
     if buf[:8] == b"\x89PNG\r\n\x1a\n" and len(buf) >= 24:
-        return max(struct.unpack(">II", buf[16:24]))  # IHDR width, height
+        return int(max(struct.unpack(">II", buf[16:24])))  # IHDR width, height
     return None
 
 
-def _decode(buf, path, i):
+def _decode(buf: bytes, path: str | os.PathLike[str], i: int) -> NDArray[np.uint8]:
     side = _declared_side(buf)
     if side is not None and side > MAX_SIDE:
         raise ValueError(f"{path}: image {i} declares a {side}-pixel side (limit {MAX_SIDE})")
     return decode_image(buf, where=f"{path} image {i}")
 
 
-def load_bin(path):
+def load_bin(path: str | os.PathLike[str]) -> tuple[NDArray[np.uint8], NDArray[np.bool_]]:
     """Load and decode an insightface verification ``.bin``.
 
     Args:
@@ -247,7 +264,9 @@ def load_bin(path):
     return images, issame
 
 
-def write_bin(path, encoded_images: Sequence[bytes], issame: Sequence[bool]):
+def write_bin(
+    path: str | os.PathLike[str], encoded_images: Sequence[bytes], issame: Sequence[bool]
+) -> None:
     """Write a verification ``.bin`` that insightface's ``load_bin`` reads (pickle protocol 4).
 
     Written to a temporary file in the same folder and moved into place with ``os.replace``, so
