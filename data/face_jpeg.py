@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 import cv2
 import numpy as np
@@ -18,8 +19,22 @@ import simplejpeg
 
 from data.decode import decode_image
 
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
 Box = tuple[int, int, int, int]
 EncodeJob = tuple[str, "Box | None", int, int]  # (path, crop, size, quality)
+EncodeResult = tuple[bytes | None, bool, str | None]  # (jpeg or None, copied, error or None)
+
+
+class EncodingOptions(TypedDict):
+    """Keyword arguments of the dataset builders, from ``encoding_options``."""
+
+    crop: NotRequired[Box | None]  # only for a parser with ``--crop``
+    size: int
+    quality: int
+    workers: int
+    progress: bool
 
 
 def check_crop(box: Sequence[int] | None) -> Box | None:
@@ -73,7 +88,7 @@ def encode_face(
     return jpeg, False
 
 
-def encode_job(job: EncodeJob) -> tuple[bytes | None, bool, str | None]:
+def encode_job(job: EncodeJob) -> EncodeResult:
     """``encode_face(*job)`` for a worker pool: returns (jpeg or None, copied, error or None)."""
     path, crop, size, quality = job
     try:
@@ -84,9 +99,7 @@ def encode_job(job: EncodeJob) -> tuple[bytes | None, bool, str | None]:
 
 
 @contextmanager
-def encoded(
-    jobs: Sequence[EncodeJob], workers: int = 1
-) -> Iterator[Iterable[tuple[bytes | None, bool, str | None]]]:
+def encoded(jobs: Sequence[EncodeJob], workers: int = 1) -> Iterator[Iterable[EncodeResult]]:
     """``encode_job`` results in job order, from ``workers`` processes (1 = this process).
 
     A context manager: leaving it (also by an exception) terminates the pool.
@@ -99,7 +112,7 @@ def encoded(
             pool.terminate()
 
 
-def progress_bar(enabled: bool):
+def progress_bar(enabled: bool) -> Progress:
     """A rich progress bar (count, ETA); a no-op when ``enabled`` is False."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -124,15 +137,18 @@ def add_encoding_arguments(parser: argparse.ArgumentParser, crop: bool = True) -
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def encoding_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+def encoding_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EncodingOptions:
     """The options of ``add_encoding_arguments`` as keyword arguments of the dataset builders
     (``crop`` when the parser has it, ``size``, ``quality``, ``workers``, ``progress``).
 
     Bad values end the program through ``parser.error`` (exit status 2).
     """
-    opts = dict(
-        size=args.size, quality=args.quality, workers=args.workers, progress=not args.no_progress
-    )
+    opts: EncodingOptions = {
+        "size": args.size,
+        "quality": args.quality,
+        "workers": args.workers,
+        "progress": not args.no_progress,
+    }
     if not 1 <= args.quality <= 100 or args.size < 1 or args.workers < 1:
         parser.error("--quality must be 1..100; --size and --workers >= 1")
     if hasattr(args, "crop"):

@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Iterable
 from contextlib import ExitStack
 
 from data.atomic import atomic_path
 from data.datasets import IMAGE_EXTENSIONS
-from data.face_jpeg import Box, encoded, progress_bar
+from data.face_jpeg import Box, EncodeResult, encoded, progress_bar
 from data.recordio import IRHeader, RecordIOWriter, frame_record, pack
 
 _OUTPUTS = ("train.rec", "train.idx", "train.lst", "property")
@@ -33,8 +34,8 @@ class ConvertSummary:
     copied: int
     reencoded: int
     seconds: float
-    skipped: list = dataclasses.field(default_factory=list)  # (path, reason)
-    empty_classes: list = dataclasses.field(default_factory=list)  # labels left with no image
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason)
+    empty_classes: list[int] = dataclasses.field(default_factory=list)  # labels with no image
 
     def lines(self) -> list[str]:
         """Human-readable summary lines."""
@@ -76,7 +77,9 @@ def scan_folder(
     """
     if not os.path.isdir(src_dir):
         raise FileNotFoundError(f"{src_dir}: source folder not found")
-    samples, names, skipped = [], [], []
+    samples: list[tuple[str, int]] = []
+    names: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for entry in sorted(os.listdir(src_dir)):
         folder = os.path.join(src_dir, entry)
         if not os.path.isdir(folder):
@@ -85,7 +88,8 @@ def scan_folder(
         if why := lst_unsafe(entry):
             skipped.append((folder, f"identity folder left out: {why}"))
             continue
-        files, others = [], []
+        files: list[str] = []
+        others: list[str] = []
         for name in sorted(os.listdir(folder)):
             path = os.path.join(folder, name)
             if why := lst_unsafe(name):
@@ -108,7 +112,7 @@ def scan_folder(
 
 def convert(
     samples: list[tuple[str, int]],
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike[str],
     *,
     crop: Box | None = None,
     size: int = 112,
@@ -161,12 +165,20 @@ def convert(
     return summary
 
 
-def _write_records(tmp, samples, results, summary, insightface_header, root, progress) -> dict:
+def _write_records(
+    tmp: dict[str, str],
+    samples: list[tuple[str, int]],
+    results: Iterable[EncodeResult],
+    summary: ConvertSummary,
+    insightface_header: bool,
+    root: str | None,
+    progress: bool,
+) -> dict[int, list[int]]:
     """Write the images (and header / identity records) to the temporary ``.rec/.idx/.lst``;
     count them in ``summary``; returns label -> [first image key, end key)."""
     num_classes = summary.num_classes
     key = 1 if insightface_header else 0
-    ranges = {}  # label -> [first image key, end key)
+    ranges: dict[int, list[int]] = {}  # label -> [first image key, end key)
     bar = progress_bar(progress)
     with (
         RecordIOWriter(tmp["train.rec"], tmp["train.idx"]) as writer,
@@ -180,8 +192,8 @@ def _write_records(tmp, samples, results, summary, insightface_header, root, pro
             bar.advance(task)
             shown = os.path.relpath(path, root) if root else path
             error = error if jpeg is None else lst_unsafe(shown)
-            if error is not None:
-                summary.skipped.append((path, error))
+            if error is not None or jpeg is None:  # encode_job gives an error with every None
+                summary.skipped.append((path, error or "could not be encoded"))
                 continue
             writer.write(key, pack(IRHeader(0, float(label), key, 0), jpeg))
             lst.write(f"{key}\t{float(label):f}\t{shown}\n")
