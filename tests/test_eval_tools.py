@@ -13,7 +13,8 @@ from torch.utils.tensorboard import SummaryWriter
 from data.verification_bin import load_bin
 from tests.test_verification import tiny_net, write_tiny_bin
 from tools import eval_verification, plot_curves
-from trainer.verification import embed_views, evaluate_views
+from trainer.embedders import embed_views
+from trainer.verification import evaluate_views
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -16,10 +16,9 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from data.verification_bin import write_bin
+from trainer.embedders import Embedder, embed_images, embed_views
 from trainer.evaluation import VerificationCallback, slice_bounds
 from trainer.verification import (
-    embed_views,
-    embed_with_flip,
     evaluate,
     evaluate_views,
     format_results,
@@ -155,7 +154,7 @@ def test_evaluate_rejects_bad_input():
         evaluate(bad, np.array([True, False] * 5))
 
 
-def test_embed_with_flip_sums_plain_and_mirrored_views():
+def test_embed_images_sums_plain_and_mirrored_views():
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, size=(7, 6, 5, 3), dtype=np.uint8)
     calls = []
@@ -164,12 +163,15 @@ def test_embed_with_flip_sums_plain_and_mirrored_views():
         calls.append(tuple(x.shape))
         return x[:, 0, 0, :4].clone()
 
-    got = embed_with_flip(embed_fn, images, batch_size=3, pad_to_batch=True)
+    fixed = Embedder(embed_fn, batch_size=3, description="fixed batch", fixed_batch=True)
+    got = embed_images(fixed, images, flip=True)
     norm = (images[..., 0].astype(np.float64) / 255 - 0.5) / 0.5  # (N, H, W)
     expected = norm[:, 0, :4] + norm[:, 0, ::-1][:, :4]
     assert got.dtype == np.float32 and got.shape == (7, 4)
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert calls == [(3, 3, 6, 5)] * 6  # 2 views x ceil(7/3) batches, last one padded
+    no_flip = embed_images(fixed, images, flip=False)
+    np.testing.assert_allclose(no_flip, norm[:, 0, :4], atol=1e-6)
     plain, flipped = embed_views(embed_fn, images, batch_size=4)
     np.testing.assert_allclose(plain, norm[:, 0, :4], atol=1e-6)
     assert not np.allclose(plain, flipped)

@@ -17,87 +17,21 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from data.atomic import write_text_atomic
 from data.verification_bin import load_bin
-from trainer.verification import embed_views, evaluate_views, format_results, plot_roc
-
-EmbedFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def onnx_embedder(path: str, batch_size: int) -> tuple[EmbedFn, int, bool]:
-    """onnxruntime (CPU) session as an embed function.
-
-    Returns:
-        ``(embed_fn, batch_size, fixed)``: a model exported with a fixed batch dimension forces
-        that batch size, and ``fixed`` asks the caller to pad the last batch.
-    """
-    import onnxruntime as ort
-
-    try:
-        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime's errors (InvalidProtobuf, Fail...) share no base class
-        raise ValueError(f"--model {path}: onnxruntime cannot load it: {_first_line(e)}") from None
-    inp = sess.get_inputs()[0]
-    fixed = isinstance(inp.shape[0], int) and inp.shape[0] > 0
-    if fixed:
-        batch_size = inp.shape[0]
-
-    def embed(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(sess.run(None, {inp.name: np.ascontiguousarray(x.numpy())})[0])
-
-    embed.input_shape = list(inp.shape)  # for check_input_size
-    return embed, batch_size, fixed
-
-
-def check_input_size(embed_fn: EmbedFn, images: np.ndarray, model: str, bin_path: str) -> None:
-    """An ONNX model with a fixed (C, H, W) must fit the .bin's images (N, H, W, 3).
-
-    Raises:
-        ValueError: naming the model's input shape and the images' size.
-    """
-    shape = getattr(embed_fn, "input_shape", None)
-    if shape is None or len(shape) != 4:
-        return
-    want = (3, images.shape[1], images.shape[2])
-    if any(isinstance(d, int) and d > 0 and d != w for d, w in zip(shape[1:], want)):
-        raise ValueError(
-            f"--model {model} takes input {shape} but {bin_path} holds "
-            f"{images.shape[2]}x{images.shape[1]} images, i.e. (N, 3, {want[1]}, {want[2]})"
-        )
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def torch_embedder(model: torch.nn.Module, device: str) -> EmbedFn:
-    """A backbone in eval mode on ``device`` as an embed function."""
-    model = model.to(device).eval()
-
-    def embed(x: torch.Tensor) -> torch.Tensor:
-        return model(x.to(device))
-
-    return embed
-
-
-def build_untrained(
-    network: str, embedding_size: int, seed: int, model_kwargs: dict | None = None
-) -> torch.nn.Module:
-    """Randomly initialized backbone ``network`` from the ``models`` registry (seeded).
-
-    Raises:
-        models.UnknownModelError: ``network`` is not registered.
-    """
-    import models
-
-    torch.manual_seed(seed)
-    return models.create(network, embedding_size=embedding_size, **(model_kwargs or {}))
+from trainer.embedders import (
+    Embedder,
+    build_untrained,
+    check_input_size,
+    embed_views,
+    load_embedder,
+    torch_embedder,
+)
+from trainer.verification import evaluate_views, format_results, plot_roc
 
 
 def untrained_spec(args: argparse.Namespace) -> tuple[str, int, dict]:
@@ -114,26 +48,14 @@ def untrained_spec(args: argparse.Namespace) -> tuple[str, int, dict]:
     return network, args.embedding_size or cfg.model.embedding_size, kwargs
 
 
-def make_embedder(args: argparse.Namespace) -> tuple[EmbedFn, int, bool, str]:
-    """Embed function, batch size, pad flag and a description of the model, from the CLI."""
+def make_embedder(args: argparse.Namespace) -> Embedder:
+    """The model named on the command line (``trainer.embedders``), or the untrained baseline."""
     if args.untrained:
         network, embedding_size, kwargs = untrained_spec(args)
         model = build_untrained(network, embedding_size, args.seed, kwargs)
-        return (
-            torch_embedder(model, args.device),
-            args.batch_size,
-            False,
-            f"untrained {network} {kwargs or ''} (seed {args.seed})".replace("  ", " "),
-        )
-    if not os.path.exists(args.model):
-        raise FileNotFoundError(f"--model: no such file or folder {args.model}")
-    if args.model.endswith(".onnx"):
-        fn, bs, fixed = onnx_embedder(args.model, args.batch_size)
-        return fn, bs, fixed, args.model
-    from trainer.saved_backbone import load_backbone  # heavy (models, checkpoints): lazy
-
-    model = load_backbone(args.model, args.network)
-    return torch_embedder(model, args.device), args.batch_size, False, args.model
+        desc = f"untrained {network} {kwargs or ''} (seed {args.seed})".replace("  ", " ")
+        return torch_embedder(model, args.device, args.batch_size, desc)
+    return load_embedder(args.model, args.network, args.device, args.batch_size)
 
 
 def target_name(path: str) -> str:
@@ -176,6 +98,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _fail(message: str):
     """One stderr line and exit status 2 (bad input), no traceback."""
     print(f"eval_verification: error: {message}", file=sys.stderr, flush=True)
@@ -197,7 +124,8 @@ def main(argv=None) -> dict[str, dict]:
 
 
 def _evaluate(args: argparse.Namespace) -> dict[str, dict]:
-    embed_fn, batch_size, pad, desc = make_embedder(args)
+    embedder = make_embedder(args)
+    desc = embedder.description
     print(f"model: {desc}")
     results, summary = {}, {}
     for path in args.bin:
@@ -207,9 +135,9 @@ def _evaluate(args: argparse.Namespace) -> dict[str, dict]:
             raise ValueError(
                 f"{path} holds {len(issame)} pairs, fewer than the {args.nfolds} folds (--nfolds)"
             )
-        check_input_size(embed_fn, images, args.model, path)
+        check_input_size(embedder, images.shape[1], images.shape[2], path)
         t0 = time.perf_counter()
-        plain, flipped = embed_views(embed_fn, np.asarray(images), batch_size, pad_to_batch=pad)
+        plain, flipped = embed_views(embedder, np.asarray(images), embedder.batch_size)
         res = evaluate_views(
             plain, flipped, np.asarray(issame), nrof_folds=args.nfolds, far_target=args.far_target
         )

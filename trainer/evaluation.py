@@ -13,15 +13,19 @@ import json
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.verification import embed_views, evaluate_views, format_results
+from trainer.embedders import embed_views
+from trainer.verification import evaluate_views, format_results
+
+BinLoader = Callable[[str], tuple[np.ndarray, np.ndarray]]
 
 
-def _default_loader(path: str):
+def _default_loader(path: str) -> tuple[np.ndarray, np.ndarray]:
     from data.verification_bin import load_bin  # data/ is optional for metric-only users
 
     return load_bin(path)
@@ -72,12 +76,12 @@ class VerificationCallback:
         bin_paths: dict[str, str],
         rank: int,
         world_size: int,
-        process_group=None,
+        process_group: Any = None,
         batch_size: int = 64,
         log_fn: Callable[[str], None] = print,
-        tb_writer=None,
+        tb_writer: Any = None,
         out_dir: str | None = None,
-        loader: Callable | None = None,
+        loader: BinLoader | None = None,
         image_size: tuple[int, int] = (112, 112),
         far_target: float = 1e-3,
         nrof_folds: int = 10,
@@ -129,7 +133,7 @@ class VerificationCallback:
         mine = images[start:stop] if stop > start else images[:1]
         if mine.shape[0] < per:
             mine = np.concatenate([mine, np.repeat(mine[-1:], per - mine.shape[0], axis=0)])
-        device = None
+        device = torch.device("cpu")  # replaced by the output device of the first forward
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             nonlocal device
@@ -151,7 +155,7 @@ class VerificationCallback:
 
     def __call__(
         self, step: int, model_forward: Callable[[torch.Tensor], torch.Tensor]
-    ) -> dict[str, dict]:
+    ) -> dict[str, dict[str, Any]]:
         """Evaluate every target at ``step``; must be called on all ranks together.
 
         Args:
@@ -179,7 +183,7 @@ class VerificationCallback:
                 self._report(step, name, res)
         return out
 
-    def _report(self, step: int, name: str, res: dict) -> None:
+    def _report(self, step: int, name: str, res: dict[str, Any]) -> None:
         lines = format_results(name, step, res)
         lines.insert(2, f"[{name}][{step}]Highest Accuracy-Flip: {res['highest_accuracy']:1.5f}")
         for line in lines:

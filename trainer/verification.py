@@ -15,14 +15,11 @@ after FaceNet's LFW evaluation, Schroff et al., CVPR 2015), written here with sc
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-import torch
 from sklearn.metrics import auc, roc_curve
 from sklearn.model_selection import KFold
-
-from data.decode import normalize
 
 # insightface's accuracy threshold grid, in squared-distance units.
 THRESHOLDS = np.arange(0.0, 4.0, 0.01)
@@ -49,14 +46,16 @@ def _check_pairs(embeddings: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Rows of ``x`` (N, D) scaled to unit L2 norm; zero rows stay zero (norm floored at eps)."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, eps)
+    out: np.ndarray = x / np.maximum(norms, eps)
+    return out
 
 
 def pair_distances(embeddings: np.ndarray) -> np.ndarray:
     """Squared L2 distance (P,) float64 between rows 2i and 2i+1 of L2-normalized ``embeddings``."""
     emb = l2_normalize(np.asarray(embeddings, dtype=np.float64))
     diff = emb[0::2] - emb[1::2]
-    return np.sum(diff * diff, axis=1)
+    out: np.ndarray = np.sum(diff * diff, axis=1)
+    return out
 
 
 def kfold_accuracy(
@@ -131,7 +130,7 @@ def evaluate(
     nrof_folds: int = 10,
     far_target: float = 1e-3,
     xnorm: float | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Verification metrics of a pair set (insightface protocol, see the module docstring).
 
     Args:
@@ -171,73 +170,15 @@ def evaluate(
     }
 
 
-def embed_views(
-    embed_fn: Callable[[torch.Tensor], torch.Tensor],
-    images_uint8: np.ndarray,
-    batch_size: int,
-    pad_to_batch: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings of the images and of their horizontal mirrors, batch by batch, no grad.
-
-    Args:
-        embed_fn: maps a float32 CPU tensor (B, 3, H, W) to (B, D); it moves the input to its
-            device itself, and the caller sets eval mode.
-        images_uint8: (N, H, W, 3) uint8 RGB, N >= 1.
-        batch_size: images per forward call.
-        pad_to_batch: repeat the last image so every call sees exactly ``batch_size`` rows
-            (for models exported with a fixed batch); the padding rows are dropped.
-    Returns:
-        ``(plain, flipped)``: two (N, D) float32 arrays. ``embed_fn`` is called
-        ``2 * ceil(N / batch_size)`` times (plain then flipped per batch).
-    Raises:
-        ValueError: bad image array or batch size, or an output of the wrong shape.
-    """
-    if images_uint8.ndim != 4 or images_uint8.shape[-1] != 3 or images_uint8.dtype != np.uint8:
-        raise ValueError(
-            f"images must be uint8 (N, H, W, 3), got {images_uint8.dtype} {images_uint8.shape}"
-        )
-    n = images_uint8.shape[0]
-    if n == 0 or batch_size < 1:
-        raise ValueError(f"need N >= 1 images and batch_size >= 1, got {n} and {batch_size}")
-    plain, flipped = [], []
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            chunk = images_uint8[start : start + batch_size]
-            rows = chunk.shape[0]
-            if pad_to_batch and rows < batch_size:
-                pad = np.repeat(chunk[-1:], batch_size - rows, axis=0)
-                chunk = np.concatenate([chunk, pad])
-            x = normalize(torch.from_numpy(np.ascontiguousarray(chunk)))  # channels_last
-            for out, inp in ((plain, x), (flipped, torch.flip(x, dims=[3]))):
-                y = embed_fn(inp)
-                if y.ndim != 2 or y.shape[0] != x.shape[0]:
-                    raise ValueError(f"embed_fn returned {tuple(y.shape)} for {tuple(x.shape)}")
-                out.append(y[:rows].detach().float().cpu().numpy())
-    return np.concatenate(plain), np.concatenate(flipped)
-
-
-def embed_with_flip(
-    embed_fn: Callable[[torch.Tensor], torch.Tensor],
-    images_uint8: np.ndarray,
-    batch_size: int,
-    pad_to_batch: bool = False,
-) -> np.ndarray:
-    """Flip-test embeddings ``emb(image) + emb(mirrored image)``, (N, D) float32, un-normalized.
-
-    ``evaluate`` L2-normalizes them; normalizing here too would change nothing but lose the
-    norm. See ``embed_views`` for the arguments and errors.
-    """
-    plain, flipped = embed_views(embed_fn, images_uint8, batch_size, pad_to_batch)
-    return plain + flipped
-
-
-def evaluate_views(plain: np.ndarray, flipped: np.ndarray, issame: np.ndarray, **kwargs) -> dict:
+def evaluate_views(
+    plain: np.ndarray, flipped: np.ndarray, issame: np.ndarray, **kwargs: Any
+) -> dict[str, Any]:
     """``evaluate`` on the flip-test sum, with insightface's XNorm (mean norm over both views)."""
     xnorm = float(np.linalg.norm(np.concatenate([plain, flipped]), axis=1).mean())
     return evaluate(plain + flipped, issame, xnorm=xnorm, **kwargs)
 
 
-def format_results(name: str, step: int | None, res: dict) -> list[str]:
+def format_results(name: str, step: int | None, res: dict[str, Any]) -> list[str]:
     """insightface-style log lines, e.g. ``[lfw][2000]Accuracy-Flip: 0.99500+-0.00300``."""
     tag = f"[{name}]" if step is None else f"[{name}][{step}]"
     far = f"{res['far_target']:.0e}".replace("e-0", "e-")
@@ -248,7 +189,7 @@ def format_results(name: str, step: int | None, res: dict) -> list[str]:
     ]
 
 
-def plot_roc(results: dict[str, dict], path_png: str, title: str = "ROC") -> str:
+def plot_roc(results: dict[str, dict[str, Any]], path_png: str, title: str = "ROC") -> str:
     """Save the ROC curves of several targets to a PNG (log-scale FAR axis).
 
     Args:
