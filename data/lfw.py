@@ -47,7 +47,7 @@ def lfw_image_path(root: str, name: str, number: int) -> str:
     return os.path.join(root, check_name(name), f"{name}_{int(number):04d}.jpg")
 
 
-def parse_pairs(path: str | os.PathLike) -> list[list[Pair]]:
+def parse_pairs(path: str | os.PathLike[str]) -> list[list[Pair]]:
     """Parse an LFW ``pairs.txt``.
 
     Args:
@@ -123,7 +123,7 @@ def parse_folds(text: str | None, num_folds: int) -> list[int]:
 def build_bin(
     pairs: list[Pair],
     image_root: str,
-    out_path: str | os.PathLike,
+    out_path: str | os.PathLike[str],
     *,
     crop: Box | None = None,
     size: int = 112,
@@ -189,7 +189,8 @@ def split_lfw(
     chosen = parse_folds(",".join(map(str, eval_folds)), len(folds))
     pairs = [pair for k in chosen for pair in _interleave(folds[k - 1])]
     held_out = {p[0] for p in pairs} | {p[2] for p in pairs}
-    samples, names = [], []
+    samples: list[tuple[str, int]] = []
+    names: list[str] = []
     for name in sorted(os.listdir(image_root)):
         folder = os.path.join(image_root, name)
         if name in held_out or not os.path.isdir(folder):

@@ -14,6 +14,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from typing import Any, TypedDict
 
 from data.atomic import write_text_atomic
 from data.lfw import LFW_CROP, build_bin, split_lfw
@@ -26,7 +27,22 @@ MANIFEST = "prepare_lfw.json"
 OUTPUTS = ("train.rec", "train.idx", "train.lst", "property", "lfw_heldout.bin")
 
 
-def _settings(lfw: str, eval_folds: list[int], size: int, quality: int) -> dict:
+class DemoSettings(TypedDict):
+    """What a build depends on; stored in the manifest to tell whether a rebuild is needed."""
+
+    pair_order: str
+    lfw: str
+    eval_folds: list[int]
+    crop: list[int]
+    size: int
+    quality: int
+
+
+# The manifest as written and read back (JSON): out, settings, summary, outputs.
+Manifest = dict[str, Any]
+
+
+def _settings(lfw: str, eval_folds: list[int], size: int, quality: int) -> DemoSettings:
     return {
         "pair_order": "interleaved",
         "lfw": os.path.abspath(lfw),
@@ -37,7 +53,7 @@ def _settings(lfw: str, eval_folds: list[int], size: int, quality: int) -> dict:
     }
 
 
-def _up_to_date(out: str, settings: dict) -> dict | None:
+def _up_to_date(out: str, settings: DemoSettings) -> Manifest | None:
     path = os.path.join(out, MANIFEST)
     if not os.path.isfile(path):
         return None
@@ -46,13 +62,16 @@ def _up_to_date(out: str, settings: dict) -> dict | None:
             manifest = json.load(f)
     except (OSError, ValueError):
         return None
-    if manifest.get("settings") != settings:
+    if not isinstance(manifest, dict) or manifest.get("settings") != settings:
+        return None  # JSON that is not an object is not a manifest either
+    outputs = manifest.get("outputs", {})
+    if not isinstance(outputs, dict):
         return None
-    for name, size in manifest.get("outputs", {}).items():
+    for name, size in outputs.items():
         file = os.path.join(out, name)
         if not os.path.isfile(file) or os.path.getsize(file) != size:
             return None
-    return manifest if set(manifest.get("outputs", {})) == set(OUTPUTS) else None
+    return manifest if set(outputs) == set(OUTPUTS) else None
 
 
 def build_demo_split(
@@ -65,7 +84,7 @@ def build_demo_split(
     workers: int = 1,
     force: bool = False,
     progress: bool = True,
-) -> tuple[dict, bool]:
+) -> tuple[Manifest, bool]:
     """Build (or confirm) the split of ``lfw`` (``lfw-deepfunneled/`` + ``pairs.txt``) in ``out``.
 
     Args:
@@ -82,22 +101,24 @@ def build_demo_split(
     eval_folds = list(eval_folds)  # as JSON gives it back from the manifest
     settings = _settings(lfw, eval_folds, size, quality)
     out = os.path.abspath(out)
-    if not force and (manifest := _up_to_date(out, settings)):
-        return manifest, False
+    if not force and (current := _up_to_date(out, settings)):
+        return current, False
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     if os.path.exists(os.path.join(out, MANIFEST)):
         os.remove(os.path.join(out, MANIFEST))  # a crash below must not leave a matching manifest
     samples, names, pairs = split_lfw(lfw, eval_folds)
     image_root = os.path.join(lfw, "lfw-deepfunneled")
-    encoding = dict(crop=LFW_CROP, size=size, quality=quality, progress=progress)
     result = convert(
         samples, out, workers=workers, insightface_header=True, num_classes=len(names),
-        root=image_root, **encoding,
+        root=image_root, crop=LFW_CROP, size=size, quality=quality, progress=progress,
     )  # fmt: skip
     if result.skipped:
         raise ValueError("unreadable LFW images:\n" + "\n".join(result.lines()[2:]))
-    build_bin(pairs, image_root, os.path.join(out, "lfw_heldout.bin"), **encoding)
+    bin_path = os.path.join(out, "lfw_heldout.bin")
+    build_bin(
+        pairs, image_root, bin_path, crop=LFW_CROP, size=size, quality=quality, progress=progress
+    )
     manifest = {
         "out": out,
         "settings": settings,
