@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 import simplejpeg
+from numpy.typing import NDArray
 
 from data.decode import decode_image
 from data.image_index import ImageIndex, build_image_index, image_index_of
-from data.recordio import RecordIOError, RecordIOReader, read_property, unpack
+from data.recordio import Keys, Label, RecordIOError, RecordIOReader, read_property, unpack
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -41,7 +42,7 @@ class CorruptRecordError(ValueError):
     """
 
 
-def _label_to_int(label: Any, where: str) -> int:
+def _label_to_int(label: Label, where: str) -> int:
     """Header label (float, or float32 array whose first element is the class) -> int."""
     flat = np.asarray(label, dtype=np.float64).reshape(-1)
     if flat.size == 0:
@@ -52,7 +53,7 @@ def _label_to_int(label: Any, where: str) -> int:
     return int(value)
 
 
-def image_keys_of(reader: RecordIOReader, name: str) -> range | np.ndarray:
+def image_keys_of(reader: RecordIOReader, name: str) -> Keys:
     """Keys of the image records of an insightface-style RecordIO file.
 
     insightface writes a header at key 0 with ``flag > 0`` and ``label = [first_identity_key,
@@ -134,12 +135,12 @@ class RecordDataset:
         self.image_size = image_size
 
     @property
-    def keys(self) -> range | np.ndarray:
+    def keys(self) -> Keys:
         """Image record keys in file order (properties: a pickle carries only ``index``)."""
         return self.index.keys
 
     @property
-    def offsets(self) -> np.ndarray:
+    def offsets(self) -> NDArray[np.int64]:
         """int64 byte offsets of the image records."""
         return self.index.offsets
 
@@ -179,7 +180,7 @@ class RecordDataset:
             checked += 1
         return checked
 
-    def _check_label(self, raw: Any, key: int) -> int:
+    def _check_label(self, raw: Label, key: int) -> int:
         where = f"{self.rec_path} key {key}"
         label = _label_to_int(raw, where)
         if not 0 <= label < self.num_classes:
@@ -281,13 +282,17 @@ def _encoded_size(buf: bytes, where: str) -> tuple[int, int]:
     """(height, width) of an encoded image; a JPEG's header is enough, anything else decodes."""
     if simplejpeg.is_jpeg(buf):
         try:
-            return tuple(simplejpeg.decode_jpeg_header(buf)[:2])
+            height, width = simplejpeg.decode_jpeg_header(buf)[:2]
+            return int(height), int(width)
         except ValueError:
             pass
-    return decode_image(buf, where=where).shape[:2]
+    height, width = decode_image(buf, where=where).shape[:2]
+    return height, width
 
 
-def scan_image_sizes(dataset: Any, size: int, max_items: int = 1000) -> int:
+def scan_image_sizes(
+    dataset: RecordDataset | ImageFolderDataset, size: int, max_items: int = 1000
+) -> int:
     """Checks the size of up to ``max_items`` images spread evenly over a ``RecordDataset`` or
     ``ImageFolderDataset`` (JPEG headers only), so a dataset of the wrong size fails at start-up
     like a wrong label (``RecordDataset.scan_labels``). Unreadable images are left to the loader.

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import NDArray
 
 from data.atomic import atomic_path, write_text_atomic
-from data.recordio import RecordIOReader, lookup_offsets, unpack
+from data.recordio import Keys, RecordIOReader, lookup_offsets, unpack
 
 __all__ = ["ImageIndex", "build_image_index", "image_index_of", "shared_image_index"]
 
@@ -39,12 +40,12 @@ class ImageIndex:
             map the same file instead of receiving a copy).
     """
 
-    keys: range | np.ndarray
-    offsets: np.ndarray
+    keys: Keys
+    offsets: NDArray[np.int64]
     identity_keys: tuple[int, int] | None = None
     cache: str | None = None
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[..., ImageIndex], tuple[object, ...]]:
         if self.cache is not None:
             return _reload, (self.cache,)
         return ImageIndex, (self.keys, self.offsets, self.identity_keys)
@@ -119,7 +120,10 @@ def _cache_name(rec_path: str, idx_path: str) -> str:
 
 def _save(index: ImageIndex, base: str) -> None:
     # nodes may share the cache folder: each file is written, then renamed
-    meta = {"n": len(index), "identity_keys": index.identity_keys}
+    meta: dict[str, int | tuple[int, int] | list[int] | None] = {
+        "n": len(index),
+        "identity_keys": index.identity_keys,
+    }
     with atomic_path(f"{base}.offsets.npy") as tmp:
         np.save(tmp, index.offsets)
     if isinstance(index.keys, range):
@@ -136,11 +140,15 @@ def _load(base: str) -> ImageIndex | None:
     with open(f"{base}.json") as fh:
         meta = json.load(fh)
     offsets = np.load(f"{base}.offsets.npy", mmap_mode="r")
-    keys = range(*meta["keys"]) if "keys" in meta else np.load(f"{base}.keys.npy", mmap_mode="r")
+    keys: Keys
+    if "keys" in meta:
+        keys = range(*meta["keys"])
+    else:
+        keys = np.load(f"{base}.keys.npy", mmap_mode="r")
     if len(offsets) != meta["n"] or len(keys) != meta["n"]:
         return None
     ids = meta["identity_keys"]
-    return ImageIndex(keys, offsets, tuple(ids) if ids else None, base)
+    return ImageIndex(keys, offsets, (int(ids[0]), int(ids[1])) if ids else None, base)
 
 
 def _reload(base: str) -> ImageIndex:
