@@ -48,6 +48,8 @@ def save_head(directory: str, head: PartialFC, head_opt: HeadOptimizer | None = 
     folder = head_dir(directory)
     os.makedirs(folder, exist_ok=True)
     start, end = head.class_start, head.class_start + head.num_local
+    if head_opt is not None:
+        head_opt.flush()  # rows lagging behind a dense decay must be current before the read
     payload = {
         "format": FORMAT,
         "num_classes": head.num_classes,

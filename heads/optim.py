@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from heads.comm import all_true, all_true_tensor
+from heads.lazy_decay import LazyDenseDecay
 from heads.partial_fc import PartialFC
 
 __all__ = ["HeadOptimizer", "build_head_optimizer", "OPTIMIZERS"]
@@ -38,13 +39,19 @@ class HeadOptimizer:
         weight_decay: >= 0; SGD adds ``wd * w`` to the gradient (``torch.optim.SGD``), AdamW
             multiplies ``w`` by ``1 - lr * wd`` (decoupled), on sampled rows only.
         betas, eps: AdamW moments and denominator epsilon.
+        dense_decay: SGD only. True gives every row of the shard arcface_torch's weight decay
+            and momentum at every step, sampled or not (its ``weight[index]`` makes the
+            gradient dense); the unsampled rows' steps are applied lazily, in closed form,
+            when they are next sampled (``heads/lazy_decay.py``), so no dense ``(n_r, D)``
+            gradient is formed. Installs ``head.before_gather``. False (default): only
+            sampled rows decay and move.
 
     State tensors (``state``): ``momentum_buffer`` ``(n_r, D)`` fp32 (SGD with momentum);
     ``exp_avg``, ``exp_avg_sq`` ``(n_r, D)`` fp32 and ``step`` ``(n_r,)`` int64 (AdamW). They
     are created on the centers' device at the first ``step``/``state_dict``.
 
     Raises:
-        ValueError: unknown name or hyper-parameter out of range.
+        ValueError: unknown name, hyper-parameter out of range, ``dense_decay`` with AdamW.
     """
 
     def __init__(
@@ -56,6 +63,7 @@ class HeadOptimizer:
         weight_decay: float = 5e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        dense_decay: bool = False,
     ):
         if name not in OPTIMIZERS:
             raise ValueError(
@@ -80,11 +88,21 @@ class HeadOptimizer:
         self._rows_buf: torch.Tensor | None = None  # gathered momentum rows, reused
         # (coef, w) when the unscaled gradient is a - coef * w, not yet formed (see step)
         self._lazy: tuple[torch.Tensor, torch.Tensor] | None = None
+        if dense_decay and name != "sgd":
+            raise ValueError(
+                "heads/optim.py: dense_decay is SGD-only (AdamW's zero-gradient steps have no "
+                "closed form; see heads/lazy_decay.py)"
+            )
+        self.dense_decay = bool(dense_decay)
+        self._decay: LazyDenseDecay | None = None
+        if self.dense_decay and head.sample_rate < 1.0:  # at 1.0 every row steps: nothing lags
+            head.before_gather = self._catch_up
 
     def __repr__(self) -> str:
         return (
             f"HeadOptimizer(name={self.name}, lr={self.lr}, momentum={self.momentum}, "
-            f"weight_decay={self.weight_decay}, betas={self.betas}, eps={self.eps})"
+            f"weight_decay={self.weight_decay}, betas={self.betas}, eps={self.eps}, "
+            f"dense_decay={self.dense_decay})"
         )
 
     # -- state ---------------------------------------------------------------------------------
@@ -105,6 +123,23 @@ class HeadOptimizer:
             elif t.device != w.device:
                 self.state[key] = t.to(w.device)
 
+    def _lazy_decay(self) -> LazyDenseDecay:
+        w = self.head.weight
+        if self._decay is None or self._decay.slot.device != w.device:
+            self._decay = LazyDenseDecay(w.shape[0], w.device)
+        return self._decay
+
+    def _catch_up(self, rows: torch.Tensor) -> None:
+        self._ensure_state()
+        buf = self.state.get("momentum_buffer")
+        self._lazy_decay().catch_up(rows, self.head.weight.data, buf)
+
+    def flush(self) -> None:
+        """Bring every row's weight and momentum up to date (``dense_decay``; else a no-op).
+        ``state_dict`` calls it, so read the centers after it when saving."""
+        if self._decay is not None:
+            self._decay.flush(self.head.weight.data, self.state.get("momentum_buffer"))
+
     def set_lr(self, lr: float) -> None:
         """Set the learning rate (the trainer's schedule drives it)."""
         if lr < 0:
@@ -112,8 +147,10 @@ class HeadOptimizer:
         self.lr = float(lr)
 
     def state_dict(self) -> dict:
-        """Hyper-parameters and the local shard's per-row state tensors (not copied)."""
+        """Hyper-parameters and the local shard's per-row state tensors (not copied); with
+        ``dense_decay`` the lagging rows are brought up to date first (``flush``)."""
         self._ensure_state()
+        self.flush()
         return {
             "name": self.name,
             "lr": self.lr,
@@ -145,6 +182,7 @@ class HeadOptimizer:
                     f"{tuple(self.state[key].shape)}"
                 )
             self.state[key].copy_(src)
+        self._decay = None  # the loaded state is current for every row
         self.lr = float(sd["lr"])
         self.momentum = float(sd["momentum"])
         self.weight_decay = float(sd["weight_decay"])
@@ -245,6 +283,16 @@ class HeadOptimizer:
                 w = weight.index_select(0, rows)
         if self.name == "sgd":
             self._sgd_rows(rows, w, grad, finite)
+            if self.head.before_gather == self._catch_up:
+                self._lazy_decay().advance(
+                    rows,
+                    self.lr,
+                    self.momentum,
+                    self.weight_decay,
+                    finite,
+                    weight.data,
+                    self.state.get("momentum_buffer"),
+                )
         else:
             self._materialize()
             self._adamw_rows(rows, w, grad, finite)
@@ -330,7 +378,8 @@ def build_head_optimizer(
     weight_decay: float = 5e-4,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    dense_decay: bool = False,
 ) -> HeadOptimizer:
     """Build the sparse-row head optimizer by name (``"sgd"`` or ``"adamw"``); see
     ``HeadOptimizer`` for arguments and errors."""
-    return HeadOptimizer(head, name, lr, momentum, weight_decay, betas, eps)
+    return HeadOptimizer(head, name, lr, momentum, weight_decay, betas, eps, dense_decay)

@@ -18,6 +18,8 @@ W times the exact one so that averaging over W ranks restores it (``heads/comm.p
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -385,6 +387,8 @@ class PartialFC(nn.Module):
         )
         self._generator: torch.Generator | None = None
         self.sampled_index: torch.Tensor | None = None
+        # Called with the sampled rows before they are read (HeadOptimizer's dense decay).
+        self.before_gather: Callable[[torch.Tensor], None] | None = None
         # (index (K,), leaf (K, D)) of every training forward since the last zero_grad().
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._workspaces: list[_Workspace] = []
@@ -468,6 +472,8 @@ class PartialFC(nn.Module):
             labels, self.class_start, self.num_local, k, self.generator()
         )
         self.sampled_index = index
+        if self.before_gather is not None:
+            self.before_gather(index)
         track = self.training and torch.is_grad_enabled()
         full = index.numel() == self.num_local
         # A leaf over the sampled rows only; the full shard shares storage instead of copying.
