@@ -24,7 +24,7 @@ def _fsync(path: str) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[str]:
+def atomic_path(path: str | os.PathLike[str], fsync: bool = True) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on a clean exit move it onto ``path``.
 
     The temporary name is hidden (``.NAME.PID-RANDOM.tmpEXT``, keeping the extension for writers
@@ -55,7 +55,7 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[str]:
             os.remove(tmp)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+def write_text_atomic(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
     """Write ``text`` to ``path`` atomically (see ``atomic_path``)."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding=encoding) as f:
         f.write(text)

@@ -7,11 +7,13 @@ OpenCV, and Pillow is the last resort for formats neither handles (e.g. some CMY
 from __future__ import annotations
 
 import io
+from typing import overload
 
 import cv2
 import numpy as np
 import simplejpeg
 import torch
+from numpy.typing import NDArray
 from PIL import Image
 
 __all__ = ["decode_image", "normalize"]
@@ -20,7 +22,7 @@ __all__ = ["decode_image", "normalize"]
 cv2.setNumThreads(1)
 
 
-def _to_rgb3(img: np.ndarray) -> np.ndarray:
+def _to_rgb3(img: NDArray[np.uint8]) -> NDArray[np.uint8]:
     """Gray (H, W) / (H, W, 1) or RGBA (H, W, 4) -> (H, W, 3) RGB uint8, C-contiguous."""
     if img.ndim == 2:
         img = img[:, :, None]
@@ -31,26 +33,27 @@ def _to_rgb3(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def _decode_jpeg(buf: bytes) -> np.ndarray | None:
+def _decode_jpeg(buf: bytes) -> NDArray[np.uint8] | None:
     try:
-        return simplejpeg.decode_jpeg(buf, colorspace="RGB")
+        img: NDArray[np.uint8] = simplejpeg.decode_jpeg(buf, colorspace="RGB")
+        return img
     except (ValueError, RuntimeError):
         return None  # e.g. CMYK or damaged headers: let the generic decoders try
 
 
-def _decode_cv2(buf: bytes) -> np.ndarray | None:
+def _decode_cv2(buf: bytes) -> NDArray[np.uint8] | None:
     arr = np.frombuffer(buf, dtype=np.uint8)
     img = cv2.imdecode(arr, cv2.IMREAD_UNCHANGED)
     if img is None or img.dtype != np.uint8:
         return None  # 16-bit PNGs and the like go to PIL, which converts to 8-bit
     if img.ndim == 3 and img.shape[2] == 3:
-        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    if img.ndim == 3 and img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    return img
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    elif img.ndim == 3 and img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    return np.asarray(img, dtype=np.uint8)  # uint8 already: the same array, typed
 
 
-def _decode_pil(buf: bytes) -> np.ndarray | None:
+def _decode_pil(buf: bytes) -> NDArray[np.uint8] | None:
     try:
         with Image.open(io.BytesIO(buf)) as im:
             return np.asarray(im.convert("RGB"))
@@ -58,7 +61,7 @@ def _decode_pil(buf: bytes) -> np.ndarray | None:
         return None
 
 
-def decode_image(buf: bytes, where: str = "<bytes>") -> np.ndarray:
+def decode_image(buf: bytes, where: str = "<bytes>") -> NDArray[np.uint8]:
     """Decode an encoded image (JPEG, PNG, BMP, WebP, ...) to RGB.
 
     Args:
@@ -93,11 +96,27 @@ def decode_image(buf: bytes, where: str = "<bytes>") -> np.ndarray:
     return _to_rgb3(img)
 
 
+@overload
 def normalize(
-    images: np.ndarray | torch.Tensor,
+    images: torch.Tensor,
+    dtype: torch.dtype = ...,
+    memory_format: torch.memory_format = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def normalize(
+    images: NDArray[np.uint8],
+    dtype: torch.dtype = ...,
+    memory_format: torch.memory_format = ...,
+) -> NDArray[np.float32]: ...
+
+
+def normalize(
+    images: NDArray[np.uint8] | torch.Tensor,
     dtype: torch.dtype = torch.float32,
     memory_format: torch.memory_format = torch.preserve_format,
-) -> np.ndarray | torch.Tensor:
+) -> NDArray[np.float32] | torch.Tensor:
     """Map uint8 RGB images to the ArcFace input range: ``(x / 255 - 0.5) / 0.5`` in [-1, 1].
 
     The one input normalization of the project: the training step (on the device, see
@@ -140,6 +159,6 @@ def normalize(
         if x.dtype != dtype:
             x = x.to(dtype, memory_format=fmt)  # cast and layout in one pass
         return x.contiguous(memory_format=fmt)  # no copy when the layout already matches
-    x = images.transpose(perm).astype(np.float32)
+    arr = images.transpose(perm).astype(np.float32)
     # (x/255 - 0.5)/0.5 == x/127.5 - 1 up to one float32 rounding
-    return np.ascontiguousarray(x / np.float32(127.5) - np.float32(1.0))
+    return np.ascontiguousarray(arr / np.float32(127.5) - np.float32(1.0))

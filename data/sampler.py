@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -127,7 +127,7 @@ class DistributedShardSampler:
             self._yielded += 1
             yield i
 
-    def state_after(self, num_local: int, start: int | None = None) -> dict:
+    def state_after(self, num_local: int, start: int | None = None) -> dict[str, int]:
         """State once this rank has consumed ``num_local`` samples of an iteration.
 
         Loaders that prefetch use this with their own count of delivered samples, since the
@@ -137,13 +137,13 @@ class DistributedShardSampler:
         offset = min(begin + int(num_local) * self.world_size, self.num_samples)
         return {"epoch": self.epoch, "offset": offset}
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, int]:
         """``{"epoch": e, "offset": global samples consumed this epoch}`` (see class doc)."""
         if self._pending:
             return {"epoch": self.epoch, "offset": self._pending}
         return self.state_after(self._yielded)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Resume: the next ``iter()`` continues epoch ``state["epoch"]`` at ``state["offset"]``.
 
         Raises:
