@@ -83,7 +83,7 @@ def encode_face(
     if img.shape[:2] != (size, size):
         shrink = img.shape[0] > size or img.shape[1] > size
         interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-        img = cv2.resize(img, (size, size), interpolation=interp)
+        img = np.asarray(cv2.resize(img, (size, size), interpolation=interp), dtype=np.uint8)
     jpeg = simplejpeg.encode_jpeg(np.ascontiguousarray(img), quality=quality, colorspace="RGB")
     return jpeg, False
 
