@@ -2,7 +2,7 @@
 
 Public interface used by the trainer::
 
-    margin = CombinedMarginLoss(s=64.0, m1=1.0, m2=0.5, m3=0.0)
+    margin = CombinedMarginLoss(s=64.0, m1=1.0, m2=0.5, m3=0.0)  # or build_margin("adaface")
     head = PartialFC(embedding_size, num_classes, sample_rate, margin, process_group=None)
     loss, stats = head(local_embeddings, local_labels)
     head_opt = build_head_optimizer(head, name="sgd", lr=0.1)
@@ -12,7 +12,8 @@ Public interface used by the trainer::
 from heads.checkpoint import load_head, save_head
 from heads.comm import Topology, resolve_group, shard_range
 from heads.dist_softmax import margin_softmax_cross_entropy
-from heads.margin import CombinedMarginLoss
+from heads.losses import LOSSES, build_margin
+from heads.margin import CombinedMarginLoss, Margin
 from heads.optim import OPTIMIZERS, HeadOptimizer, build_head_optimizer
 from heads.partial_fc import (
     LOGITS_DTYPES,
@@ -24,6 +25,9 @@ from heads.partial_fc import (
 
 __all__ = [
     "CombinedMarginLoss",
+    "Margin",
+    "LOSSES",
+    "build_margin",
     "PartialFC",
     "HeadOptimizer",
     "OPTIMIZERS",

@@ -2,16 +2,18 @@
 
 Every rank writes ``<directory>/head/shard_<start>_<end>.pt`` (atomically: temporary name, then
 ``os.replace``) holding its rows ``[start, end)`` of the centers (fp32), the optimizer's per-row
-state, its hyper-parameters and the sampling RNG state. ``load_head`` reads, for each rank, the
-rows of its own class range from whichever saved shards overlap it, so a checkpoint written by W
-ranks resumes on any W' (2 -> 1, 2 -> 3, ...). Files are opened with ``mmap=True`` so only the
-overlapping rows are read from disk.
+state, its hyper-parameters, the sampling RNG state and the margin loss's state (EMA buffers,
+CurricularFace's t, ElasticFace's RNG: identical on every rank, so each shard has a copy).
+``load_head`` reads, for each rank, the rows of its own class range from whichever saved shards
+overlap it, so a checkpoint written by W ranks resumes on any W' (2 -> 1, 2 -> 3, ...). Files
+are opened with ``mmap=True`` so only the overlapping rows are read from disk.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,6 +63,11 @@ def save_head(directory: str, head: PartialFC, head_opt: HeadOptimizer | None = 
         "rng_state": head.get_rng_state().cpu(),
         "rng_device": head.weight.device.type,
         "optimizer": None,
+        # identical on every rank (EMA buffers, t, margin RNG): any shard restores it
+        "margin": {
+            "class": type(head.margin_loss).__name__,
+            "state": {k: v.detach().cpu() for k, v in head.margin_loss.state_dict().items()},
+        },
     }
     if head_opt is not None:
         sd = head_opt.state_dict()
@@ -92,13 +99,24 @@ def _list_shards(folder: str) -> list[tuple[int, int, str]]:
     return shards
 
 
-def _check_meta(payload: dict, path: str, head: PartialFC, head_opt: HeadOptimizer | None):
+def _check_meta(
+    payload: dict[str, Any], path: str, head: PartialFC, head_opt: HeadOptimizer | None
+) -> None:
     if payload.get("format") != FORMAT:
         raise ValueError(f"heads/checkpoint.py: {path}: format {payload.get('format')!r} unknown")
     for key, want in (("num_classes", head.num_classes), ("embedding_size", head.embedding_size)):
         if payload[key] != want:
             raise ValueError(
                 f"heads/checkpoint.py: {path}: {key}={payload[key]} but the head has {want}"
+            )
+    want_margin = head.margin_loss.state_dict()
+    if want_margin:
+        saved_margin = payload.get("margin") or {}
+        name = type(head.margin_loss).__name__
+        if saved_margin.get("class") != name or set(saved_margin["state"]) != set(want_margin):
+            raise ValueError(
+                f"heads/checkpoint.py: {path}: saved margin {saved_margin.get('class')!r} has "
+                f"no state for the head's {name} (keys {sorted(want_margin)})"
             )
     if head_opt is None:
         return
@@ -119,12 +137,14 @@ def load_head(directory: str, head: PartialFC, head_opt: HeadOptimizer | None = 
 
     Works for any saved world size: the rows ``[class_start, class_start + num_local)`` are
     assembled from every saved shard that overlaps them. Hyper-parameters (lr, ...) come from
-    the checkpoint; the sampling RNG state is restored when a shard has exactly this range and
+    the checkpoint, and so does the margin loss's state (any shard's copy: it is the same on
+    every rank); the sampling RNG state is restored when a shard has exactly this range and
     was saved from the same device type.
 
     Raises:
         FileNotFoundError: ``directory/head`` is missing.
-        ValueError: shard files overlap, num_classes/embedding_size/optimizer mismatch, or the
+        ValueError: shard files overlap, num_classes/embedding_size/optimizer mismatch, a
+            stateful margin loss without its saved state, or the
             saved shards do not cover this rank's range (the message names the directory and
             the missing class ranges).
     """
@@ -161,10 +181,14 @@ def load_head(directory: str, head: PartialFC, head_opt: HeadOptimizer | None = 
         same_rng = payload.get("rng_device") == head.weight.device.type
         if (s, e) == (start, end) and same_rng:
             head.set_rng_state(payload["rng_state"])
+    if payloads and head.margin_loss.state_dict():
+        state = payloads[0][2]["margin"]["state"]
+        head.margin_loss.load_state_dict({k: v.clone() for k, v in state.items()})
     if head_opt is not None and payloads:
         hyper = payloads[0][2]["optimizer"]
         head_opt.lr = float(hyper["lr"])
         head_opt.momentum = float(hyper["momentum"])
         head_opt.weight_decay = float(hyper["weight_decay"])
-        head_opt.betas = tuple(float(b) for b in hyper["betas"])
+        b1, b2 = (float(b) for b in hyper["betas"])
+        head_opt.betas = (b1, b2)
         head_opt.eps = float(hyper["eps"])

@@ -8,7 +8,9 @@ same pattern.
 
 Memory: the forward keeps one ``(N, K_r)`` fp32 buffer (the softmax), the backward turns it into
 the gradient in place and returns it; there is no one-hot and no second ``(N, K_r)`` tensor. The
-price: the graph can be backpropagated once (``retain_graph=True`` is refused).
+price: the graph can be backpropagated once (``retain_graph=True`` is refused). Losses that
+re-weight non-target logits (CurricularFace) keep the cosines in that buffer instead and form the
+logits per block of rows (forward twice, backward once), so no second ``(N, K)`` tensor either.
 
 Gradient convention: the backward is local, ``(softmax - onehot) * grad_out / N``, i.e. each shard
 gets exactly its columns of the single-process gradient (see ``heads/comm.py``).
@@ -16,14 +18,45 @@ gets exactly its columns of the single-process gradient (see ``heads/comm.py``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from heads.comm import Topology
+from heads.margin import Margin, Rows
 
 __all__ = ["margin_softmax_cross_entropy"]
+
+
+# -log(1e-30): arcface_torch's DistCrossEntropy clamps each target probability at 1e-30.
+MAX_ROW_LOSS = 69.07755278982137
+# Rows per block of the re-weighted non-target path: temporaries stay ~16 MB, not (N, K).
+BLOCK_ELEMENTS = 1 << 22
+
+
+def _blocks(n: int, k: int) -> list[slice]:
+    step = max(1, BLOCK_ELEMENTS // max(k, 1))
+    return [slice(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def _nontarget_logits(
+    margin: Margin,
+    buf: torch.Tensor,
+    rows: Rows,
+    sl: slice,
+    cols: torch.Tensor,
+    has: torch.Tensor,
+    tgt_d: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Scaled logits of rows ``sl`` with the re-weighted non-targets and the final targets."""
+    logits = margin.nontarget(buf[sl], rows, sl) * margin.s
+    if mask is not None:
+        logits = logits.masked_fill(mask[sl], 0.0)
+    idx = cols[sl].unsqueeze(1)
+    kept = logits.gather(1, idx).squeeze(1)
+    return logits.scatter(1, idx, torch.where(has[sl], tgt_d[sl], kept).unsqueeze(1))
 
 
 class _MarginSoftmaxCE(torch.autograd.Function):
@@ -31,52 +64,99 @@ class _MarginSoftmaxCE(torch.autograd.Function):
     # target lives on another rank) and ``has`` (bool) masks the stand-ins, so nothing here
     # depends on label values (no nonzero, no boolean indexing: no host sync on CUDA).
     @staticmethod
-    def forward(ctx, cos, cols, has, target_fn, scale, filter_mask, topo):
+    def forward(
+        ctx: Any,
+        cos: torch.Tensor,
+        norms: torch.Tensor | None,
+        cols: torch.Tensor,
+        has: torch.Tensor,
+        margin: Margin,
+        topo: Topology,
+        update: bool,
+    ) -> torch.Tensor:
         n, k = cos.shape
         buf = cos.detach()
+        if margin.clamping == "arcface_torch":
+            buf.clamp_(-1.0, 1.0)  # value only: the slope passes straight through
+        if k > 0:
+            cos_t_d = buf.gather(1, cols.unsqueeze(1)).squeeze(1)
+        else:
+            cos_t_d = buf.new_zeros(n)
+        global_t = None
+        if margin.needs_global_target:  # each row's target cosine, on every rank
+            global_t = torch.where(has, cos_t_d, 0.0)
+            if topo.world_size > 1:
+                dist.all_reduce(global_t, op=dist.ReduceOp.SUM, group=topo.group)
+        norms_d = None if norms is None else norms.detach()
+        rows = margin.prepare(n, global_t, norms_d, update)
         # Target path: tiny (N,) autograd graph through the margin, differentiated in backward.
         with torch.enable_grad():
-            if k > 0:
-                cos_t = buf.gather(1, cols.unsqueeze(1)).squeeze(1)
-            else:
-                cos_t = buf.new_zeros(n)
-            cos_t.requires_grad_(True)
-            tgt = target_fn(cos_t)
+            cos_t = cos_t_d.clone().requires_grad_(True)
+            norms_leaf = None
+            if norms is not None and norms_d is not None:
+                norms_leaf = norms_d.clone().requires_grad_(norms.requires_grad)
+            tgt = margin.target_logits(cos_t, norms_leaf, rows)
         tgt_d = tgt.detach()
-        buf.mul_(scale)  # cos's storage becomes the logits: no second (N, K) buffer
-        if filter_mask is not None:
-            buf.masked_fill_(filter_mask, 0.0)
-        if k > 0:
-            # Rows without a local target keep their own (scaled) logit at column 0.
-            kept = buf.gather(1, cols.unsqueeze(1)).squeeze(1)
-            buf.scatter_(1, cols.unsqueeze(1), torch.where(has, tgt_d, kept).unsqueeze(1))
-            row_max = buf.max(dim=1).values
-        else:  # this rank sampled no class: contributes exp(-inf) = 0 to every row
+        mask = margin.filter_mask(buf, torch.where(has, cols, -1))
+        if margin.has_nontarget:
+            # buf keeps the cosines; logits are formed per row block (twice here, once more in
+            # backward), so no second (N, K) tensor exists.
+            blocks = _blocks(n, k)
             row_max = torch.full((n,), float("-inf"), dtype=buf.dtype, device=buf.device)
+            if k > 0:
+                for sl in blocks:
+                    logits = _nontarget_logits(margin, buf, rows, sl, cols, has, tgt_d, mask)
+                    row_max[sl] = logits.max(dim=1).values
+        else:
+            buf.mul_(margin.s)  # cos's storage becomes the logits: no second (N, K) buffer
+            if mask is not None:
+                buf.masked_fill_(mask, 0.0)
+            if k > 0:
+                # Rows without a local target keep their own (scaled) logit at column 0.
+                kept = buf.gather(1, cols.unsqueeze(1)).squeeze(1)
+                buf.scatter_(1, cols.unsqueeze(1), torch.where(has, tgt_d, kept).unsqueeze(1))
+                row_max = buf.max(dim=1).values
+            else:  # this rank sampled no class: contributes exp(-inf) = 0 to every row
+                row_max = torch.full((n,), float("-inf"), dtype=buf.dtype, device=buf.device)
         if topo.world_size > 1:
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=topo.group)
-        buf.sub_(row_max.unsqueeze(1)).exp_()
 
         # Row sums of exp and the shifted target logit, reduced together in one collective.
         red = torch.empty((2, n), dtype=buf.dtype, device=buf.device)
-        torch.sum(buf, dim=1, out=red[0])
+        if margin.has_nontarget:
+            red[0] = 0.0
+            if k > 0:
+                for sl in blocks:
+                    logits = _nontarget_logits(margin, buf, rows, sl, cols, has, tgt_d, mask)
+                    red[0, sl] = logits.sub_(row_max[sl].unsqueeze(1)).exp_().sum(dim=1)
+        else:
+            buf.sub_(row_max.unsqueeze(1)).exp_()
+            torch.sum(buf, dim=1, out=red[0])
         red[1] = torch.where(has, tgt_d - row_max, 0.0)
         if topo.world_size > 1:
             dist.all_reduce(red, op=dist.ReduceOp.SUM, group=topo.group)
         sum_exp, shifted_target = red[0], red[1]
-        loss = (torch.log(sum_exp) - shifted_target).sum() / n
+        row_loss = torch.log(sum_exp) - shifted_target
+        if margin.clamping == "arcface_torch":
+            row_loss = row_loss.clamp_max(MAX_ROW_LOSS)  # the value only, as arcface_torch
+        loss = row_loss.sum() / n
 
-        buf.div_(sum_exp.unsqueeze(1))  # softmax probabilities
+        if margin.has_nontarget:
+            ctx.lse = row_max + torch.log(sum_exp)
+            ctx.rows, ctx.margin, ctx.tgt_d = rows, margin, tgt_d
+        else:
+            buf.div_(sum_exp.unsqueeze(1))  # softmax probabilities
         ctx.save_for_backward(buf, cols, has)
-        ctx.target_graph = (cos_t, tgt)  # intermediates of the (N,) margin graph
-        ctx.filter_mask = filter_mask
-        ctx.scale = scale
+        ctx.target_graph = (cos_t, norms_leaf, tgt)  # intermediates of the (N,) margin graph
+        ctx.filter_mask = mask
+        ctx.scale = margin.s
+        ctx.nontarget = margin.has_nontarget
         ctx.n = n
         ctx.used = False
         return loss
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         if ctx.used:
             raise RuntimeError(
                 "heads/dist_softmax.py: the margin softmax CE reuses its buffer in backward; "
@@ -84,33 +164,61 @@ class _MarginSoftmaxCE(torch.autograd.Function):
             )
         ctx.used = True
         grad, cols, has = ctx.saved_tensors
-        cos_t, tgt = ctx.target_graph
+        cos_t, norms_leaf, tgt = ctx.target_graph
         k = grad.shape[1]
         idx = cols.unsqueeze(1)
         coef = grad_out / ctx.n
+        if ctx.nontarget:
+            p_t = torch.exp(ctx.tgt_d - ctx.lse)
+        elif k > 0:
+            p_t = grad.gather(1, idx).squeeze(1)
         if k > 0:
             # d loss / d target logit = (p_t - 1) * coef on rows with a local target, else 0
-            p_t = grad.gather(1, idx).squeeze(1)
             grad_tgt = torch.where(has, (p_t - 1.0) * coef, 0.0)
         else:
             grad_tgt = torch.zeros_like(cos_t)
-        (grad_cos_t,) = torch.autograd.grad(tgt, cos_t, grad_tgt)
-        grad.mul_(coef * ctx.scale)  # dL/dcos off target: p * s / N
+        inputs = [cos_t] + (
+            [norms_leaf] if norms_leaf is not None and norms_leaf.requires_grad else []
+        )
+        grads = torch.autograd.grad(tgt, inputs, grad_tgt, allow_unused=True)
+        grad_cos_t = grads[0] if grads[0] is not None else torch.zeros_like(cos_t)
+        grad_norms = None
+        if len(grads) > 1:
+            grad_norms = grads[1] if grads[1] is not None else torch.zeros_like(norms_leaf)
+        if ctx.nontarget:
+            if k > 0:
+                _nontarget_backward(ctx, grad, coef)
+        else:
+            grad.mul_(coef * ctx.scale)  # dL/dcos off target: p * s / N
         if ctx.filter_mask is not None:
             grad.masked_fill_(ctx.filter_mask, 0.0)  # filtered logits are constants
         if k > 0:
             # margin's own slope replaces s at the targets
             off = grad.gather(1, idx).squeeze(1)
             grad.scatter_(1, idx, torch.where(has, grad_cos_t, off).unsqueeze(1))
-        return grad, None, None, None, None, None, None
+        return grad, grad_norms, None, None, None, None, None
+
+
+def _nontarget_backward(ctx: Any, buf: torch.Tensor, coef: torch.Tensor) -> None:
+    """Turn the cosines in ``buf`` into ``dL/dcos`` block by block: ``p * dlogit/dcos * coef``."""
+    margin, rows, lse = ctx.margin, ctx.rows, ctx.lse
+    for sl in _blocks(buf.shape[0], buf.shape[1]):
+        with torch.enable_grad():
+            c = buf[sl].clone().requires_grad_(True)
+            logits = margin.nontarget(c, rows, sl) * margin.s
+        p = (logits.detach() - lse[sl].unsqueeze(1)).exp_().mul_(coef)
+        (g,) = torch.autograd.grad(logits, c, p)
+        buf[sl] = g
 
 
 def margin_softmax_cross_entropy(
     cos: torch.Tensor,
     labels: torch.Tensor,
-    margin,
+    margin: Margin,
     topo: Topology,
     validate: bool = True,
+    norms: torch.Tensor | None = None,
+    update: bool = False,
 ) -> torch.Tensor:
     """Mean margin softmax cross-entropy of the global batch over sharded classes.
 
@@ -121,17 +229,21 @@ def margin_softmax_cross_entropy(
         labels: ``(N,)`` int64 column of each row's target among the ``K`` local columns, or -1
             when the target class lives on another rank. Every row must have its target on
             exactly one rank (not checked across ranks: that would cost a collective).
-        margin: a ``CombinedMarginLoss`` (uses ``s``, ``target_logit`` and ``filter_mask``).
+        margin: a ``heads.margin.Margin`` (``CombinedMarginLoss``, ``AdaFace``, ...).
         topo: the head's ``Topology``; all its ranks must call this with the same ``N``.
         validate: check the label range (reads two values back from the device: skip it on a
             hot path whose labels are correct by construction, as ``PartialFC``'s are).
+        norms: ``(N,)`` fp32 un-normalized embedding norms of the gathered rows (norm-aware
+            margins; may require grad), identical on every rank; ``None`` otherwise.
+        update: a training forward: the margin advances its state (EMA, t, RNG).
 
     Returns:
         fp32 scalar, identical on every rank. Backward gives ``cos`` its local slice of the
-        single-process gradient; it can run once.
+        single-process gradient (and ``norms`` this rank's part of theirs); it can run once.
 
     Raises:
-        ValueError: wrong shapes/dtypes or (``validate``) a label outside ``[-1, K)``.
+        ValueError: wrong shapes/dtypes, a norm-aware margin without ``norms``, or
+            (``validate``) a label outside ``[-1, K)``.
     """
     if cos.dim() != 2 or cos.dtype != torch.float32:
         raise ValueError(
@@ -152,8 +264,12 @@ def margin_softmax_cross_entropy(
             f"heads/dist_softmax.py: labels must be in [-1, {cos.shape[1]}), got "
             f"[{int(labels.min())}, {int(labels.max())}]"
         )
+    if margin.needs_norms and (norms is None or norms.shape != (cos.shape[0],)):
+        raise ValueError(
+            f"heads/dist_softmax.py: {type(margin).__name__} needs the ({cos.shape[0]},) "
+            "embedding norms"
+        )
     has = labels >= 0
     cols = labels.clamp_min(0)
-    target_fn: Callable[[torch.Tensor], torch.Tensor] = margin.target_logit
-    mask = margin.filter_mask(cos.detach(), labels)
-    return _MarginSoftmaxCE.apply(cos, cols, has, target_fn, margin.s, mask, topo)
+    loss: torch.Tensor = _MarginSoftmaxCE.apply(cos, norms, cols, has, margin, topo, update)
+    return loss

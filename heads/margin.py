@@ -1,4 +1,6 @@
-"""Combined angular margin: ``s * (cos(m1 * theta + m2) - m3)`` on the target logit.
+"""The margin interface (``Margin``) and the combined angular margin ``s * (cos(m1 * theta + m2) -
+m3)`` on the target logit. Other losses (heads/margins_*.py) subclass ``Margin``; heads/losses.py
+chooses one by name.
 
 References: SphereFace (m1, Liu et al. CVPR 2017), ArcFace (m2, Deng et al. CVPR 2019),
 CosFace (m3, Wang et al. CVPR 2018); the combined form and the inter-class filtering follow
@@ -8,7 +10,8 @@ insightface arcface_torch ``losses.CombinedMarginLoss``. ArcFace is ``(1, 0.5, 0
 Differences from arcface_torch, on purpose: the margin is differentiated exactly (arcface_torch
 rewrites the logits in place under ``no_grad``, so its gradient ignores the margin's slope), and
 the slope of ``arccos`` is taken at ``cos`` clamped away from +-1, so neither value nor gradient
-can be NaN/inf at theta = 0 or pi (the value stays exact).
+can be NaN/inf at theta = 0 or pi (the value stays exact). Both differences can be switched off
+(issue #15): ``margin_gradient="arcface_torch"`` and ``clamping="arcface_torch"``.
 """
 
 from __future__ import annotations
@@ -16,88 +19,141 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["CombinedMarginLoss", "ARCCOS_EPS"]
+__all__ = [
+    "Margin",
+    "CombinedMarginLoss",
+    "ARCCOS_EPS",
+    "MARGIN_GRADIENTS",
+    "CLAMPINGS",
+    "safe_arccos",
+]
 
 # arccos'(x) = -1/sqrt(1-x^2) is infinite at +-1; taking it at 1-1e-6 caps it at ~707.
 ARCCOS_EPS = 1e-6
+# head.margin_gradient: "exact" differentiates the margin; "arcface_torch" gives the target logit
+# the slope s of a plain scaled cosine (arcface_torch edits the logits under no_grad).
+MARGIN_GRADIENTS = ("exact", "arcface_torch")
+# head.clamping: "arcface_torch" clamps cosines to [-1, 1] and each row's target probability at
+# 1e-30 in the loss value (its PartialFC_V2 / DistCrossEntropy); "none" does neither.
+CLAMPINGS = ("none", "arcface_torch")
+Rows = dict[str, torch.Tensor]
 
 
-class CombinedMarginLoss(nn.Module):
-    """Margin-penalized, scaled cosine logits (ArcFace/CosFace/SphereFace and combinations).
+def safe_arccos(c: torch.Tensor) -> torch.Tensor:
+    """``arccos(c)`` with the exact value at ``c`` clamped to ``[-1, 1]`` and the slope of
+    ``c`` clamped to ``[-1 + ARCCOS_EPS, 1 - ARCCOS_EPS]`` (finite at theta = 0 and pi).
 
     Args:
-        s: logit scale (> 0), 64 in arcface_torch.
-        m1: multiplicative angular margin (> 0); 1 disables it.
-        m2: additive angular margin in radians (>= 0); ArcFace uses 0.5.
-        m3: additive cosine margin (>= 0); CosFace uses 0.4.
-        interclass_filtering_threshold: in ``[0, 1)``; when > 0, non-target cosines above it are
-            set to 0 before scaling (arcface_torch semantics: they are treated as probable label
-            noise, and their gradient is zero). 0 disables filtering.
+        c: any-shape float cosines.
+
+    Returns:
+        angles in radians, same shape and dtype.
+    """
+    c_safe = c - (c - c.clamp(-1 + ARCCOS_EPS, 1 - ARCCOS_EPS)).detach()
+    theta = torch.arccos(c_safe)
+    return theta + (torch.arccos(c.detach().clamp(-1.0, 1.0)) - theta).detach()
+
+
+class Margin(nn.Module):
+    """Base of every margin loss: what the distributed softmax CE asks of a margin.
+
+    Per forward, ``heads/dist_softmax.py`` calls ``prepare`` once (under ``no_grad``; it may
+    update the loss's EMA state), then ``target_logits`` on the ``(N,)`` target cosines (a small
+    autograd graph), and, for losses that re-weight non-target logits (``nontarget``), that
+    function on row blocks of the ``(N, K)`` cosines. Norm-aware losses (``needs_norms``) get
+    the un-normalized embedding norms ``(N,)``; ``needs_global_target`` losses get every row's
+    target cosine (one ``(N,)`` all-reduce). State that must be identical on every rank lives in
+    buffers (or ``get_extra_state``), saved with the head (``heads/checkpoint.py``).
+
+    Args:
+        s: logit scale (> 0).
+        interclass_filtering_threshold: in ``[0, 1)``; non-target cosines above it are set to 0
+            (arcface_torch's filtering of probable label noise); 0 disables it.
+        margin_gradient: one of ``MARGIN_GRADIENTS``.
+        clamping: one of ``CLAMPINGS``.
 
     Raises:
         ValueError: a parameter outside the ranges above.
     """
 
+    needs_norms = False
+    needs_global_target = False
+    has_nontarget = False
+
     def __init__(
         self,
         s: float = 64.0,
-        m1: float = 1.0,
-        m2: float = 0.5,
-        m3: float = 0.0,
         interclass_filtering_threshold: float = 0.0,
+        margin_gradient: str = "exact",
+        clamping: str = "none",
     ):
         super().__init__()
         if not s > 0:
             raise ValueError(f"heads/margin.py: s must be > 0, got {s}")
-        if not m1 > 0:
-            raise ValueError(f"heads/margin.py: m1 must be > 0, got {m1}")
-        if m2 < 0 or m3 < 0:
-            raise ValueError(f"heads/margin.py: m2 and m3 must be >= 0, got m2={m2}, m3={m3}")
         if not 0.0 <= interclass_filtering_threshold < 1.0:
             raise ValueError(
                 "heads/margin.py: interclass_filtering_threshold must be in [0, 1), got "
                 f"{interclass_filtering_threshold}"
             )
+        if margin_gradient not in MARGIN_GRADIENTS:
+            raise ValueError(
+                f"heads/margin.py: margin_gradient must be one of {MARGIN_GRADIENTS}, got "
+                f"{margin_gradient!r}"
+            )
+        if clamping not in CLAMPINGS:
+            raise ValueError(
+                f"heads/margin.py: clamping must be one of {CLAMPINGS}, got {clamping!r}"
+            )
         self.s = float(s)
-        self.m1 = float(m1)
-        self.m2 = float(m2)
-        self.m3 = float(m3)
         self.interclass_filtering_threshold = float(interclass_filtering_threshold)
+        self.margin_gradient = margin_gradient
+        self.clamping = clamping
 
-    def extra_repr(self) -> str:
-        return (
-            f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, "
-            f"interclass_filtering_threshold={self.interclass_filtering_threshold}"
-        )
-
-    @property
-    def is_angular(self) -> bool:
-        """True when the margin needs ``theta`` (``m1 != 1`` or ``m2 != 0``)."""
-        return self.m1 != 1.0 or self.m2 != 0.0
-
-    def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
-        """Final target logit ``s * (cos(m1 * arccos(c) + m2) - m3)``, differentiable.
+    def prepare(
+        self, n: int, cos_target: torch.Tensor | None, norms: torch.Tensor | None, update: bool
+    ) -> Rows:
+        """Per-row parameters of this forward (and the state update when ``update``).
 
         Args:
-            cos_target: ``(P,)`` cosines of each row with its own class center, fp32.
+            n: rows of the gathered batch (N).
+            cos_target: ``(N,)`` fp32 target cosine of every gathered row (``needs_global_target``
+                losses only, else ``None``), identical on every rank.
+            norms: ``(N,)`` fp32 detached embedding norms (``needs_norms`` losses), else ``None``.
+            update: a training forward: advance EMA state / RNG.
 
         Returns:
-            ``(P,)`` fp32. For pure CosFace (``m1 == 1, m2 == 0``) no ``arccos`` is taken, so the
-            gradient is exactly ``s``. Otherwise the value is the formula at ``c`` clamped to
-            ``[-1, 1]``, and the gradient is the formula's derivative at ``c`` clamped to
-            ``[-1 + eps, 1 - eps]`` (``eps = ARCCOS_EPS``): exact away from theta = 0 and pi,
-            finite (capped) at them, where the true slope is infinite.
+            a dict of ``(N,)`` tensors (or 0-dim) read by ``margin_cosine`` and ``nontarget``.
         """
-        if not self.is_angular:
-            return (cos_target - self.m3) * self.s
-        # Straight-through clamp: value at the safe point, gradient passed unchanged.
-        c_safe = (
-            cos_target - (cos_target - cos_target.clamp(-1 + ARCCOS_EPS, 1 - ARCCOS_EPS)).detach()
-        )
-        theta = torch.arccos(c_safe)
-        # Exact angle as the value; the capped slope of the safe point as the gradient.
-        theta = theta + (torch.arccos(cos_target.detach().clamp(-1.0, 1.0)) - theta).detach()
-        return (torch.cos(self.m1 * theta + self.m2) - self.m3) * self.s
+        return {}
+
+    def margin_cosine(
+        self, cos_t: torch.Tensor, norms: torch.Tensor | None, rows: Rows
+    ) -> torch.Tensor:
+        """Penalized target cosine ``(N,)`` (before the scale), differentiable in ``cos_t`` and
+        ``norms``; subclasses implement it."""
+        raise NotImplementedError
+
+    def nontarget(self, cos: torch.Tensor, rows: Rows, sl: slice) -> torch.Tensor:
+        """Re-weighted non-target cosines of rows ``sl`` (``has_nontarget`` losses): ``cos``
+        ``(len(sl), K)`` fp32, returns the same shape, differentiable in ``cos``."""
+        raise NotImplementedError
+
+    def regularizer(self, norms: torch.Tensor) -> torch.Tensor | None:
+        """Loss term on the ``(N,)`` embedding norms (MagFace's ``lambda_g * g(a)``), a scalar
+        added to the mean CE, or ``None``."""
+        return None
+
+    def target_logits(
+        self, cos_t: torch.Tensor, norms: torch.Tensor | None = None, rows: Rows | None = None
+    ) -> torch.Tensor:
+        """Final target logits ``(N,)`` fp32: ``s * margin_cosine``. With ``margin_gradient``
+        ``arcface_torch`` the value is the same but the slope is ``s`` in ``cos_t`` and 0 in
+        ``norms`` (straight through, as arcface_torch's in-place edit under ``no_grad``)."""
+        value = self.margin_cosine(cos_t, norms, rows if rows is not None else {}) * self.s
+        if self.margin_gradient == "arcface_torch":
+            plain = cos_t * self.s
+            return plain + (value - plain).detach()
+        return value
 
     def filter_mask(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """Boolean ``(N, K)`` mask of non-target cosines above the filtering threshold.
@@ -121,6 +177,74 @@ class CombinedMarginLoss(nn.Module):
                 keep = dirty.gather(1, col) & (labels < 0).unsqueeze(1)
                 dirty.scatter_(1, col, keep)
         return dirty
+
+
+class CombinedMarginLoss(Margin):
+    """Margin-penalized, scaled cosine logits (ArcFace/CosFace/SphereFace and combinations).
+
+    Args:
+        s: logit scale (> 0), 64 in arcface_torch.
+        m1: multiplicative angular margin (> 0); 1 disables it.
+        m2: additive angular margin in radians (>= 0); ArcFace uses 0.5.
+        m3: additive cosine margin (>= 0); CosFace uses 0.4.
+        interclass_filtering_threshold, margin_gradient, clamping: see ``Margin``.
+
+    Raises:
+        ValueError: a parameter outside the ranges above.
+    """
+
+    def __init__(
+        self,
+        s: float = 64.0,
+        m1: float = 1.0,
+        m2: float = 0.5,
+        m3: float = 0.0,
+        interclass_filtering_threshold: float = 0.0,
+        margin_gradient: str = "exact",
+        clamping: str = "none",
+    ):
+        super().__init__(s, interclass_filtering_threshold, margin_gradient, clamping)
+        if not m1 > 0:
+            raise ValueError(f"heads/margin.py: m1 must be > 0, got {m1}")
+        if m2 < 0 or m3 < 0:
+            raise ValueError(f"heads/margin.py: m2 and m3 must be >= 0, got m2={m2}, m3={m3}")
+        self.m1 = float(m1)
+        self.m2 = float(m2)
+        self.m3 = float(m3)
+
+    def extra_repr(self) -> str:
+        return (
+            f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, "
+            f"interclass_filtering_threshold={self.interclass_filtering_threshold}"
+        )
+
+    @property
+    def is_angular(self) -> bool:
+        """True when the margin needs ``theta`` (``m1 != 1`` or ``m2 != 0``)."""
+        return self.m1 != 1.0 or self.m2 != 0.0
+
+    def margin_cosine(
+        self, cos_t: torch.Tensor, norms: torch.Tensor | None, rows: Rows
+    ) -> torch.Tensor:
+        """``cos(m1 * theta + m2) - m3`` (see ``target_logit``)."""
+        if not self.is_angular:
+            return cos_t - self.m3
+        return torch.cos(self.m1 * safe_arccos(cos_t) + self.m2) - self.m3
+
+    def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
+        """Final target logit ``s * (cos(m1 * arccos(c) + m2) - m3)``, differentiable.
+
+        Args:
+            cos_target: ``(P,)`` cosines of each row with its own class center, fp32.
+
+        Returns:
+            ``(P,)`` fp32. For pure CosFace (``m1 == 1, m2 == 0``) no ``arccos`` is taken, so the
+            gradient is exactly ``s``. Otherwise the value is the formula at ``c`` clamped to
+            ``[-1, 1]``, and the gradient is the formula's derivative at ``c`` clamped to
+            ``[-1 + eps, 1 - eps]`` (``eps = ARCCOS_EPS``): exact away from theta = 0 and pi,
+            finite (capped) at them, where the true slope is infinite.
+        """
+        return self.target_logits(cos_target)
 
     def forward(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Scaled logits with the margin on each row's target (plain autograd, out of place).

@@ -19,6 +19,7 @@ W times the exact one so that averaging over W ranks restores it (``heads/comm.p
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ from heads.comm import (
     shard_range,
 )
 from heads.dist_softmax import margin_softmax_cross_entropy
-from heads.margin import CombinedMarginLoss
+from heads.margin import CombinedMarginLoss, Margin
 
 __all__ = [
     "PartialFC",
@@ -80,14 +81,14 @@ class _NormalizeRows(torch.autograd.Function):
     temporaries of the input's size; this makes one)."""
 
     @staticmethod
-    def forward(ctx, x, eps):
+    def forward(ctx: Any, x: torch.Tensor, eps: float) -> torch.Tensor:
         norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(eps)
-        y = x / norm
+        y: torch.Tensor = x / norm
         ctx.save_for_backward(y, norm)
         return y
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         y, norm = ctx.saved_tensors
         # d(x/|x|) = (g - y <y, g>) / |x|
         dot = torch.linalg.vecdot(y, grad, dim=1).unsqueeze(1)
@@ -104,7 +105,8 @@ def normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     Returns:
         ``(R, D)`` unit rows, same dtype.
     """
-    return _NormalizeRows.apply(x, eps)
+    out: torch.Tensor = _NormalizeRows.apply(x, eps)
+    return out
 
 
 LOGITS_DTYPES = ("fp32", "tf32", "bf16")
@@ -127,7 +129,14 @@ class _CosineLinear(torch.autograd.Function):
     With ``dtype`` bf16 the three GEMMs take bf16 operands and return fp32."""
 
     @staticmethod
-    def forward(ctx, emb_n, rows, eps, mode, workspace):
+    def forward(
+        ctx: Any,
+        emb_n: torch.Tensor,
+        rows: torch.Tensor,
+        eps: float,
+        mode: str,
+        workspace: _Workspace | None,
+    ) -> torch.Tensor:
         inv = torch.linalg.vector_norm(rows, dim=1).clamp_min_(eps).reciprocal_()
         dtype = torch.bfloat16 if mode == "bf16" else torch.float32
         e_op, w_op = emb_n.to(dtype), rows.to(dtype)
@@ -139,7 +148,7 @@ class _CosineLinear(torch.autograd.Function):
         return cos
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         e_op, w_op, rows, inv = ctx.saved_tensors
         # g = G / |w| per column, so grad_e = g @ w and a = g^T e need no normalized centers.
         # The CE hands over its own buffer: scale it in place (no third (N, K) tensor).
@@ -202,22 +211,21 @@ class _tf32:
     def __init__(self, enabled: bool):
         self.enabled = enabled
 
-    def __enter__(self):
+    def __enter__(self) -> None:
         if self.enabled:
             self.saved = torch.backends.cuda.matmul.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = True
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         if self.enabled:
             torch.backends.cuda.matmul.allow_tf32 = self.saved
-        return False
 
 
 class _Workspace:
     """Buffers of one recorded forward, kept across steps so that large CPU tensors are not
     re-allocated (and page-faulted) every step; ``leaf`` receives the centers' gradient."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.buffers: dict[str, torch.Tensor] = {}
         self.leaf: torch.Tensor | None = None
         self.probe: torch.Tensor | None = None
@@ -237,7 +245,10 @@ class _Workspace:
 
 
 def cosine_logits(
-    emb_n: torch.Tensor, rows: torch.Tensor, mode: str = "fp32", workspace=None
+    emb_n: torch.Tensor,
+    rows: torch.Tensor,
+    mode: str = "fp32",
+    workspace: _Workspace | None = None,
 ) -> torch.Tensor:
     """Cosines of unit embeddings with (unnormalized) centers: ``emb_n @ (rows / |rows|)^T``.
 
@@ -255,7 +266,8 @@ def cosine_logits(
     """
     if mode not in LOGITS_DTYPES:
         raise ValueError(f"heads/partial_fc.py: logits dtype must be one of {LOGITS_DTYPES}")
-    return _CosineLinear.apply(emb_n, rows, 1e-12, mode, workspace)
+    out: torch.Tensor = _CosineLinear.apply(emb_n, rows, 1e-12, mode, workspace)
+    return out
 
 
 def sample_classes(
@@ -312,7 +324,9 @@ class PartialFC(nn.Module):
         embedding_size: D.
         num_classes: C, total over all ranks.
         sample_rate: in ``(0, 1]``; 1 is exact model-parallel full softmax.
-        margin_loss: a ``CombinedMarginLoss``.
+        margin_loss: a ``heads.margin.Margin`` (``CombinedMarginLoss`` when ``None``; others
+            from ``heads.losses.build_margin``). Norm-aware margins get the norms of the gathered
+            un-normalized embeddings; their state (EMA, t, RNG) is updated by training forwards.
         process_group: group to shard over; ``None`` = default group if ``torch.distributed``
             is initialized, else a single process.
         seed: seeds the initial centers (``init_centers``: the same for any world size) and the
@@ -340,11 +354,11 @@ class PartialFC(nn.Module):
         embedding_size: int,
         num_classes: int,
         sample_rate: float = 1.0,
-        margin_loss: CombinedMarginLoss | None = None,
-        process_group=None,
+        margin_loss: Margin | None = None,
+        process_group: Any = None,
         seed: int = 0,
         logits_dtype: str = "fp32",
-    ):
+    ) -> None:
         super().__init__()
         if embedding_size < 1 or num_classes < 1:
             raise ValueError(
@@ -357,9 +371,9 @@ class PartialFC(nn.Module):
             )
         if margin_loss is None:
             margin_loss = CombinedMarginLoss()
-        if not isinstance(margin_loss, CombinedMarginLoss):
+        if not isinstance(margin_loss, Margin):
             raise ValueError(
-                "heads/partial_fc.py: margin_loss must be a CombinedMarginLoss, got "
+                "heads/partial_fc.py: margin_loss must be a heads.margin.Margin, got "
                 f"{type(margin_loss).__name__}"
             )
         if logits_dtype not in LOGITS_DTYPES:
@@ -438,7 +452,7 @@ class PartialFC(nn.Module):
 
     def forward(
         self, local_embeddings: torch.Tensor, local_labels: torch.Tensor, validate: bool = True
-    ) -> tuple[torch.Tensor, dict]:
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Loss of the global batch.
 
         Args:
@@ -491,12 +505,20 @@ class PartialFC(nn.Module):
             rows = self.weight.detach().index_select(0, index)
         if track:
             rows = rows.detach().requires_grad_(True)
+            assert ws is not None
             ws.leaf = rows
             self._pending.append((index, rows))
         cos = cosine_logits(normalize_rows(emb), rows, self.logits_dtype, ws)
+        margin = self.margin_loss
+        norms = torch.linalg.vector_norm(emb, dim=1) if margin.needs_norms else None
         loss = margin_softmax_cross_entropy(
-            cos, local_labels_k, self.margin_loss, self.topo, validate=False
+            cos, local_labels_k, margin, self.topo, False, norms, track
         )
+        if norms is not None and (reg := margin.regularizer(norms)) is not None:
+            # Every rank holds all N norms: each backpropagates 1/W of the term, so the sum
+            # over ranks in the embeddings' all-gather backward is the exact gradient once.
+            w = self.topo.world_size
+            loss = loss + reg / w + (reg - reg / w).detach()
         if not validate:
             bad = ((labels < 0) | (labels >= self.num_classes)).any()
             loss = torch.where(bad, float("nan"), loss)
@@ -510,7 +532,9 @@ class PartialFC(nn.Module):
         }
         return loss, stats
 
-    def _check_inputs(self, emb: torch.Tensor, labels: torch.Tensor, validate: bool):
+    def _check_inputs(
+        self, emb: torch.Tensor, labels: torch.Tensor, validate: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if emb.dim() != 2 or emb.shape[1] != self.embedding_size:
             raise ValueError(
                 f"heads/partial_fc.py: local_embeddings must be (B, {self.embedding_size}), got "
@@ -568,16 +592,19 @@ class PartialFC(nn.Module):
                 )
         for ws in self._workspaces[: len(self._pending)]:
             ws.materialize()
+        grads = [leaf.grad for _, leaf in self._pending]
+        assert all(g is not None for g in grads)  # checked above
         if len(self._pending) == 1:
-            index, leaf = self._pending[0]
-            return index, leaf.grad
+            return self._pending[0][0], self._pending[0][1].grad  # type: ignore[return-value]
         rows = torch.unique(torch.cat([index for index, _ in self._pending]))
         grad = torch.zeros(rows.numel(), self.embedding_size, device=device)
-        for index, leaf in self._pending:
-            grad.index_add_(0, torch.searchsorted(rows, index), leaf.grad)
+        for (index, _), g in zip(self._pending, grads):
+            grad.index_add_(0, torch.searchsorted(rows, index), g)  # type: ignore[arg-type]
         return rows, grad
 
-    def sparse_grad_parts(self):
+    def sparse_grad_parts(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The gradient of a single recorded forward as ``(rows, a, coef, w)`` with
         ``grad = a - coef[:, None] * w`` not yet formed, so an optimizer can fold the
         correction into its own pass (``w`` the forward's gathered rows, still current);
@@ -612,7 +639,8 @@ class PartialFC(nn.Module):
         probes = [ws.probe for ws in self._workspaces[: len(self._pending)]]
         if not probes or any(p is None for p in probes):
             return None
-        return torch.stack(probes).sum() if len(probes) > 1 else probes[0]
+        known = [p for p in probes if p is not None]
+        return torch.stack(known).sum() if len(known) > 1 else known[0]
 
     @property
     def num_recorded(self) -> int:

@@ -64,6 +64,15 @@ class HeadConfig:
     # GEMM precision of the logits: fp32, tf32, bf16 (bf16 operands, fp32 accumulation and
     # softmax); auto = bf16 on CUDA under bf16 training, tf32 on other CUDA runs, fp32 on CPU.
     logits_dtype: str = "auto"
+    # Margin loss by name (heads/losses.py LOSSES, docs/losses.md): combined reads margin_list;
+    # the others take their own arguments from loss_kwargs (e.g. {m: 0.4, h: 0.333}).
+    loss: str = "combined"
+    loss_kwargs: dict = field(default_factory=dict)
+    # issue #15 fidelity switches: exact = the margin's own slope at the target (ours);
+    # arcface_torch = slope s, as its no_grad edit of the target logit.
+    margin_gradient: str = "exact"
+    # none (ours) or arcface_torch: cosines clamped to [-1, 1], target probability at 1e-30.
+    clamping: str = "none"
 
 
 @dataclass(frozen=True)
@@ -170,6 +179,8 @@ _CHOICES = {
     "engine.precision": ("", "fp32", "fp16", "bf16"),
     "engine.zero_stage": (-1, 0, 1, 2, 3),
     "engine.memory_format": MEMORY_FORMATS,
+    "head.margin_gradient": ("exact", "arcface_torch"),
+    "head.clamping": ("none", "arcface_torch"),
 }
 
 
@@ -424,6 +435,7 @@ def validate(cfg: Config, src: str = "<config>") -> None:
         raise bad("checkpoint.resume", f"must be true/false or a path: {cfg.checkpoint.resume!r}")
     _check_numbers(cfg, bad)
     _check_model(cfg, bad)
+    _check_loss(cfg, bad)
 
 
 def _check_numbers(cfg: Config, bad: Any) -> None:
@@ -499,6 +511,31 @@ def _check_model(cfg: Config, bad: Any) -> None:
                 f"network {cfg.model.network!r} does not accept {key!r}; accepted: "
                 f"{', '.join(sorted(accepted)) or 'none'}",
             )
+
+
+def _check_loss(cfg: Config, bad: Any) -> None:
+    """`head.loss` must be registered, `head.loss_kwargs` accepted and in range (the margin is
+    built once here, a few scalars); `margin_list` is read by `combined` only."""
+    from heads.losses import LOSSES, build_margin  # torch: imported only when validating
+
+    h = cfg.head
+    if h.loss not in LOSSES:
+        raise bad("head.loss", f"unknown loss {h.loss!r}; valid: {', '.join(LOSSES)}")
+    if h.loss != "combined" and tuple(h.margin_list) != HeadConfig.margin_list:
+        raise bad("head.margin_list", f"is read by head.loss=combined only, not {h.loss!r}")
+    try:
+        build_margin(
+            h.loss,
+            h.scale,
+            tuple(h.margin_list),
+            h.interclass_filtering_threshold,
+            h.margin_gradient,
+            h.clamping,
+            cfg.seed,
+            h.loss_kwargs,
+        )
+    except (ValueError, TypeError) as e:
+        raise bad("head.loss_kwargs", str(e).removeprefix("heads/")) from None
 
 
 def to_dict(cfg: Config) -> dict:

@@ -103,10 +103,19 @@ def build_engine(cfg: Config, accelerator, ds_config: dict, device, world: int, 
 
 
 def build_head(cfg: Config, device, precision: str):
-    from heads import CombinedMarginLoss, PartialFC, build_head_optimizer, resolve_logits_dtype
+    from heads import PartialFC, build_head_optimizer, build_margin, resolve_logits_dtype
 
-    m1, m2, m3 = cfg.head.margin_list
-    margin = CombinedMarginLoss(cfg.head.scale, m1, m2, m3, cfg.head.interclass_filtering_threshold)
+    h = cfg.head
+    margin = build_margin(
+        h.loss,
+        h.scale,
+        tuple(h.margin_list),
+        h.interclass_filtering_threshold,
+        h.margin_gradient,
+        h.clamping,
+        cfg.seed,
+        h.loss_kwargs,
+    )
     head = PartialFC(
         cfg.model.embedding_size,
         cfg.data.num_classes,
