@@ -38,9 +38,12 @@ large layers. See docs/benchmarks.md for measured accuracy.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypedDict
 from unittest import mock
 
 import torch
+from torch import nn
 
 from trainer.step import DTYPES
 
@@ -53,14 +56,60 @@ BUCKET_ELEMENTS = 50_000_000  # reduce/prefetch bucket size of ds_configs/*.json
 GIB = 2**30
 PHASES = ("persistent", "backward", "step")
 HEAD_STEP_COPIES = {"sgd": 4, "adamw": 7}  # (K, D) fp32 tensors alive in HeadOptimizer.step
-_PROFILES: dict[tuple, dict] = {}
+
+Where = Literal["device", "host"]
+Phase = Literal["persistent", "backward", "step"]
+Item = tuple[int, Where, Phase]  # (bytes, where it is held, when it is alive)
+
+
+class ActivationProfile(TypedDict):
+    """``measure_activations``: backbone parameters and per-sample saved-tensor bytes (fp32)."""
+
+    params: int
+    float_bytes: float
+    other_bytes: float
+    largest_float_bytes: float
+
+
+class PlanArguments(TypedDict):
+    """The arguments of ``plan``, repeated in its result."""
+
+    network: str
+    embedding_size: int
+    num_classes: int
+    sample_rate: float
+    batch_size: int
+    world_size: int
+    zero_stage: int
+    precision: str
+    optimizer: str
+    offload: bool
+    grad_checkpointing: bool
+    device_memory_gb: float | None
+
+
+class MemoryPlan(PlanArguments):
+    """``plan``'s result: the arguments, then the prediction (bytes per device)."""
+
+    params: int
+    classes_per_rank: int
+    sampled_per_rank: int
+    device: dict[str, int]
+    host: dict[str, int]
+    phase: dict[str, Phase]
+    device_total: int
+    host_total: int
+    max_num_classes: int | None
+
+
+_PROFILES: dict[tuple[object, ...], ActivationProfile] = {}
 
 
 # -- activations --------------------------------------------------------------------------------
 class _SavedCounter:
     """saved_tensors_hooks pair recording each distinct storage once (excluded ones never)."""
 
-    def __init__(self, exclude: set[int]):
+    def __init__(self, exclude: set[int]) -> None:
         self.exclude = exclude
         self.storages: dict[int, tuple[int, bool]] = {}
 
@@ -86,9 +135,9 @@ def measure_activations(
     network: str,
     embedding_size: int = 512,
     grad_checkpointing: bool = False,
-    model_kwargs: dict | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
     batch: int = 2,
-) -> dict:
+) -> ActivationProfile:
     """Per-sample activation memory of one training forward of `network`, fp32, on CPU.
 
     Counts the distinct storages autograd saves for the backward (parameters and buffers
@@ -119,13 +168,13 @@ def measure_activations(
     exclude = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     outer = _SavedCounter(exclude)
     unit_inputs: dict[int, int] = {}
-    unit_peaks: list[tuple[int, int]] = []
+    unit_peaks: list[tuple[int, int, int]] = []
 
-    def plain_checkpoint(module, x, *args, **kw):
+    def plain_checkpoint(module: nn.Module, x: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
         inner = _SavedCounter(exclude | {x.untyped_storage().data_ptr()})
         unit_inputs.setdefault(x.untyped_storage().data_ptr(), x.untyped_storage().nbytes())
         with torch.autograd.graph.saved_tensors_hooks(inner.pack, inner.unpack):
-            out = module(x)
+            out: torch.Tensor = module(x)
         unit_peaks.append(inner.bytes())
         return out
 
@@ -142,7 +191,7 @@ def measure_activations(
         floats, other = floats + big[0], other + big[1]
         largest = max(largest, *(peak[2] for peak in unit_peaks))
     del out
-    profile = {
+    profile: ActivationProfile = {
         "params": sum(p.numel() for p in model.parameters()),
         "float_bytes": floats / batch,
         "other_bytes": other / batch,
@@ -153,7 +202,7 @@ def measure_activations(
 
 
 # -- the model ----------------------------------------------------------------------------------
-def _check(name: str, ok: bool, value) -> None:
+def _check(name: str, ok: bool, value: object) -> None:
     if not ok:
         raise ValueError(f"memory plan: {name}: invalid value {value!r}")
 
@@ -171,9 +220,9 @@ def plan(
     offload: bool = False,
     grad_checkpointing: bool = False,
     device_memory_gb: float | None = None,
-    model_kwargs: dict | None = None,
-    profile: dict | None = None,
-) -> dict:
+    model_kwargs: Mapping[str, Any] | None = None,
+    profile: ActivationProfile | None = None,
+) -> MemoryPlan:
     """Predicted per-device memory of one training step (see the module docstring).
 
     Args:
@@ -187,51 +236,27 @@ def plan(
         profile: a ``measure_activations`` result to reuse (else measured, cached).
 
     Returns:
-        dict: ``device`` and ``host`` (item name -> bytes), ``device_total`` and ``host_total``
-        (bytes), ``params``, ``sampled_per_rank`` (K), ``classes_per_rank`` (n),
-        ``max_num_classes`` (int or None), and the arguments.
+        ``MemoryPlan``: the arguments, ``device`` and ``host`` (item name -> bytes),
+        ``device_total`` and ``host_total`` (bytes), ``params``, ``sampled_per_rank`` (K),
+        ``classes_per_rank`` (n), ``max_num_classes`` (int or None).
 
     Raises:
         ValueError: an argument out of range (the message names it).
     """
-    _check("precision", precision in PRECISION_BYTES, precision)
-    _check("optimizer", optimizer in OPTIMIZER_STATES, optimizer)
-    _check("zero_stage", zero_stage in (0, 1, 2, 3), zero_stage)
-    _check("sample_rate", 0.0 < sample_rate <= 1.0, sample_rate)
-    sizes = dict(embedding_size=embedding_size, num_classes=num_classes, batch_size=batch_size,
-                 world_size=world_size)  # fmt: skip
-    for name, value in sizes.items():
-        _check(name, isinstance(value, int) and value >= 1, value)
-    if device_memory_gb is not None:
-        _check("device_memory_gb", device_memory_gb > 0, device_memory_gb)
+    args: PlanArguments = {
+        "network": network, "embedding_size": embedding_size, "num_classes": num_classes,
+        "sample_rate": sample_rate, "batch_size": batch_size, "world_size": world_size,
+        "zero_stage": zero_stage, "precision": precision, "optimizer": optimizer,
+        "offload": offload, "grad_checkpointing": grad_checkpointing,
+        "device_memory_gb": device_memory_gb,
+    }  # fmt: skip
+    _check_arguments(args)
     if profile is None:
         profile = measure_activations(network, embedding_size, grad_checkpointing, model_kwargs)
     backbone = _backbone_items(
         profile, batch_size, world_size, zero_stage, precision, optimizer, offload
     )
-    head, n, k = _head_items(
-        embedding_size, num_classes, sample_rate, batch_size, world_size, optimizer
-    )
-    items = {**backbone, **head}
-    device = {name: b for name, (b, where, _) in items.items() if where == "device"}
-    host = {name: b for name, (b, where, _) in items.items() if where == "host"}
-    result = dict(
-        network=network, embedding_size=embedding_size, num_classes=num_classes,
-        sample_rate=sample_rate, batch_size=batch_size, world_size=world_size,
-        zero_stage=zero_stage, precision=precision, optimizer=optimizer, offload=offload,
-        grad_checkpointing=grad_checkpointing, device_memory_gb=device_memory_gb,
-    )  # fmt: skip
-    result.update({
-        "params": profile["params"],
-        "classes_per_rank": n,
-        "sampled_per_rank": k,
-        "device": device,
-        "host": host,
-        "phase": {name: phase for name, (_, _, phase) in items.items()},
-        "device_total": _peak(items, "device"),
-        "host_total": _peak(items, "host"),
-        "max_num_classes": None,
-    })  # fmt: skip
+    result = _prediction(args, profile, backbone)
     if device_memory_gb is not None:
 
         def total_of(c: int) -> int:
@@ -242,7 +267,44 @@ def plan(
     return result
 
 
-def _peak(items: dict, where: str) -> int:
+def _check_arguments(args: PlanArguments) -> None:
+    """ValueError naming the first argument of ``plan`` out of range."""
+    _check("precision", args["precision"] in PRECISION_BYTES, args["precision"])
+    _check("optimizer", args["optimizer"] in OPTIMIZER_STATES, args["optimizer"])
+    _check("zero_stage", args["zero_stage"] in (0, 1, 2, 3), args["zero_stage"])
+    _check("sample_rate", 0.0 < args["sample_rate"] <= 1.0, args["sample_rate"])
+    for name in ("embedding_size", "num_classes", "batch_size", "world_size"):
+        value = args[name]
+        _check(name, isinstance(value, int) and value >= 1, value)
+    gb = args["device_memory_gb"]
+    if gb is not None:
+        _check("device_memory_gb", gb > 0, gb)
+
+
+def _prediction(
+    args: PlanArguments, profile: ActivationProfile, backbone: dict[str, Item]
+) -> MemoryPlan:
+    """``plan``'s result for the backbone items and the head of ``args`` (no class solve)."""
+    head, n, k = _head_items(
+        args["embedding_size"], args["num_classes"], args["sample_rate"], args["batch_size"],
+        args["world_size"], args["optimizer"],
+    )  # fmt: skip
+    items = {**backbone, **head}
+    return {
+        **args,
+        "params": profile["params"],
+        "classes_per_rank": n,
+        "sampled_per_rank": k,
+        "device": {name: b for name, (b, where, _) in items.items() if where == "device"},
+        "host": {name: b for name, (b, where, _) in items.items() if where == "host"},
+        "phase": {name: phase for name, (_, _, phase) in items.items()},
+        "device_total": _peak(items, "device"),
+        "host_total": _peak(items, "host"),
+        "max_num_classes": None,
+    }
+
+
+def _peak(items: Mapping[str, Item], where: Where) -> int:
     """persistent + max(backward, step) of the items held at `where`."""
     sums = {phase: 0 for phase in PHASES}
     for b, at, phase in items.values():
@@ -251,13 +313,21 @@ def _peak(items: dict, where: str) -> int:
     return sums["persistent"] + max(sums["backward"], sums["step"])
 
 
-def _backbone_items(profile, batch, world, stage, precision, optimizer, offload) -> dict:
+def _backbone_items(
+    profile: ActivationProfile,
+    batch: int,
+    world: int,
+    stage: int,
+    precision: str,
+    optimizer: str,
+    offload: bool,
+) -> dict[str, Item]:
     """name -> (bytes, "device"|"host", phase) for the backbone and its ZeRO engine."""
     p, b = profile["params"], PRECISION_BYTES[precision]
     mixed = precision != "fp32"
     part = world if stage >= 1 else 1  # optimizer-state partitioning
-    host = "host" if offload else "device"
-    items = {
+    host: Where = "host" if offload else "device"
+    items: dict[str, tuple[float, Where, Phase]] = {
         f"backbone weights ({precision})": (
             b * p / (world if stage == 3 else 1),
             host if stage == 3 else "device",
@@ -287,14 +357,16 @@ def _backbone_items(profile, batch, world, stage, precision, optimizer, offload)
     return {name: (int(v), where, phase) for name, (v, where, phase) in items.items()}
 
 
-def _head_items(dim, classes, rate, batch, world, optimizer) -> tuple[dict, int, int]:
+def _head_items(
+    dim: int, classes: int, rate: float, batch: int, world: int, optimizer: str
+) -> tuple[dict[str, Item], int, int]:
     """(name -> (bytes, "device", phase), n, K) of the largest head shard (rank 0)."""
     n = math.ceil(classes / world)
     rows = batch * world
     full = int(rate * n) >= n
     k = n if full else min(n, max(int(rate * n), math.ceil(rows / world)))
     state = 4 * n * dim if optimizer == "sgd" else 8 * n * dim + 8 * n
-    items = {
+    items: dict[str, tuple[int, Phase]] = {
         "head centers (fp32)": (4 * n * dim, "persistent"),
         f"head optimizer state ({optimizer})": (state, "persistent"),
         # backward: sampled copy (shared when sample_rate = 1), normalized copy, gradient
@@ -306,7 +378,7 @@ def _head_items(dim, classes, rate, batch, world, optimizer) -> tuple[dict, int,
     return {name: (v, "device", phase) for name, (v, phase) in items.items()}, n, k
 
 
-def max_num_classes(budget_bytes: float, total_of, world_size: int) -> int:
+def max_num_classes(budget_bytes: float, total_of: Callable[[int], int], world_size: int) -> int:
     """Largest C with ``total_of(C) <= budget_bytes``, solved from the linear dependence on C.
 
     Memory is piecewise affine in C (one piece per peak phase, once ``sample_rate * C / W``
