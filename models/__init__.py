@@ -3,6 +3,7 @@
 Usage: `models.create("r50", embedding_size=512)`, `models.list_models()`.
 """
 
+from models.backbone import Backbone
 from models.iresnet import IResNet
 from models.mobilefacenet import MobileFaceNet
 from models.registry import MODELS, UnknownModelError, create, list_models, model_kwargs
@@ -10,6 +11,7 @@ from models.vit import FaceViT
 
 __all__ = [
     "MODELS",
+    "Backbone",
     "FaceViT",
     "IResNet",
     "MobileFaceNet",

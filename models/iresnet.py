@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.backbone import Backbone
 from models.checkpointing import checkpoint_module
 
 __all__ = ["IBasicBlock", "IResNet", "r18", "r34", "r50", "r100", "r200"]
@@ -62,7 +63,7 @@ def _make_stage(in_ch: int, out_ch: int, num_blocks: int) -> nn.Sequential:
     return nn.Sequential(*blocks)
 
 
-class IResNet(nn.Module):
+class IResNet(Backbone):
     """IResNet face backbone: images (B, 3, 112, 112) -> embeddings (B, embedding_size).
 
     Args:

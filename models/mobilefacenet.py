@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.backbone import Backbone
 from models.checkpointing import checkpoint_module
 
 __all__ = ["MobileFaceNet", "mbf", "mbf_large"]
@@ -96,7 +97,7 @@ class GDC(nn.Module):
         return self.layers(x)
 
 
-class MobileFaceNet(nn.Module):
+class MobileFaceNet(Backbone):
     """MobileFaceNet: images (B, 3, 112, 112) -> embeddings (B, embedding_size), dtype preserved.
 
     Args:

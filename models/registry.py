@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-
-from torch import nn
+from typing import Any
 
 from models import iresnet, mobilefacenet, vit
+from models.backbone import Backbone
 
 __all__ = ["MODELS", "UnknownModelError", "create", "list_models", "model_kwargs"]
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
+MODELS: dict[str, Callable[..., Backbone]] = {
     "r18": iresnet.r18,
     "r34": iresnet.r34,
     "r50": iresnet.r50,
@@ -46,7 +46,7 @@ def list_models() -> list[str]:
     return list(MODELS)
 
 
-def _builder(name: str) -> Callable[..., nn.Module]:
+def _builder(name: str) -> Callable[..., Backbone]:
     if name not in MODELS:
         raise UnknownModelError(
             f"models/registry.py: unknown network {name!r}; valid names: {', '.join(MODELS)}"
@@ -64,7 +64,7 @@ def model_kwargs(name: str) -> dict[str, object]:
     return {k: p.default for k, p in params.items()}
 
 
-def create(name: str, embedding_size: int = 512, **kwargs) -> nn.Module:
+def create(name: str, embedding_size: int = 512, **kwargs: Any) -> Backbone:
     """Build backbone `name` with output width `embedding_size` (D) and builder overrides.
 
     Args:

@@ -19,6 +19,7 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from models.backbone import Backbone
 from models.checkpointing import checkpoint_module
 
 __all__ = ["FaceViT", "vit_t", "vit_s", "vit_b", "vit_l", "vit_h"]
@@ -27,7 +28,7 @@ _IMG_SIZE = 112
 _PATCH = 9
 
 
-class FaceViT(nn.Module):
+class FaceViT(Backbone):
     """ViT backbone: images (B, 3, 112, 112) -> embeddings (B, embedding_size), dtype preserved.
 
     Args:
