@@ -11,13 +11,32 @@ floating point (the DALI loader normalizes on its own) pass through unchanged.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Protocol
 
 import torch
 
 from data.decode import normalize
 
-__all__ = ["DevicePrefetcher", "to_device"]
+__all__ = ["DevicePrefetcher", "TrainingLoader", "to_device"]
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (images, labels)
+
+
+class TrainingLoader(Protocol):
+    """What ``DevicePrefetcher`` needs of a loader (``TrainLoader``, ``DaliLoader``)."""
+
+    @property
+    def epoch(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def state_dict(self) -> dict[str, int]: ...
+
+    def load_state_dict(self, state: dict[str, int]) -> None: ...
 
 
 def to_device(
@@ -63,7 +82,7 @@ class DevicePrefetcher:
 
     def __init__(
         self,
-        loader: Any,
+        loader: TrainingLoader,
         device: torch.device,
         dtype: torch.dtype = torch.float32,
         memory_format: torch.memory_format = torch.preserve_format,
@@ -72,8 +91,10 @@ class DevicePrefetcher:
         self.device = device
         self.dtype = dtype
         self.memory_format = memory_format
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._state: dict | None = None  # loader state before the pending prefetch
+        self.stream: torch.cuda.Stream | None = None
+        if device.type == "cuda":  # torch.cuda.Stream's constructor is unannotated
+            self.stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        self._state: dict[str, int] | None = None  # loader state before the pending prefetch
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -84,25 +105,26 @@ class DevicePrefetcher:
 
     @property
     def corrupt(self) -> list[str]:
-        return getattr(self.loader, "corrupt", [])
+        corrupt: list[str] = getattr(self.loader, "corrupt", [])  # DaliLoader has none
+        return corrupt
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, int]) -> None:
         self._state = None
         self.loader.load_state_dict(state)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, int]:
         """The loader's state counting only the batches this wrapper has handed out."""
         return dict(self._state) if self._state is not None else self.loader.state_dict()
 
-    def _convert(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple:
+    def _convert(self, batch: Batch) -> Batch:
         images, labels = batch
         images = to_device(images, self.device, self.dtype, self.memory_format)
         return images, labels.to(self.device, non_blocking=True)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         it = iter(self.loader)
         first = next(it, None)
         if first is None:
@@ -123,19 +145,21 @@ class DevicePrefetcher:
         finally:
             self._state = None
 
-    def _prefetches(self, batch: tuple) -> bool:
+    def _prefetches(self, batch: Batch) -> bool:
         """Copy ahead only host batches bound for CUDA (DALI's are already on the GPU)."""
         return self.stream is not None and not batch[0].is_cuda
 
-    def _issue(self, batch: tuple | None) -> tuple | None:
+    def _issue(self, batch: Batch | None) -> Batch | None:
         """Start ``batch``'s copy and normalization on the side stream."""
         if batch is None:
             return None
         with torch.cuda.stream(self.stream):
             return self._convert(batch)
 
-    def _take(self, batch: tuple) -> tuple:
+    def _take(self, batch: Batch) -> Batch:
         """Make the current stream wait for ``batch`` and own its memory from now on."""
+        if self.stream is None:  # only prefetched (side-stream) batches are taken
+            return batch
         current = torch.cuda.current_stream(self.device)
         current.wait_stream(self.stream)
         for t in batch:
