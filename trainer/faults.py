@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,7 +35,9 @@ class FaultInjector:
         if self.nan_steps:
             head.register_forward_hook(self._nan_hook)
 
-    def _nan_hook(self, module, inputs, output):
+    def _nan_hook(
+        self, module: torch.nn.Module, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, ...] | None:
         if self.step not in self.nan_steps:
             return None
         loss, *rest = output
@@ -48,7 +52,7 @@ class FaultInjector:
             os._exit(1)
 
 
-def parse_faults(env=None) -> FaultInjector | None:
+def parse_faults(env: Mapping[str, str] | None = None) -> FaultInjector | None:
     """The `FaultInjector` the environment asks for, or None when no fault variable is set.
 
     Raises:

@@ -14,6 +14,8 @@ batch. Only `trainer/` converts models: model files stay unaware of distribution
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -25,7 +27,17 @@ class _SyncBatchNormCPU(torch.autograd.Function):
     """BatchNorm over the union of all ranks' batches (train mode), gloo-friendly."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
+    def forward(
+        ctx: Any,  # autograd's context: carries the attributes set below
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        eps: float,
+        momentum: float,
+        group: dist.ProcessGroup | None,
+    ) -> torch.Tensor:
         dims = [0] + list(range(2, x.dim()))  # every axis except channels
         shape = [1, -1] + [1] * (x.dim() - 2)
         xd = x.double()
@@ -39,7 +51,7 @@ class _SyncBatchNormCPU(torch.autograd.Function):
         mean = stats[:c] / n
         var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # biased, as BatchNorm
         invstd = torch.rsqrt(var + eps)
-        if running_mean is not None and momentum:
+        if running_mean is not None and running_var is not None and momentum:
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
             unbiased = var * n / (n - 1)
             running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
@@ -54,7 +66,7 @@ class _SyncBatchNormCPU(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x_hat, weight, invstd = ctx.saved_tensors
         dims, shape = ctx.dims, ctx.shape
         dyf, xf = dy.float(), x_hat.float()
@@ -91,11 +103,12 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             return nn.modules.batchnorm._BatchNorm.forward(self, x)  # plain BatchNorm
         self._check_input_dim(x)
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
+        tracked = self.num_batches_tracked if self.track_running_stats else None
+        if tracked is not None:
+            tracked.add_(1)
             if self.momentum is None:  # cumulative moving average, as torch
-                momentum = 1.0 / float(self.num_batches_tracked)
-        return _SyncBatchNormCPU.apply(
+                momentum = 1.0 / float(tracked)
+        y: torch.Tensor = _SyncBatchNormCPU.apply(
             x,
             self.weight,
             self.bias,
@@ -105,9 +118,12 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             momentum,
             group,
         )
+        return y
 
 
-def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+def convert_sync_batchnorm(
+    module: nn.Module, process_group: dist.ProcessGroup | None = None
+) -> nn.Module:
     """Replace every BatchNorm1d/2d/3d of `module` by `SyncBatchNorm` in place (weights, running
     statistics and `requires_grad` kept; state-dict keys unchanged, so checkpoints and ONNX export
     load into the plain model). Returns the converted module (a new one if `module` itself is a
