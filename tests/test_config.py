@@ -148,3 +148,67 @@ def test_clear_aliases_for_arcface_torch_names(tmp_path):
     both = _write(tmp_path, {"eval": {"every_steps": 5, "verbose": 6}}, "both.yaml")
     with pytest.raises(ConfigError, match="'eval.every_steps' and 'eval.verbose'"):
         load_config(str(both))
+
+
+UPSTREAM = "# upstream: insightface recognition/arcface_torch/configs/"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ms1mv2_r50",
+        "ms1mv3_r50",
+        "ms1mv3_r100",
+        "ms1mv3_mbf",
+        "glint360k_r50",
+        "glint360k_r100",
+        "wf4m_r50",
+        "wf12m_r100",
+        "wf42m_pfc03_r100",
+        "wf42m_pfc03_vit_b",
+        "wf42m_pfc02_vit_l_zero3",
+    ],
+)
+def test_upstream_recipes_cite_their_source(name):
+    """Each upstream recipe names its arcface_torch file and commit on the first line and runs
+    under `compat: arcface_torch` (linear decay after warm-up, as PolynomialLRWarmup)."""
+    path = os.path.join(REPO, "configs", f"{name}.yaml")
+    with open(path) as f:
+        first = f.readline()
+    assert first.startswith(UPSTREAM) and ".py" in first, first
+    cfg = load_config(path)
+    assert cfg.compat == "arcface_torch" and cfg.schedule.power == 1.0
+
+
+def test_compat_preset_fills_unset_fields_only(tmp_path):
+    """`compat: arcface_torch` sets the preset's fields the config leaves unset; an explicit
+    value (file or command line) wins; an unknown preset is an error naming the field."""
+    from trainer.config import COMPAT_PRESETS
+
+    path = _write(tmp_path, {"compat": "arcface_torch", "data": {"kind": "synthetic"}})
+    base = ["data.num_image=100", "data.num_classes=10"]
+    cfg = load_config(path, base)
+    preset = COMPAT_PRESETS["arcface_torch"]
+    for dotted, value in preset.items():
+        section, name = dotted.split(".")
+        assert getattr(getattr(cfg, section), name) == value, dotted
+    assert load_config(path, [*base, "schedule.power=2"]).schedule.power == 2.0
+    assert load_config(None, base + ["data.kind=synthetic"]).schedule.power == 2.0
+    with pytest.raises(ConfigError, match="compat: must be one of"):
+        load_config(path, [*base, "compat=arcface"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.backbone_lr_scale=0", "optim.backbone_lr_scale: must be > 0"),
+        ("optim.head_warmup_steps=-1", "optim.head_warmup_steps: must be >= 0"),
+        ("model.freeze_stages=-1", "model.freeze_stages: must be >= 0"),
+        ("model.freeze_steps=5", "model.freeze_steps: needs model.freeze_stages > 0"),
+        ("model.pretrained_strict=1", "model.pretrained_strict: expected true/false"),
+    ],
+)
+def test_finetune_fields_validated(override, message):
+    base = ["data.kind=synthetic", "data.num_image=100", "data.num_classes=10"]
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(None, [*base, override])

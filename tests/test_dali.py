@@ -217,7 +217,7 @@ def test_trainer_builds_dali_loader_from_the_dataset_index(lfw_rec, monkeypatch)
     from trainer.config import load_config
     from trainer.data_setup import build_dataset, build_loader
 
-    config = os.path.join(os.path.dirname(__file__), "..", "configs", "lfw_demo_mbf.yaml")
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "lfw_demo_r18.yaml")
     folder = os.path.dirname(lfw_rec["rec"])
     cfg = load_config(
         config,

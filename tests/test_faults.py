@@ -31,10 +31,10 @@ from tests.launch import (
     tiny_overrides,
 )
 
-CONFIG = os.path.join(REPO, "configs", "lfw_demo_mbf.yaml")
+CONFIG = os.path.join(REPO, "configs", "lfw_demo_r18.yaml")
 ZERO2 = "accelerate_configs/cpu_2proc_zero2.yaml"
 NUM = 16
-SEED = 2048  # configs/lfw_demo_mbf.yaml
+SEED = 2048  # configs/lfw_demo_r18.yaml
 
 
 @pytest.fixture(scope="module")

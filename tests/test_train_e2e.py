@@ -29,7 +29,7 @@ from tests.launch import (
 from tools.plot_curves import read_scalars
 
 pytestmark = pytest.mark.slow
-CONFIG = os.path.join(REPO, "configs", "lfw_demo_mbf.yaml")
+CONFIG = os.path.join(REPO, "configs", "lfw_demo_r18.yaml")
 
 
 NUM_SMALL = 16

@@ -6,15 +6,15 @@
 #   CI smoke version (about 3 min):           DEMO_OUT=work_dirs/lfw_demo_ci DEMO_SKIP_UNTRAINED=1 \
 #       bash tools/run_demo.sh schedule.max_steps=30 data.batch_size=32 eval.val_targets=[] \
 #       logging.frequent=5
-# Env: ARCSCALE_LFW (default ../shared/data/lfw), DEMO_OUT (default work_dirs/lfw_demo_mbf),
-#      DEMO_CONFIG (default configs/lfw_demo_mbf.yaml), DEMO_ACCELERATE (accelerate config),
+# Env: ARCSCALE_LFW (default ../shared/data/lfw), DEMO_OUT (default work_dirs/lfw_demo_r18),
+#      DEMO_CONFIG (default configs/lfw_demo_r18.yaml), DEMO_ACCELERATE (accelerate config),
 #      DEMO_SKIP_UNTRAINED=1 skips the random-init baseline (saves about a minute),
 #      DEMO_PORT (rendezvous port of the training launch, default 29500).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LFW=${ARCSCALE_LFW:-$(cd .. && pwd)/shared/data/lfw}
-OUT=${DEMO_OUT:-work_dirs/lfw_demo_mbf}
-CONFIG=${DEMO_CONFIG:-configs/lfw_demo_mbf.yaml}
+OUT=${DEMO_OUT:-work_dirs/lfw_demo_r18}
+CONFIG=${DEMO_CONFIG:-configs/lfw_demo_r18.yaml}
 ACCEL=${DEMO_ACCELERATE:-accelerate_configs/cpu_2proc_zero2.yaml}
 DATA=work_dirs/lfw_demo
 PY=.venv/bin/python

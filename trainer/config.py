@@ -28,12 +28,24 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Backbone. `network` is a name from `models.list_models()`; `kwargs` go to its builder."""
+    """Backbone. `network` is a name from `models.list_models()`; `kwargs` go to its builder.
+
+    Fine-tuning (docs/finetune.md, trainer/pretrained.py): `pretrained` starts the backbone from
+    a `backbone.pt` of ours, a step or run dir, or an arcface_torch `backbone.pth`; the head
+    starts fresh. Key mismatches are an error unless `pretrained_strict: false` (logged, the
+    matching keys load). `freeze_bn` keeps every BatchNorm's running statistics as loaded.
+    `freeze_stages` N > 0 freezes the stem and the first N stages for `freeze_steps` optimizer
+    steps (0: the whole run)."""
 
     network: str = "r50"
     embedding_size: int = 512
     grad_checkpointing: bool = False
     kwargs: dict = field(default_factory=dict)
+    pretrained: str = ""
+    pretrained_strict: bool = True
+    freeze_bn: bool = False
+    freeze_stages: int = 0
+    freeze_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,12 +101,17 @@ class OptimConfig:
     eps: float = 1e-8
     gradient_acc: int = 1
     clip_grad: float = 5.0
+    # Fine-tuning: the backbone's learning rate is `lr * backbone_lr_scale` (the head's is `lr`);
+    # the first `head_warmup_steps` steps train the head only (backbone frozen).
+    backbone_lr_scale: float = 1.0
+    head_warmup_steps: int = 0
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Polynomial decay (power 2, as arcface_torch's PolyScheduler) after linear warmup, per step.
-    `max_steps` > 0 overrides the step count derived from `num_epoch`."""
+    """Polynomial decay after linear warmup, per step (trainer/lr.py). `power` 2 is arcface_torch's
+    older `PolyScheduler`; its current `PolynomialLRWarmup` decays linearly (power 1, what
+    `compat: arcface_torch` sets). `max_steps` > 0 overrides the count derived from `num_epoch`."""
 
     num_epoch: int = 20
     warmup_epoch: int = 0
@@ -162,6 +179,9 @@ class Config:
 
     output: str = "work_dirs/run"
     seed: int = 2048
+    # "arcface_torch": every switch where arcscale departs from arcface_torch's math takes
+    # arcface_torch's value (COMPAT_PRESETS), unless the file or command line sets that field.
+    compat: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -181,6 +201,15 @@ _CHOICES = {
     "engine.memory_format": MEMORY_FORMATS,
     "head.margin_gradient": ("exact", "arcface_torch"),
     "head.clamping": ("none", "arcface_torch"),
+}
+
+# `compat: NAME` -> the fields it sets (dotted key -> value) where the config does not set them.
+COMPAT_PRESETS: dict[str, dict[str, Any]] = {
+    "arcface_torch": {
+        "schedule.power": 1.0,  # PolynomialLRWarmup's default power (train_v2.py)
+        "head.margin_gradient": "arcface_torch",  # margin edited under no_grad
+        "head.clamping": "arcface_torch",  # cosines to [-1, 1], probabilities at 1e-30
+    },
 }
 
 
@@ -379,9 +408,24 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         _set_dotted(raw, key, value, "command line")
     if overrides:
         src = f"{src} + command line"
+    _apply_compat(raw, src)
     cfg = _build(Config, raw, "", src)
     validate(cfg, src)
     return cfg
+
+
+def _apply_compat(raw: dict[str, Any], src: str) -> None:
+    """Fills the fields of the `compat` preset that `raw` (file + overrides) leaves unset."""
+    name = raw.get("compat", "") if isinstance(raw, dict) else ""
+    if name in ("", None):
+        return
+    if not isinstance(name, str) or name not in COMPAT_PRESETS:
+        raise ConfigError(f"{src}: compat: must be one of {['', *COMPAT_PRESETS]}, got {name!r}")
+    for dotted, value in COMPAT_PRESETS[name].items():
+        section, key = dotted.split(".")
+        node = raw.setdefault(section, {})
+        if isinstance(node, dict) and key not in node:
+            node[key] = value
 
 
 def validate(cfg: Config, src: str = "<config>") -> None:
@@ -405,6 +449,7 @@ def validate(cfg: Config, src: str = "<config>") -> None:
         "eval.verbose": cfg.eval.verbose,
         "eval.batch_size": cfg.eval.batch_size,
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "optim.backbone_lr_scale": cfg.optim.backbone_lr_scale,
         "engine.timeout_s": cfg.engine.timeout_s,
         "engine.max_bad_steps": cfg.engine.max_bad_steps,
     }
@@ -431,6 +476,10 @@ def validate(cfg: Config, src: str = "<config>") -> None:
         raise bad("schedule.warmup_epoch", "must be >= 0")
     if cfg.checkpoint.every < 0:
         raise bad("checkpoint.every", "must be >= 0")
+    if cfg.compat not in ("", *COMPAT_PRESETS):
+        raise bad("compat", f"must be one of {['', *COMPAT_PRESETS]}, got {cfg.compat!r}")
+    if cfg.model.freeze_steps and not cfg.model.freeze_stages:
+        raise bad("model.freeze_steps", "needs model.freeze_stages > 0 (what to freeze)")
     if not isinstance(cfg.checkpoint.resume, (bool, str)):
         raise bad("checkpoint.resume", f"must be true/false or a path: {cfg.checkpoint.resume!r}")
     _check_numbers(cfg, bad)
@@ -468,6 +517,9 @@ def _check_numbers(cfg: Config, bad: Any) -> None:
         "schedule.num_epoch": cfg.schedule.num_epoch,
         "optim.clip_grad": cfg.optim.clip_grad,
         "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.head_warmup_steps": cfg.optim.head_warmup_steps,
+        "model.freeze_stages": cfg.model.freeze_stages,
+        "model.freeze_steps": cfg.model.freeze_steps,
         "head.margin_list[1] (m2, radians)": m2,
         "head.margin_list[2] (m3)": m3,
     }
