@@ -101,6 +101,9 @@ class OptimConfig:
     eps: float = 1e-8
     gradient_acc: int = 1
     clip_grad: float = 5.0
+    # Head rows' weight decay and momentum: "sampled" rows only (arcscale), or "dense", every
+    # row of the shard every step as arcface_torch's SGD does (SGD only; heads/lazy_decay.py).
+    head_decay: str = "sampled"
     # Fine-tuning: the backbone's learning rate is `lr * backbone_lr_scale` (the head's is `lr`);
     # the first `head_warmup_steps` steps train the head only (backbone frozen).
     backbone_lr_scale: float = 1.0
@@ -196,6 +199,7 @@ class Config:
 _CHOICES = {
     "data.kind": ("rec", "folder", "synthetic"),
     "optim.optimizer": ("sgd", "adamw"),
+    "optim.head_decay": ("sampled", "dense"),
     "engine.precision": ("", "fp32", "fp16", "bf16"),
     "engine.zero_stage": (-1, 0, 1, 2, 3),
     "engine.memory_format": MEMORY_FORMATS,
@@ -207,6 +211,7 @@ _CHOICES = {
 COMPAT_PRESETS: dict[str, dict[str, Any]] = {
     "arcface_torch": {
         "schedule.power": 1.0,  # PolynomialLRWarmup's default power (train_v2.py)
+        "optim.head_decay": "dense",  # SGD over the whole weight Parameter (partial_fc_v2.py)
         "head.margin_gradient": "arcface_torch",  # margin edited under no_grad
         "head.clamping": "arcface_torch",  # cosines to [-1, 1], probabilities at 1e-30
     },
@@ -478,6 +483,12 @@ def validate(cfg: Config, src: str = "<config>") -> None:
         raise bad("checkpoint.every", "must be >= 0")
     if cfg.compat not in ("", *COMPAT_PRESETS):
         raise bad("compat", f"must be one of {['', *COMPAT_PRESETS]}, got {cfg.compat!r}")
+    if cfg.optim.head_decay == "dense" and cfg.optim.optimizer != "sgd":
+        raise bad(
+            "optim.head_decay",
+            "dense is SGD-only (AdamW's skipped steps have no closed form, heads/lazy_decay.py); "
+            "set optim.head_decay=sampled",
+        )
     if cfg.model.freeze_steps and not cfg.model.freeze_stages:
         raise bad("model.freeze_steps", "needs model.freeze_stages > 0 (what to freeze)")
     if not isinstance(cfg.checkpoint.resume, (bool, str)):

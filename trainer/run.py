@@ -132,6 +132,7 @@ def build_head(cfg: Config, device, precision: str):
         weight_decay=cfg.optim.weight_decay,
         betas=tuple(cfg.optim.betas),
         eps=cfg.optim.eps,
+        dense_decay=cfg.optim.head_decay == "dense",
     )
     return head, head_opt
 
