@@ -1,14 +1,27 @@
-"""Rank-0 training log: one console line every `frequent` steps, the same scalars to TensorBoard.
+"""Rank-0 training log: one console line every `frequent` steps, the same scalars to TensorBoard
+and to the experiment trackers of `logging.trackers`; `RunLog` keeps the console in
+`<output>/training.log`.
 
 The console line follows arcface_torch's `CallBackLogging` fields:
 `Step 120/2000 Epoch 1 Loss 21.3411 LR 0.09800 Speed 845.2 samples/s ETA 0h12m ...`.
+arcface_torch also writes `training.log` in its output folder (`utils/utils_logging.py`).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import platform
 import sys
 import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import IO, Any, TextIO
+
+from trainer.config import Config, ConfigError, to_dict
+
+RUN_LOG = "training.log"
 
 
 class TrainLogger:
@@ -31,12 +44,13 @@ class TrainLogger:
         global_batch: int,
         use_tensorboard: bool = True,
         progress_bar: bool = True,
-    ):
+    ) -> None:
         self.rank = rank
         self.total_steps = total_steps
         self.global_batch = global_batch
-        self.writer = None
-        self.progress = None
+        self.writer: Any = None
+        self.progress: Any = None
+        self.trackers: list[Any] = []  # accelerate GeneralTracker instances (rank 0)
         self._window_start = time.time()
         self._window_steps = 0
         self._run_start = time.time()
@@ -47,10 +61,17 @@ class TrainLogger:
 
             self.writer = SummaryWriter(os.path.join(output, "tensorboard"))
         if progress_bar and sys.stdout.isatty():
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, TimeRemainingColumn
 
+            # the bar goes to the terminal only; printed lines still reach training.log
             self.progress = Progress(
-                "[progress.description]{task.description}", BarColumn(), TimeRemainingColumn()
+                "[progress.description]{task.description}",
+                BarColumn(),
+                TimeRemainingColumn(),
+                console=Console(file=getattr(sys.stdout, "terminal", sys.stdout)),
+                redirect_stdout=False,
+                redirect_stderr=False,
             )
             self.progress.start()
             self._task = self.progress.add_task("train", total=total_steps)
@@ -60,7 +81,13 @@ class TrainLogger:
         if self.rank == 0:
             print(msg, flush=True)
 
-    def step(self, step: int, epoch: int, scalars, frequent: int) -> None:
+    def step(
+        self,
+        step: int,
+        epoch: int,
+        scalars: dict[str, float] | Callable[[], dict[str, float]],
+        frequent: int,
+    ) -> None:
         """Records one optimizer step; every `frequent` steps prints and logs `scalars`.
 
         `scalars` is a dict, or a callable returning one that is called on logging steps only
@@ -91,9 +118,175 @@ class TrainLogger:
                 self.writer.add_scalar(f"train/{k}", v, step)
             self.writer.add_scalar("train/samples_per_sec", speed, step)
             self.writer.flush()
+        values = {f"train/{k}": float(v) for k, v in scalars.items()}
+        for tracker in self.trackers:
+            tracker.log({**values, "train/samples_per_sec": speed}, step=step)
 
     def close(self) -> None:
+        """Stops the progress bar, closes TensorBoard and finishes the trackers."""
         if self.progress is not None:
             self.progress.stop()
         if self.writer is not None:
             self.writer.close()
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
+
+
+def _tracker_class(name: str) -> Any:
+    """accelerate's tracker class registered as `name` (`accelerate.tracking`).
+
+    Raises:
+        ConfigError: an unknown name, or a known one whose package is not installed.
+    """
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    from accelerate.utils import LoggerType
+
+    if name not in LOGGER_TYPE_TO_CLASS:
+        raise ConfigError(
+            f"logging.trackers: unknown tracker {name!r}; accelerate knows "
+            f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}"
+        )
+    builtin = name in {t.value for t in LoggerType}
+    if builtin and LoggerType(name) not in get_available_trackers():
+        raise ConfigError(
+            f"logging.trackers: {name!r} needs the '{name}' package, which is not installed "
+            f"(pip install {name}), or remove it from logging.trackers"
+        )
+    return LOGGER_TYPE_TO_CLASS[name]
+
+
+def check_trackers(cfg: Config) -> None:
+    """Fails early (before any process-group work) on a tracker that cannot be started.
+
+    Raises:
+        ConfigError: as `_tracker_class`.
+    """
+    for name in cfg.logging.trackers:
+        _tracker_class(str(name))
+
+
+def open_trackers(cfg: Config) -> list[Any]:
+    """Starts the experiment trackers of `logging.trackers` through accelerate's tracker
+    interface (`GeneralTracker`: start, store_init_configuration, log, finish) and stores the
+    config as the run's hyperparameters. Run name: the output folder's name; trackers that keep
+    local files write them under `<output>/trackers`. Call on rank 0 only.
+
+    Raises:
+        ConfigError: as `_tracker_class`.
+    """
+    config = _flat(to_dict(cfg))
+    run_name = os.path.basename(os.path.normpath(cfg.output)) or "arcscale"
+    trackers = []
+    for name in cfg.logging.trackers:
+        cls = _tracker_class(str(name))
+        if cls.requires_logging_directory:
+            tracker = cls(run_name, os.path.join(cfg.output, "trackers"))
+        else:
+            tracker = cls(run_name)
+        tracker.start()
+        tracker.store_init_configuration(config)
+        trackers.append(tracker)
+    return trackers
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"optim": {"lr": 0.1}}` -> `{"optim.lr": 0.1}`; lists and dicts as strings (trackers
+    store hyperparameters of type bool, str, int, float or None only)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and prefix.count(".") < 1:
+            out.update(_flat(value, f"{prefix}{key}."))
+        elif isinstance(value, (bool, str, int, float)) or value is None:
+            out[f"{prefix}{key}"] = value
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
+
+
+class _Tee:
+    """A text stream that writes to `terminal` and to `log` (prefixed per line, flushed per
+    line so that the log of a killed run is complete)."""
+
+    def __init__(self, terminal: TextIO, log: IO[str], prefix: str = "") -> None:
+        self.terminal = terminal
+        self.log = log
+        self.prefix = prefix
+        self._line_start = True
+
+    def write(self, text: str) -> int:
+        self.terminal.write(text)
+        if self.prefix:
+            parts = text.split("\n")
+            text = "\n".join(
+                (self.prefix if (i or self._line_start) and part else "") + part
+                for i, part in enumerate(parts)
+            )
+            self._line_start = text.endswith("\n")
+        self.log.write(text)
+        if "\n" in text:
+            self.log.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.terminal.flush()
+        self.log.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding: the terminal's
+        return getattr(self.terminal, name)
+
+
+def versions() -> str:
+    """One line: Python, torch, DeepSpeed, Accelerate, numpy versions and the host."""
+    import importlib.metadata as md
+
+    parts = [f"python {platform.python_version()}"]
+    for pkg in ("torch", "deepspeed", "accelerate", "numpy", "nvidia-dali-cuda120"):
+        try:
+            parts.append(f"{pkg} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            continue
+    return ", ".join(parts) + f"; host {platform.node()}"
+
+
+@contextmanager
+def run_log(cfg: Config, argv: Sequence[str], rank: int, world_size: int) -> Iterator[str]:
+    """Keeps the console of a run in `<output>/training.log` (appended: a resumed run adds to it).
+
+    Rank 0 writes a header (date, command line, versions, world size, the config as YAML) and
+    then everything printed to stdout and stderr; the other ranks add only their stderr, each
+    line prefixed with `[rank R]`. An exception leaving the block is written there with its
+    traceback, then re-raised. Yields the log path.
+
+    Raises:
+        OSError: the output folder cannot be created or the log opened.
+    """
+    import yaml
+
+    os.makedirs(cfg.output, exist_ok=True)
+    path = os.path.join(cfg.output, RUN_LOG)
+    saved = sys.stdout, sys.stderr
+    with open(path, "a", encoding="utf-8") as log:
+        if rank == 0:
+            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            log.write(
+                f"===== {now} arcscale run =====\ncommand: {' '.join(argv)}\n"
+                f"versions: {versions()}\nworld size: {world_size}\nconfig:\n"
+                + "".join(f"  {line}\n" for line in yaml.safe_dump(to_dict(cfg)).splitlines())
+            )
+            log.flush()
+            sys.stdout = _Tee(saved[0], log)
+            sys.stderr = _Tee(saved[1], log)
+        else:
+            sys.stderr = _Tee(saved[1], log, prefix=f"[rank {rank}] ")
+        try:
+            yield path
+        except BaseException as e:
+            if not isinstance(e, SystemExit):
+                lines = traceback.format_exception(e)
+                log.write(
+                    "".join(f"[rank {rank}] {line}" for line in "".join(lines).splitlines(True))
+                )
+            raise
+        finally:
+            sys.stdout, sys.stderr = saved

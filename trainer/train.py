@@ -2,7 +2,9 @@
 configs/EXP.yaml [key=value ...]` or `deepspeed --hostfile H trainer/train.py configs/EXP.yaml`.
 
 Parse -> check files (exit 2 on a bad config, before any process-group work) -> build data,
-backbone engine, head -> train -> tear down in `finally`. Nothing happens at import.
+backbone engine, head -> train -> tear down in `finally`. Nothing happens at import. Once the
+config is read, the console of the run is kept in `<output>/training.log` (config, versions,
+world size, every printed line, errors with their traceback; `trainer.logging_utils.run_log`).
 """
 
 from __future__ import annotations
@@ -13,17 +15,25 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainer.config import ConfigError, load_config
+from trainer.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from trainer.engine import EngineSettings
+    from trainer.faults import FaultInjector
 
 
 class TrainingDiverged(RuntimeError):
     """The loss stayed non-finite for `engine.max_bad_steps` consecutive steps."""
 
 
-def check_batch(cfg, settings, env=None) -> None:
+def check_batch(
+    cfg: Config, settings: EngineSettings, env: Mapping[str, str] | None = None
+) -> None:
     """A number in the DeepSpeed JSON that disagrees with the config is an error, not overwritten.
 
     Raises:
@@ -59,7 +69,7 @@ def _collective_failure(e: BaseException) -> bool:
     return isinstance(e, getattr(dist, "DistError", ())) or any(m in text for m in markers)
 
 
-def _standalone_env(env) -> bool:
+def _standalone_env(env: MutableMapping[str, str]) -> bool:
     """A bare `python -m trainer.train` (no launcher variables) runs as world size 1, as
     arcface_torch's `python train_v2.py` does: sets the variables a launcher would. Returns
     whether it did."""
@@ -74,7 +84,7 @@ def _standalone_env(env) -> bool:
     return True
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="trainer.train", description="Train a face-recognition model (ArcFace + Partial FC)."
     )
@@ -84,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Runs a training job; returns the process exit code (2 for configuration errors)."""
     args = parse_args(argv)
     # DeepSpeed 0.19.8's ZeRO partitioning calls the collective torch 2.14 deprecated; ours use
@@ -97,15 +107,30 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     standalone = _standalone_env(os.environ)
+    from trainer.logging_utils import run_log
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"arcscale: config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    with run_log(cfg, sys.argv if argv is None else ["trainer.train", *argv], rank, world):
+        return _run(cfg, standalone)
+
+
+def _run(cfg: Config, standalone: bool) -> int:
+    """Checks, trains and maps the known failures to exit codes (inside the run log)."""
     from trainer.checkpoint import preflight_output
     from trainer.data_setup import preflight
     from trainer.engine import build_ds_config, resolve_engine_settings
     from trainer.faults import parse_faults
+    from trainer.logging_utils import check_trackers
 
     try:
-        cfg = load_config(args.config, args.overrides)
         preflight(cfg)
         preflight_output(cfg)
+        check_trackers(cfg)
         settings = resolve_engine_settings(cfg)
         ds_config = build_ds_config(cfg, settings)
         check_batch(cfg, settings)
@@ -149,7 +174,12 @@ def _latest_or_none(output: str) -> str:
     return latest_checkpoint(output) or "none"
 
 
-def train(cfg, settings, ds_config, faults=None) -> None:
+def train(
+    cfg: Config,
+    settings: EngineSettings,
+    ds_config: dict[str, Any],
+    faults: FaultInjector | None = None,
+) -> None:
     """The training loop: build the run, resume, step, save, evaluate, export (all ranks).
 
     Args:
@@ -160,12 +190,15 @@ def train(cfg, settings, ds_config, faults=None) -> None:
         TrainingDiverged: the loss stayed non-finite for `engine.max_bad_steps` steps.
     """
     from trainer.checkpoint import Checkpointer
-    from trainer.engine import set_backbone_lr
     from trainer.lr import poly_lr
     from trainer.run import build_run, micro_batches
     from trainer.step import train_step
 
     run = build_run(cfg, settings, ds_config)
+    if run.rank == 0 and cfg.logging.trackers:
+        from trainer.logging_utils import open_trackers
+
+        run.logger.trackers = open_trackers(cfg)
     checkpointer = Checkpointer(run)
     step = checkpointer.resume()
     if faults is not None:
@@ -176,8 +209,7 @@ def train(cfg, settings, ds_config, faults=None) -> None:
     try:
         while step < total:
             lr = poly_lr(step, cfg.optim.lr, total, run.res.warmup_steps, cfg.schedule.power)
-            set_backbone_lr(run.engine, lr)
-            run.head_opt.set_lr(lr)
+            run.set_lr(step, lr)  # head, backbone (scaled, frozen parts at 0)
             if faults is not None:
                 faults.before_step(run.rank, step + 1)
             micro = [next(batches) for _ in range(cfg.optim.gradient_acc)]
@@ -211,7 +243,7 @@ def train(cfg, settings, ds_config, faults=None) -> None:
         run.logger.close()
 
 
-def _scalars(result, engine, lr: float, skipped: int) -> dict:
+def _scalars(result: Any, engine: Any, lr: float, skipped: int) -> dict[str, float]:
     """The logged values of one step, read from the device in one transfer."""
     values = result.read(engine)
     return {
@@ -224,7 +256,7 @@ def _scalars(result, engine, lr: float, skipped: int) -> dict:
     }
 
 
-def _diverged(cfg, step: int, bad_steps: int, last_saved: str | None) -> TrainingDiverged:
+def _diverged(cfg: Config, step: int, bad_steps: int, last_saved: str | None) -> TrainingDiverged:
     return TrainingDiverged(
         f"loss non-finite for {bad_steps} consecutive steps at step {step}; last good "
         f"checkpoint: {last_saved or 'none'}. Likely causes: lr {cfg.optim.lr} too high, margin "
