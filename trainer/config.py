@@ -147,11 +147,15 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    """Console line and TensorBoard scalars every `frequent` optimizer steps (rank 0)."""
+    """Console line and TensorBoard scalars every `frequent` optimizer steps (rank 0); the
+    console is also kept in `<output>/training.log`. `trackers`: experiment trackers started
+    through Accelerate's tracker interface with the same scalars (e.g. `[wandb]`, `[mlflow]`;
+    the package must be installed)."""
 
     frequent: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
+    trackers: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -491,6 +495,9 @@ def validate(cfg: Config, src: str = "<config>") -> None:
         )
     if cfg.model.freeze_steps and not cfg.model.freeze_stages:
         raise bad("model.freeze_steps", "needs model.freeze_stages > 0 (what to freeze)")
+    trackers = cfg.logging.trackers
+    if not all(isinstance(t, str) and t for t in trackers) or len(set(trackers)) < len(trackers):
+        raise bad("logging.trackers", f"must be distinct tracker names, got {list(trackers)}")
     if not isinstance(cfg.checkpoint.resume, (bool, str)):
         raise bad("checkpoint.resume", f"must be true/false or a path: {cfg.checkpoint.resume!r}")
     _check_numbers(cfg, bad)
