@@ -24,6 +24,8 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, cast
 
 import numpy as np
 import torch
@@ -31,8 +33,28 @@ import torch.distributed as dist
 
 from data.atomic import atomic_path, write_text_atomic
 
+if TYPE_CHECKING:
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from heads import HeadOptimizer, PartialFC
+    from trainer.config import Config, ConfigError
+    from trainer.run import Run
+
 STEP_RE = re.compile(r"^step_(\d+)$")
 TMP_RE = re.compile(r"^step_(\d+)\.tmp$")
+
+Log = Callable[[str], None]
+# A checkpoint's meta.json (JSON: written by `Checkpointer.meta`, checked by `load_meta`).
+Meta = dict[str, Any]
+
+
+class RngState(TypedDict):
+    """`rng_state()`: Python's, numpy's legacy (MT19937) and torch's generators."""
+
+    python: tuple[Any, ...]  # random.getstate()
+    numpy: tuple[str, torch.Tensor, int, int, float]  # keys as int64: weights_only loads them
+    torch: torch.Tensor
+    cuda: NotRequired[torch.Tensor]
 
 
 def _barrier() -> None:
@@ -43,12 +65,13 @@ def _barrier() -> None:
 def _broadcast_str(value: str, rank: int) -> str:
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    box = [value if rank == 0 else None]
+    box: list[str | None] = [value if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return box[0] or ""  # rank 0's string on every rank
 
 
 def checkpoint_root(output: str) -> str:
+    """`output/checkpoints`, the folder of a run's checkpoints."""
     return os.path.join(output, "checkpoints")
 
 
@@ -65,14 +88,14 @@ def list_complete(root: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def clean_incomplete(root: str, log=print) -> list[str]:
+def clean_incomplete(root: str, log: Log = print) -> list[str]:
     """Removes the half-written `step_<N>.tmp` folders this project writes (rank 0 at start-up).
 
     Only that temporary name is deleted: a `step_<N>` folder without `meta.json` was not written
     by arcscale (its own folders get their final name only once complete), so it is reported and
     left alone.
     """
-    removed = []
+    removed: list[str] = []
     if not os.path.isdir(root):
         return removed
     for name in sorted(os.listdir(root)):
@@ -97,7 +120,7 @@ def foreign_checkpoints(root: str) -> list[str]:
     )
 
 
-def prepare_fresh_output(output: str, overwrite: bool, log=print) -> None:
+def prepare_fresh_output(output: str, overwrite: bool, log: Log = print) -> None:
     """Start-up check of a run that does not resume (call before any process group starts).
 
     Raises:
@@ -145,11 +168,14 @@ def latest_checkpoint(output_or_root: str) -> str | None:
     return done[-1][1] if done else None
 
 
-def rng_state() -> dict:
+def rng_state() -> RngState:
     """Python/numpy/torch(/CUDA) RNG states as tensors and plain Python values only, so the file
     loads with `torch.load(weights_only=True)` (no pickled numpy objects, no code)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
+    legacy = np.random.get_state()
+    if not isinstance(legacy, tuple):  # numpy's global generator is always MT19937
+        raise RuntimeError(f"numpy's global RNG is not MT19937: {legacy.get('bit_generator')}")
+    kind, keys, pos, has_gauss, gauss = legacy
+    state: RngState = {
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
         "torch": torch.get_rng_state(),
@@ -159,7 +185,7 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: RngState) -> None:
     """Inverse of `rng_state`."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
@@ -171,7 +197,7 @@ def set_rng_state(state: dict) -> None:
 
 # What DeepSpeed 0.19 pickles besides tensors in its ZeRO optimizer files (fp32/fp16/bf16, ZeRO
 # 1-3): the loss scaler, the stage enum and fragment addresses. Nothing else may be unpickled.
-def _engine_safe_globals() -> list:
+def _engine_safe_globals() -> list[Callable[..., Any] | tuple[Callable[..., Any], str]]:
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -179,7 +205,7 @@ def _engine_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def _refused(path, error: Exception):
+def _refused(path: object, error: Exception) -> ConfigError:
     from trainer.config import ConfigError
 
     first = (str(error).strip().splitlines() or [""])[0]
@@ -191,13 +217,13 @@ def _refused(path, error: Exception):
 
 
 @contextlib.contextmanager
-def weights_only_loads():
+def weights_only_loads() -> Iterator[None]:
     """Within the block every `torch.load` (DeepSpeed's `weights_only=False` ones included) runs
     with `weights_only=True` and only `_engine_safe_globals()` allowed, so a checkpoint file
     carrying a pickled payload raises `pickle.UnpicklingError` instead of running it."""
     original = torch.load
 
-    def load(f, *args, **kwargs):
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:  # torch.load's arguments, passed on
         kwargs["weights_only"] = True
         try:
             return original(f, *args, **kwargs)
@@ -225,13 +251,13 @@ def prune_checkpoints(root: str, keep_last: int, keep: str) -> list[str]:
 def save_checkpoint(
     output: str,
     step: int,
-    engine,
-    head,
-    head_opt,
-    meta: dict,
+    engine: DeepSpeedEngine,
+    head: PartialFC,
+    head_opt: HeadOptimizer,
+    meta: Meta,
     rank: int,
     keep_last: int,
-    log=print,
+    log: Log = print,
 ) -> str:
     """Writes `checkpoints/step_<step>/` atomically; every rank must call it.
 
@@ -280,7 +306,7 @@ def save_checkpoint(
     return final
 
 
-def consolidate_backbone(engine_dir: str, module: torch.nn.Module) -> dict:
+def consolidate_backbone(engine_dir: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """fp32 backbone state dict from a saved engine checkpoint (DeepSpeed's zero_to_fp32).
 
     Works for ZeRO 1/2/3: the fp32 master weights come from the optimizer partitions of all ranks.
@@ -291,14 +317,14 @@ def consolidate_backbone(engine_dir: str, module: torch.nn.Module) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(engine_dir, tag="engine")
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for key, value in module.state_dict().items():
         value = state.get(key, value).detach().cpu()
         out[key] = value.float() if value.is_floating_point() else value
     return out
 
 
-def load_meta(path: str) -> dict:
+def load_meta(path: str) -> Meta:
     """Reads `meta.json` of a checkpoint directory.
 
     Raises:
@@ -323,12 +349,12 @@ def load_meta(path: str) -> dict:
     return meta
 
 
-def resume_off(resume) -> bool:
+def resume_off(resume: object) -> bool:
     """`checkpoint.resume` asks for a fresh start (false, or an empty / "false" string)."""
     return resume is False or resume in ("", "false", "False")
 
 
-def resolve_resume(resume, output: str, rank: int = 0) -> str | None:
+def resolve_resume(resume: bool | str, output: str, rank: int = 0) -> str | None:
     """`checkpoint.resume` -> a checkpoint dir: false -> None, true -> latest in `output` (None,
     logged by the caller, when there is none), a path -> that checkpoint or that run's latest.
 
@@ -358,7 +384,15 @@ def resolve_resume(resume, output: str, rank: int = 0) -> str | None:
     return path
 
 
-def load_checkpoint(path: str, engine, head, head_opt, rank: int, world_size: int, log=print):
+def load_checkpoint(
+    path: str,
+    engine: DeepSpeedEngine,
+    head: PartialFC,
+    head_opt: HeadOptimizer,
+    rank: int,
+    world_size: int,
+    log: Log = print,
+) -> Meta:
     """Restores engine, head rows and RNG from `path`; returns its meta dict.
 
     Same world size: the engine state (fp32 master weights, optimizer state, loss scale) is
@@ -390,7 +424,7 @@ def load_checkpoint(path: str, engine, head, head_opt, rank: int, world_size: in
     return meta
 
 
-def load_backbone_weights(engine, path: str) -> None:
+def load_backbone_weights(engine: DeepSpeedEngine, path: str) -> None:
     """Copies an fp32 state dict into the engine's module and its fp32 master weights."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     module = engine.module
@@ -419,13 +453,18 @@ class Checkpointer:
         run: the `trainer.run.Run` whose engine, head, head optimizer and loader are saved.
     """
 
-    def __init__(self, run) -> None:
+    def __init__(self, run: Run) -> None:
         self.run = run
         self.cfg = run.cfg
         self.root = checkpoint_root(run.cfg.output)
         self.last_saved = latest_checkpoint(run.cfg.output)  # same on every rank (shared disk)
 
-    def meta(self, step: int) -> dict:
+    @property
+    def head(self) -> PartialFC:
+        """The run's head (`Run.head` is typed as a Module; `build_head` makes a PartialFC)."""
+        return cast("PartialFC", self.run.head)
+
+    def meta(self, step: int) -> Meta:
         """meta.json of a checkpoint at `step` (JSON-serializable; written last)."""
         cfg, run = self.cfg, self.run
         from trainer.config import to_dict
@@ -455,7 +494,7 @@ class Checkpointer:
             run.loader.set_epoch(0)
             return 0
         meta = load_checkpoint(
-            path, run.engine, run.head, run.head_opt, run.rank, run.world, run.log
+            path, run.engine, self.head, run.head_opt, run.rank, run.world, run.log
         )
         run.loader.set_epoch(int(meta["epoch"]))
         run.loader.load_state_dict(meta["loader"])  # global-sample offset: any world size
@@ -469,7 +508,7 @@ class Checkpointer:
             self.cfg.output,
             step,
             run.engine,
-            run.head,
+            self.head,
             run.head_opt,
             self.meta(step),
             run.rank,
@@ -500,7 +539,7 @@ class Checkpointer:
                 shutil.copyfile(final, tmp)
 
 
-def preflight_output(cfg) -> None:
+def preflight_output(cfg: Config) -> None:
     """Start-up checks of the run folder, before any process group (every rank, shared disk).
 
     Raises:
