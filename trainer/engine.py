@@ -11,8 +11,10 @@ import copy
 import json
 import os
 import types
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,7 +43,7 @@ class EngineSettings:
     ds_config_path: str
 
 
-def resolve_engine_settings(cfg: Config, env: dict | None = None) -> EngineSettings:
+def resolve_engine_settings(cfg: Config, env: Mapping[str, str] | None = None) -> EngineSettings:
     """Picks stage, precision and base JSON.
 
     Precedence: the experiment config (`engine.zero_stage >= 0`, `engine.precision`,
@@ -77,24 +79,25 @@ def resolve_engine_settings(cfg: Config, env: dict | None = None) -> EngineSetti
     return EngineSettings(stage, precision, path)
 
 
-def _enabled(section: dict | None) -> bool:
-    return bool(section) and str(section.get("enabled", False)).lower() == "true"
+def _enabled(section: dict[str, Any] | None) -> bool:
+    return section is not None and str(section.get("enabled", False)).lower() == "true"
 
 
-def load_ds_json(path: str) -> dict:
+def load_ds_json(path: str) -> dict[str, Any]:
     """Reads a DeepSpeed JSON (relative paths are tried from the repo root too)."""
     candidates = [path, os.path.join(REPO_ROOT, path)]
     for p in candidates:
         if os.path.isfile(p):
             with open(p) as f:
                 try:
-                    return json.load(f)
+                    data: dict[str, Any] = json.load(f)
+                    return data
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{p}: engine.ds_config: invalid JSON: {e}") from e
     raise ConfigError(f"engine.ds_config: DeepSpeed config file not found: {path}")
 
 
-def build_ds_config(cfg: Config, settings: EngineSettings) -> dict:
+def build_ds_config(cfg: Config, settings: EngineSettings) -> dict[str, Any]:
     """Fills the base JSON's "auto" fields and applies stage, precision and offload.
 
     Returns a complete DeepSpeed config dict: micro-batch = `data.batch_size`,
@@ -128,7 +131,7 @@ def build_ds_config(cfg: Config, settings: EngineSettings) -> dict:
             zero[key]["pin_memory"] = False
     if optimizer_offloaded(ds) and cfg.optim.optimizer == "sgd":
         ds["zero_force_ds_cpu_optimizer"] = False  # DeepSpeed has no CPU SGD kernel
-    fp16 = ds.get("fp16") if isinstance(ds.get("fp16"), dict) else {}
+    fp16: dict[str, Any] = ds["fp16"] if isinstance(ds.get("fp16"), dict) else {}
     fp16["enabled"] = settings.precision == "fp16"
     ds["fp16"] = fp16
     ds["bf16"] = {"enabled": settings.precision == "bf16"}
@@ -146,13 +149,13 @@ def build_ds_config(cfg: Config, settings: EngineSettings) -> dict:
     return ds
 
 
-def optimizer_offloaded(ds_config: dict) -> bool:
+def optimizer_offloaded(ds_config: dict[str, Any]) -> bool:
     """True when the DeepSpeed config moves optimizer state off the device (cpu or nvme)."""
     offload = (ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}
     return str(offload.get("device", "none")).lower() in ("cpu", "nvme")
 
 
-def _walk(d: dict, prefix: str = ""):
+def _walk(d: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     for k, v in d.items():
         if isinstance(v, dict):
             yield from _walk(v, f"{prefix}{k}.")
@@ -174,11 +177,11 @@ def _accelerator_name() -> str:
     """DeepSpeed's accelerator ("cuda", "cpu", ...): DS_ACCELERATOR, else its auto-detection."""
     from deepspeed.accelerator import get_accelerator
 
-    return get_accelerator()._name
+    return str(get_accelerator()._name)
 
 
 def resolve_device(
-    local_rank: int | None = None, accelerator=None, cuda_available: bool | None = None
+    local_rank: int | None = None, accelerator: Any = None, cuda_available: bool | None = None
 ) -> tuple[torch.device, str]:
     """The device of this rank and the process-group backend, both from DeepSpeed's accelerator.
 
@@ -232,7 +235,7 @@ def dist_info() -> DistInfo:
     return DistInfo(rank, world, local_rank, device)
 
 
-def create_accelerator(cfg: Config, ds_config: dict, precision: str):
+def create_accelerator(cfg: Config, ds_config: dict[str, Any], precision: str) -> Any:
     """One Accelerator with a DeepSpeed plugin built from `ds_config`.
 
     Device and backend come from `resolve_device` (gloo on CPU, passed explicitly: otherwise
@@ -268,9 +271,15 @@ def create_accelerator(cfg: Config, ds_config: dict, precision: str):
 
 
 def build_backbone_optimizer(
-    cfg: Config, model: torch.nn.Module, ds_config: dict | None = None
+    cfg: Config,
+    model: torch.nn.Module,
+    ds_config: dict[str, Any] | None = None,
+    param_groups: list[dict[str, Any]] | None = None,
 ) -> torch.optim.Optimizer:
     """The client optimizer DeepSpeed wraps: SGD (momentum, wd) or AdamW, as arcface_torch.
+
+    `param_groups` (trainer/freeze.py `param_groups`; None: one group of `model.parameters()`)
+    lets the fine-tuning controls set a learning rate and weight decay per part.
 
     With optimizer offload in `ds_config` DeepSpeed 0.19.8 refuses a torch AdamW
     (`zero_force_ds_cpu_optimizer`): AdamW becomes `DeepSpeedCPUAdam(adamw_mode=True)` (same
@@ -279,9 +288,11 @@ def build_backbone_optimizer(
     `zero_force_ds_cpu_optimizer: false`). Which one runs is logged.
     """
     offload = ds_config is not None and optimizer_offloaded(ds_config)
+    params: Any = param_groups if param_groups is not None else model.parameters()
+    opt: torch.optim.Optimizer
     if cfg.optim.optimizer == "sgd":
         opt = torch.optim.SGD(
-            model.parameters(),
+            params,
             lr=cfg.optim.lr,
             momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay,
@@ -290,7 +301,7 @@ def build_backbone_optimizer(
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         opt = DeepSpeedCPUAdam(
-            model.parameters(),
+            params,
             lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas),
             eps=cfg.optim.eps,
@@ -299,7 +310,7 @@ def build_backbone_optimizer(
         )
     else:
         opt = torch.optim.AdamW(
-            model.parameters(),
+            params,
             lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas),
             eps=cfg.optim.eps,
@@ -332,27 +343,30 @@ def keep_batchnorm_stats_fp32(model: torch.nn.Module, device: torch.device) -> i
     changed = 0
     for module in model.modules():
         if isinstance(module, torch.nn.SyncBatchNorm):
-            module.forward = types.MethodType(_sync_batchnorm_fp32_affine, module)
+            module.forward = types.MethodType(_sync_batchnorm_fp32_affine, module)  # type: ignore[method-assign]
         elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.forward = types.MethodType(_batchnorm_fp32_affine, module)
+            module.forward = types.MethodType(_batchnorm_fp32_affine, module)  # type: ignore[method-assign]
         else:
             continue
         changed += 1
     return changed
 
 
-def _sync_batchnorm_fp32_affine(self, x: torch.Tensor) -> torch.Tensor:
+def _sync_batchnorm_fp32_affine(self: torch.nn.SyncBatchNorm, x: torch.Tensor) -> torch.Tensor:
     # trainer/sync_bn.py's synchronized CPU path handles mixed dtypes itself; its plain path
     # (eval, one process) is the CPU batch_norm kernel, which needs the fp32 parameters.
     group = self.process_group or (dist.group.WORLD if dist.is_initialized() else None)
     if self.training and group is not None and dist.get_world_size(group) > 1:
-        return type(self).forward(self, x)
+        out: torch.Tensor = type(self).forward(self, x)
+        return out
     return _batchnorm_fp32_affine(self, x)
 
 
-def _batchnorm_fp32_affine(self, x: torch.Tensor) -> torch.Tensor:
+def _batchnorm_fp32_affine(
+    self: torch.nn.modules.batchnorm._BatchNorm, x: torch.Tensor
+) -> torch.Tensor:
     # _BatchNorm.forward (torch 2.x) with weight and bias passed as fp32.
-    self._check_input_dim(x)
+    self._check_input_dim(x)  # type: ignore[no-untyped-call]
     momentum = 0.0 if self.momentum is None else self.momentum
     if self.training and self.track_running_stats and self.num_batches_tracked is not None:
         self.num_batches_tracked.add_(1)
@@ -374,22 +388,29 @@ def _batchnorm_fp32_affine(self, x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def prepare_backbone(cfg: Config, accelerator, backbone: torch.nn.Module, ds_config: dict):
-    """The backbone's optimizer (`build_backbone_optimizer`) and DeepSpeed engine
-    (`accelerator.prepare`), BatchNorm statistics kept fp32 (`keep_batchnorm_stats_fp32`).
+def prepare_backbone(
+    cfg: Config,
+    accelerator: Any,
+    backbone: torch.nn.Module,
+    ds_config: dict[str, Any],
+    param_groups: list[dict[str, Any]] | None = None,
+) -> Any:
+    """The backbone's optimizer (`build_backbone_optimizer`, over `param_groups` if given) and
+    DeepSpeed engine (`accelerator.prepare`), BatchNorm statistics kept fp32
+    (`keep_batchnorm_stats_fp32`).
 
     Returns:
         the DeepSpeed engine, in train mode.
     """
     device, _ = resolve_device()
     keep_batchnorm_stats_fp32(backbone, device)
-    optimizer = build_backbone_optimizer(cfg, backbone, ds_config)
+    optimizer = build_backbone_optimizer(cfg, backbone, ds_config, param_groups)
     engine, _ = accelerator.prepare(backbone, optimizer)
     engine.train()
     return engine
 
 
-def loss_scale(engine) -> float:
+def loss_scale(engine: Any) -> float:
     """The engine's current fp16 loss scale S (1.0 for fp32/bf16)."""
     if not getattr(engine, "fp16_enabled", lambda: False)():
         return 1.0
@@ -400,9 +421,3 @@ def loss_scale(engine) -> float:
             return float(value)
     scaler = getattr(opt, "loss_scaler", None)
     return float(scaler.cur_scale) if scaler is not None else 1.0
-
-
-def set_backbone_lr(engine, lr: float) -> None:
-    """Sets the learning rate of every param group of the engine's (wrapped) optimizer."""
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr

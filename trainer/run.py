@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,13 @@ class Run:
     evaluator: Any  # trainer.evaluation.VerificationCallback or None
     logger: Any  # trainer.logging_utils.TrainLogger
     log: Callable[..., None]  # print on rank 0, silent elsewhere
+    freeze: Any  # trainer.freeze.FreezePlan: fine-tuning controls applied every step
+
+    def set_lr(self, step: int, lr: float) -> None:
+        """The schedule's `lr` for optimizer step `step` (0-based): the head's as is, the
+        backbone's scaled and frozen parts at 0 (`FreezePlan.apply`)."""
+        self.freeze.apply(step, lr, self.engine.optimizer.param_groups)
+        self.head_opt.set_lr(lr)
 
     def evaluate(self, step: int) -> None:
         """Verification on every `.bin` target (all ranks take part). A failure is logged and
@@ -74,7 +81,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _write_run_files(cfg: Config, settings, ds_config: dict, res: Resolved) -> None:
+def _write_run_files(
+    cfg: Config, settings: EngineSettings, ds_config: dict[str, Any], res: Resolved
+) -> None:
     from data.atomic import write_text_atomic
     from trainer import checkpoint as ckpt
 
@@ -84,25 +93,41 @@ def _write_run_files(cfg: Config, settings, ds_config: dict, res: Resolved) -> N
     ckpt.clean_incomplete(ckpt.checkpoint_root(cfg.output))
 
 
-def build_engine(cfg: Config, accelerator, ds_config: dict, device, world: int, log):
+def build_engine(
+    cfg: Config,
+    accelerator: Any,
+    ds_config: dict[str, Any],
+    device: torch.device,
+    world: int,
+    log: Callable[..., None],
+) -> tuple[Any, torch.memory_format]:
+    """The backbone (pretrained weights loaded when `model.pretrained` is set) inside its
+    DeepSpeed engine, and the input memory format for it.
+
+    Raises:
+        ConfigError: unusable `model.pretrained` or `model.freeze_stages`.
+    """
     import models
     from trainer.engine import prepare_backbone
+    from trainer.freeze import param_groups
     from trainer.memory_format import input_memory_format
+    from trainer.pretrained import load_pretrained
     from trainer.sync_bn import convert_sync_batchnorm
 
-    backbone = models.create(
+    net = models.create(
         cfg.model.network, embedding_size=cfg.model.embedding_size, **cfg.model.kwargs
     )
-    if cfg.engine.sync_bn and world > 1:
-        backbone = convert_sync_batchnorm(backbone)
+    load_pretrained(cfg, net, log)  # before ZeRO-3 partitions the parameters
     if cfg.model.grad_checkpointing:
-        backbone.set_grad_checkpointing(True)
+        net.set_grad_checkpointing(True)
+    backbone = convert_sync_batchnorm(net) if cfg.engine.sync_bn and world > 1 else net
     memory_format, why = input_memory_format(backbone, device, cfg.engine.memory_format)
     log(f"[arcscale] input memory format: {why}")
-    return prepare_backbone(cfg, accelerator, backbone, ds_config), memory_format
+    groups = param_groups(cfg, backbone)
+    return prepare_backbone(cfg, accelerator, backbone, ds_config, groups), memory_format
 
 
-def build_head(cfg: Config, device, precision: str):
+def build_head(cfg: Config, device: torch.device, precision: str) -> tuple[torch.nn.Module, Any]:
     from heads import PartialFC, build_head_optimizer, build_margin, resolve_logits_dtype
 
     h = cfg.head
@@ -137,7 +162,7 @@ def build_head(cfg: Config, device, precision: str):
     return head, head_opt
 
 
-def _build_evaluator(cfg: Config, rank: int, world: int, logger):
+def _build_evaluator(cfg: Config, rank: int, world: int, logger: Any) -> Any:
     from trainer.data_setup import val_bin_paths
     from trainer.evaluation import VerificationCallback
 
@@ -155,7 +180,7 @@ def _build_evaluator(cfg: Config, rank: int, world: int, logger):
     )
 
 
-def build_run(cfg: Config, settings: EngineSettings, ds_config: dict) -> Run:
+def build_run(cfg: Config, settings: EngineSettings, ds_config: dict[str, Any]) -> Run:
     """Builds every part of a run on this rank (collective: every rank must call it).
 
     Raises:
@@ -164,6 +189,7 @@ def build_run(cfg: Config, settings: EngineSettings, ds_config: dict) -> Run:
     from trainer.data_setup import build_dataset, build_loader
     from trainer.device_batch import DevicePrefetcher
     from trainer.engine import create_accelerator, dist_info
+    from trainer.freeze import build_freeze_plan
     from trainer.logging_utils import TrainLogger
     from trainer.step import DTYPES
 
@@ -214,10 +240,13 @@ def build_run(cfg: Config, settings: EngineSettings, ds_config: dict) -> Run:
         evaluator=_build_evaluator(cfg, rank, world, logger),
         logger=logger,
         log=log,
+        freeze=build_freeze_plan(cfg, engine.module),
     )
 
 
-def micro_batches(loader, at_epoch_end=None):
+def micro_batches(
+    loader: Any, at_epoch_end: Callable[[int, str], None] | None = None
+) -> Iterator[Any]:
     """Endless (images, labels) stream; advances the loader's epoch at each epoch end."""
     while True:
         yield from loader

@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,10 +21,16 @@ from torch import nn
 import models
 from trainer.checkpoint import STEP_RE
 
-__all__ = ["load_backbone", "read_state_dict", "resolve_checkpoint"]
+__all__ = [
+    "describe_mismatches",
+    "key_mismatches",
+    "load_backbone",
+    "read_state_dict",
+    "resolve_checkpoint",
+]
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, dict | None]:
+def resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any] | None]:
     """Find the state-dict file and its meta.json (if any) behind `path`.
 
     Returns:
@@ -82,28 +89,41 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], source: Path, network: str):
+def key_mismatches(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    """How `state` fails to fit `model`: {"missing", "unexpected", "shape-mismatched"} -> sorted
+    key lists (a mismatch reads "key: checkpoint (shape) vs model (shape)"); all empty: it fits."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    )
-    if missing or unexpected or mismatched:
-        parts = [f"{source} does not fit network {network!r}"]
-        for label, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("shape-mismatched", mismatched),
-        ):
-            if keys:
-                parts.append(f"  {label} keys ({len(keys)}): {', '.join(keys)}")
-        raise ValueError("\n".join(parts))
+    return {
+        "missing": sorted(set(expected) - set(state)),
+        "unexpected": sorted(set(state) - set(expected)),
+        "shape-mismatched": sorted(
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in state and state[k].shape != v.shape
+        ),
+    }
 
 
-def load_backbone(path: str | os.PathLike, network: str | None = None, **kwargs) -> nn.Module:
+def describe_mismatches(mismatches: Mapping[str, list[str]]) -> list[str]:
+    """One line per non-empty kind of `key_mismatches`: "  missing keys (N): a, b"."""
+    return [
+        f"  {label} keys ({len(keys)}): {', '.join(keys)}"
+        for label, keys in mismatches.items()
+        if keys
+    ]
+
+
+def _check_keys(
+    model: nn.Module, state: Mapping[str, torch.Tensor], source: Path, network: str
+) -> None:
+    lines = describe_mismatches(key_mismatches(model, state))
+    if lines:
+        raise ValueError("\n".join([f"{source} does not fit network {network!r}", *lines]))
+
+
+def load_backbone(
+    path: str | os.PathLike[str], network: str | None = None, **kwargs: Any
+) -> nn.Module:
     """Build the backbone and strictly load a checkpoint into it; returned in eval mode, fp32, CPU.
 
     Args:
@@ -126,7 +146,7 @@ def load_backbone(path: str | os.PathLike, network: str | None = None, **kwargs)
         raise ValueError(
             f"network {network!r} given but {weights.parent}/meta.json says {meta_network!r}"
         )
-    network = network or meta_network
+    network = str(network or meta_network)
     build_kwargs = dict(meta.get("model_kwargs") or {})
     if "embedding_size" in meta:
         build_kwargs["embedding_size"] = int(meta["embedding_size"])
