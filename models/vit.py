@@ -12,17 +12,20 @@ arcface_torch's vit.py.
 
 from __future__ import annotations
 
-from functools import partial
+import inspect
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
-from timm.layers import PatchEmbed, trunc_normal_
+from timm.layers.patch_embed import PatchEmbed
+from timm.layers.weight_init import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from models.backbone import Backbone
 from models.checkpointing import checkpoint_module
 
-__all__ = ["FaceViT", "vit_t", "vit_s", "vit_b", "vit_l", "vit_h"]
+__all__ = ["VARIANTS", "FaceViT", "ViTBuilder", "vit_t", "vit_s", "vit_b", "vit_l", "vit_h"]
 
 _IMG_SIZE = 112
 _PATCH = 9
@@ -76,7 +79,6 @@ class FaceViT(Backbone):
         )
         self.num_patches = self.patch_embed.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, embed_dim))
-        norm_layer = partial(nn.LayerNorm, eps=1e-5)
         # linear stochastic-depth schedule 0 -> drop_path_rate (plain Python: works on `meta`)
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
@@ -87,11 +89,11 @@ class FaceViT(Backbone):
                 qkv_bias=False,
                 drop_path=rate,
                 act_layer=nn.ReLU6,
-                norm_layer=norm_layer,
+                norm_layer=nn.LayerNorm,  # eps 1e-5, as arcface_torch
             )
             for rate in rates
         )
-        self.norm = norm_layer(embed_dim)
+        self.norm = nn.LayerNorm(embed_dim)
         self.feature = nn.Sequential(
             nn.Linear(embed_dim * self.num_patches, embed_dim, bias=False),
             nn.BatchNorm1d(embed_dim, eps=2e-5),
@@ -149,75 +151,62 @@ class FaceViT(Backbone):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """images (B, 3, 112, 112) float -> embeddings (B, embedding_size), same dtype."""
-        return self.feature(self.forward_features(x))
+        out: torch.Tensor = self.feature(self.forward_features(x))
+        return out
 
 
-def _vit(embedding_size, embed_dim, depth, num_heads, drop_path_rate, mask_ratio) -> FaceViT:
-    return FaceViT(
-        embedding_size=embedding_size,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=num_heads,
-        drop_path_rate=drop_path_rate,
-        mask_ratio=mask_ratio,
-    )
+@dataclass(frozen=True)
+class ViTVariant:
+    """A registered ViT: its default sizes and the line that documents it."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    description: str
+    drop_path_rate: float = 0.1  # arcface_torch's defaults
+    mask_ratio: float = 0.1
 
 
-def vit_t(
-    embedding_size: int = 512,
-    embed_dim: int = 256,
-    depth: int = 12,
-    num_heads: int = 8,
-    drop_path_rate: float = 0.1,
-    mask_ratio: float = 0.1,
-) -> FaceViT:
-    """ViT-Tiny face backbone, 256/12/8 (arcface_torch defaults: drop-path 0.1, mask 0.1)."""
-    return _vit(embedding_size, embed_dim, depth, num_heads, drop_path_rate, mask_ratio)
+VARIANTS: dict[str, ViTVariant] = {
+    "vit_t": ViTVariant(256, 12, 8, "ViT-Tiny face backbone, 256/12/8"),
+    "vit_s": ViTVariant(512, 12, 8, "ViT-Small face backbone, 512/12/8"),
+    "vit_b": ViTVariant(512, 24, 8, "ViT-Base face backbone, 512/24/8 (arcface_torch's vit_b)"),
+    "vit_l": ViTVariant(768, 24, 8, "ViT-Large face backbone, 768/24/8"),
+    "vit_h": ViTVariant(1024, 48, 8, "ViT-Huge face backbone, 1024/48/8"),
+}
 
 
-def vit_s(
-    embedding_size: int = 512,
-    embed_dim: int = 512,
-    depth: int = 12,
-    num_heads: int = 8,
-    drop_path_rate: float = 0.1,
-    mask_ratio: float = 0.1,
-) -> FaceViT:
-    """ViT-Small face backbone, 512/12/8."""
-    return _vit(embedding_size, embed_dim, depth, num_heads, drop_path_rate, mask_ratio)
+class ViTBuilder:
+    """The builder of ``VARIANTS[name]``: call it like a function of ``embedding_size`` (512),
+    ``embed_dim``, ``depth``, ``num_heads``, ``drop_path_rate`` and ``mask_ratio``, whose defaults
+    are the variant's; ``inspect.signature`` shows them (``models.model_kwargs``)."""
+
+    def __init__(self, name: str) -> None:
+        variant = VARIANTS[name]
+        self.__name__ = name
+        self.__doc__ = f"{variant.description} (see `FaceViT` for the arguments)."
+        defaults = {
+            "embedding_size": 512,
+            **{k: v for k, v in asdict(variant).items() if k != "description"},
+        }
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        self.__signature__ = inspect.Signature(
+            [inspect.Parameter(k, kind, default=v, annotation=type(v).__name__)
+             for k, v in defaults.items()],
+            return_annotation="FaceViT",
+        )  # fmt: skip
+
+    def __call__(self, *args: Any, **kwargs: Any) -> FaceViT:
+        bound = self.__signature__.bind(*args, **kwargs)  # TypeError for an unknown argument
+        bound.apply_defaults()
+        return FaceViT(**bound.arguments)
+
+    def __repr__(self) -> str:
+        return f"<ViT builder {self.__name__}{self.__signature__}>"
 
 
-def vit_b(
-    embedding_size: int = 512,
-    embed_dim: int = 512,
-    depth: int = 24,
-    num_heads: int = 8,
-    drop_path_rate: float = 0.1,
-    mask_ratio: float = 0.1,
-) -> FaceViT:
-    """ViT-Base face backbone, 512/24/8 (arcface_torch's `vit_b` widths)."""
-    return _vit(embedding_size, embed_dim, depth, num_heads, drop_path_rate, mask_ratio)
-
-
-def vit_l(
-    embedding_size: int = 512,
-    embed_dim: int = 768,
-    depth: int = 24,
-    num_heads: int = 8,
-    drop_path_rate: float = 0.1,
-    mask_ratio: float = 0.1,
-) -> FaceViT:
-    """ViT-Large face backbone, 768/24/8."""
-    return _vit(embedding_size, embed_dim, depth, num_heads, drop_path_rate, mask_ratio)
-
-
-def vit_h(
-    embedding_size: int = 512,
-    embed_dim: int = 1024,
-    depth: int = 48,
-    num_heads: int = 8,
-    drop_path_rate: float = 0.1,
-    mask_ratio: float = 0.1,
-) -> FaceViT:
-    """ViT-Huge face backbone, 1024/48/8."""
-    return _vit(embedding_size, embed_dim, depth, num_heads, drop_path_rate, mask_ratio)
+vit_t = ViTBuilder("vit_t")
+vit_s = ViTBuilder("vit_s")
+vit_b = ViTBuilder("vit_b")
+vit_l = ViTBuilder("vit_l")
+vit_h = ViTBuilder("vit_h")
