@@ -28,7 +28,7 @@ def _frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
     momentum=0 makes the running-average update a no-op (new = 1*old + 0*batch);
     `num_batches_tracked` is restored on exit since the update still increments it.
     """
-    saved = []
+    saved: list[tuple[nn.modules.batchnorm._BatchNorm, float | None, torch.Tensor | None]] = []
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
             count = None if m.num_batches_tracked is None else m.num_batches_tracked.clone()
@@ -39,8 +39,9 @@ def _frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
     finally:
         for m, momentum, count in saved:
             m.momentum = momentum
-            if count is not None:
-                m.num_batches_tracked.copy_(count)
+            tracked = m.num_batches_tracked
+            if count is not None and tracked is not None:
+                tracked.copy_(count)
 
 
 def checkpoint_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,12 @@ def checkpoint_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Reference: Chen et al., "Training Deep Nets with Sublinear Memory Cost", 2016.
     """
 
-    def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    def contexts() -> tuple[
+        contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]
+    ]:
         return contextlib.nullcontext(), _frozen_batchnorm_stats(module)
 
-    return checkpoint(module, x, use_reentrant=False, preserve_rng_state=True, context_fn=contexts)
+    out: torch.Tensor = checkpoint(
+        module, x, use_reentrant=False, preserve_rng_state=True, context_fn=contexts
+    )
+    return out

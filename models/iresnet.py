@@ -47,7 +47,7 @@ class IBasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+        out: torch.Tensor = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
         shortcut = x if self.downsample is None else self.downsample(x)
         return out + shortcut
 
@@ -80,6 +80,12 @@ class IResNet(Backbone):
     the 7x7 final map). `features.weight` (the last BatchNorm1d's scale) is frozen at 1, as in
     insightface, so it has `requires_grad=False`.
     """
+
+    # the four stages, set by name in __init__
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
 
     def __init__(
         self,
@@ -142,7 +148,8 @@ class IResNet(Backbone):
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, 7, 7) feature map -> (B, embedding_size) embedding."""
         x = torch.flatten(self.bn2(x), 1)
-        return self.features(self.fc(self.dropout(x)))
+        out: torch.Tensor = self.features(self.fc(self.dropout(x)))
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """images (B, 3, 112, 112) float -> embeddings (B, embedding_size), same dtype."""

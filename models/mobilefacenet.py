@@ -10,6 +10,8 @@ head own precision and normalisation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -22,7 +24,15 @@ __all__ = ["MobileFaceNet", "mbf", "mbf_large"]
 class ConvBlock(nn.Module):
     """Conv2d (no bias) - BatchNorm2d - PReLU; (B, in_c, H, W) -> (B, out_c, H', W')."""
 
-    def __init__(self, in_c: int, out_c: int, kernel=1, stride=1, padding=0, groups: int = 1):
+    def __init__(
+        self,
+        in_c: int,
+        out_c: int,
+        kernel: int = 1,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+    ) -> None:
         super().__init__()
         self.layers = nn.Sequential(
             nn.Conv2d(in_c, out_c, kernel, stride, padding, groups=groups, bias=False),
@@ -31,13 +41,22 @@ class ConvBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        out: torch.Tensor = self.layers(x)
+        return out
 
 
 class LinearBlock(nn.Module):
     """Conv2d (no bias) - BatchNorm2d, no activation (linear bottleneck output)."""
 
-    def __init__(self, in_c: int, out_c: int, kernel=1, stride=1, padding=0, groups: int = 1):
+    def __init__(
+        self,
+        in_c: int,
+        out_c: int,
+        kernel: int = 1,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+    ) -> None:
         super().__init__()
         self.layers = nn.Sequential(
             nn.Conv2d(in_c, out_c, kernel, stride, padding, groups=groups, bias=False),
@@ -45,7 +64,8 @@ class LinearBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        out: torch.Tensor = self.layers(x)
+        return out
 
 
 class DepthWise(nn.Module):
@@ -64,7 +84,7 @@ class DepthWise(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.layers(x)
+        out: torch.Tensor = self.layers(x)
         return out + x if self.residual else out
 
 
@@ -78,7 +98,8 @@ class Residual(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        out: torch.Tensor = self.layers(x)
+        return out
 
 
 class GDC(nn.Module):
@@ -94,7 +115,8 @@ class GDC(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        out: torch.Tensor = self.layers(x)
+        return out
 
 
 class MobileFaceNet(Backbone):
@@ -109,7 +131,9 @@ class MobileFaceNet(Backbone):
         ValueError: `blocks` not four positive ints, or non-positive `scale`/`embedding_size`.
     """
 
-    def __init__(self, embedding_size: int = 512, blocks=(1, 4, 6, 2), scale: int = 2):
+    def __init__(
+        self, embedding_size: int = 512, blocks: Sequence[int] = (1, 4, 6, 2), scale: int = 2
+    ) -> None:
         super().__init__()
         if len(blocks) != 4 or any(int(b) < 1 for b in blocks):
             raise ValueError(
@@ -123,6 +147,7 @@ class MobileFaceNet(Backbone):
         c1, c2 = 64 * int(scale), 128 * int(scale)
         self.embedding_size = embedding_size
         self.grad_checkpointing = False
+        stage0: nn.Module
         if blocks[0] == 1:
             # a single grouped 3x3 conv (64 groups) instead of a residual group, as in arcface_torch
             stage0 = ConvBlock(c1, c1, kernel=3, stride=1, padding=1, groups=64)
@@ -163,11 +188,13 @@ class MobileFaceNet(Backbone):
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for stage in self.layers:
             x = checkpoint_module(stage, x) if use_ckpt else stage(x)
-        return self.conv_sep(x)
+        out: torch.Tensor = self.conv_sep(x)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """images (B, 3, 112, 112) float -> embeddings (B, embedding_size), same dtype."""
-        return self.features(self.forward_features(x))
+        out: torch.Tensor = self.features(self.forward_features(x))
+        return out
 
 
 def mbf(embedding_size: int = 512, scale: int = 2) -> MobileFaceNet:
