@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from data.atomic import write_text_atomic
+from data.augment import AugmentSpec
 from trainer.memory_format import CHOICES as MEMORY_FORMATS
 
 
@@ -63,6 +64,8 @@ class DataConfig:
     dali: bool = False
     flip: bool = True
     skip_corrupt: bool = False
+    # Opt-in augmentation (data/augment.py, docs/data.md), the same in the CPU and DALI loaders.
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
 
 
 @dataclass(frozen=True)
@@ -295,7 +298,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
-    if tp is tuple:
+    if tp is tuple or typing.get_origin(tp) is tuple:  # tuple[float, float]: data.augment
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return tuple(value)
@@ -495,6 +498,10 @@ def validate(cfg: Config, src: str = "<config>") -> None:
         )
     if cfg.model.freeze_steps and not cfg.model.freeze_stages:
         raise bad("model.freeze_steps", "needs model.freeze_stages > 0 (what to freeze)")
+    try:
+        cfg.data.augment.check()
+    except ValueError as e:
+        raise ConfigError(f"{src}: data.augment.{e}") from None
     trackers = cfg.logging.trackers
     if not all(isinstance(t, str) and t for t in trackers) or len(set(trackers)) < len(trackers):
         raise bad("logging.trackers", f"must be distinct tracker names, got {list(trackers)}")
