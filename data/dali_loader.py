@@ -1,8 +1,10 @@
 """NVIDIA DALI training loader for insightface ``.rec`` files (GPU decode, CPU fallback).
 
 The pipeline is ``fn.external_source`` (encoded images and labels of this rank's next batch) ->
-``fn.decoders.image`` (``mixed`` on a GPU, ``cpu`` otherwise) -> ``fn.crop_mirror_normalize``
-(coin-flip mirror, ``(x - 127.5) / 127.5`` = ``(x/255 - 0.5)/0.5``, NCHW float32).
+``fn.decoders.image`` (``mixed`` on a GPU, ``cpu`` otherwise) -> with ``data.augment``: resize,
+Gaussian blur and HSV operators fed the CPU loader's per-sample parameters ->
+``fn.crop_mirror_normalize`` (coin-flip mirror, ``(x - 127.5) / 127.5`` = ``(x/255 - 0.5)/0.5``,
+NCHW float32).
 
 The sample order is the CPU loader's: ``DistributedShardSampler`` over the image index (a global
 permutation per epoch, rank r takes every W-th position), so DALI and CPU runs see the same
@@ -20,15 +22,16 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from typing import Any
 
 import numpy as np
 import torch
 
+from data.augment import AugmentSpec, sample_params
 from data.image_index import ImageIndex, shared_image_index
-from data.loader import flip_mask
+from data.loader import ResumableLoader, flip_mask
 from data.recordio import RecordIOError, RecordIOReader, record_label, unpack
 from data.sampler import DistributedShardSampler
 
@@ -52,7 +55,7 @@ def _seed_for(seed: int, epoch: int, rank: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-class DaliLoader:
+class DaliLoader(ResumableLoader):
     """Iterable over ``(images, labels)`` batches of one rank, same protocol as ``TrainLoader``.
 
     Yields:
@@ -79,6 +82,7 @@ class DaliLoader:
         flip: bool,
         image_size: int,
         shuffle: bool = True,
+        augment: AugmentSpec | None = None,
     ) -> None:
         self.rec_path = rec_path
         self.index = index
@@ -90,6 +94,7 @@ class DaliLoader:
         self.num_threads = max(1, int(num_threads))  # DALI needs >= 1 (data.num_workers may be 0)
         self.flip = flip
         self.image_size = image_size
+        self.augment = augment if augment is not None and augment.enabled else None
         self.sampler = DistributedShardSampler(
             len(index), rank, world_size, seed, shuffle=shuffle, drop_last=True
         )
@@ -97,37 +102,12 @@ class DaliLoader:
         self._start = 0  # global offset the current iteration started at
         self._batches = 0  # batches handed out by the current iteration
 
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch; a pending resume survives only the same epoch."""
-        if int(epoch) != self.sampler.epoch:
-            self._start = self._batches = 0
-        self.sampler.set_epoch(epoch)
-
-    def state_dict(self) -> dict:
-        """``{"epoch": e, "offset": global samples handed out in epoch e}``."""
-        if self.sampler.start_offset:  # loaded, not yet iterated
-            return self.sampler.state_dict()
-        return self.sampler.state_after(self._batches * self.batch_size, start=self._start)
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue epoch ``state["epoch"]`` at ``state["offset"]`` on the next ``iter()``.
-
-        Raises:
-            ValueError: missing keys or an offset outside the epoch (from the sampler).
-        """
-        self.sampler.load_state_dict(state)
-        self._start = self.sampler.start_offset
-        self._batches = 0
-
-    def _source(self, order: Iterator[int], num_batches: int) -> Iterator[tuple]:
-        """Encoded payloads (uint8 arrays), int64 labels and int32 mirror flags per batch.
+    def _source(self, order: Iterator[int], num_batches: int) -> Iterator[tuple[Any, ...]]:
+        """Encoded payloads (uint8 arrays), int64 labels and int32 mirror flags per batch, and
+        with ``augment`` the per-sample arguments of the augmentation operators (``_AUG``).
 
         Records are read by ``num_threads`` threads (``os.pread`` releases the GIL, which hides
         network-storage latency) one batch ahead of the batch handed to DALI.
@@ -143,15 +123,24 @@ class DaliLoader:
                 raise RecordIOError(f"{e} (key {int(keys[i])})") from None
             return record_label(header), np.frombuffer(payload, dtype=np.uint8)
 
-        def finish(ids: np.ndarray, futures: list) -> tuple:
+        def finish(
+            ids: np.ndarray, futures: list[Future[tuple[int, np.ndarray]]]
+        ) -> tuple[Any, ...]:
             records = [f.result() for f in futures]
             labels = np.array([label for label, _ in records], dtype=np.int64)
             mirror = flip_mask(ids, self.seed, epoch) if self.flip else np.zeros(len(ids))
             self.records_read += len(records)
-            return [payload for _, payload in records], labels, mirror.astype(np.int32)
+            out: tuple[Any, ...] = (
+                [payload for _, payload in records],
+                labels,
+                mirror.astype(np.int32),
+            )
+            if self.augment is None:
+                return out
+            return out + _augment_args(self.augment, ids, self.seed, epoch, self.image_size)
 
         pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="dali-read")
-        ahead: deque = deque()
+        ahead: deque[tuple[np.ndarray, list[Future[tuple[int, np.ndarray]]]]] = deque()
         try:
             for _ in range(num_batches):
                 ids = np.fromiter(islice(order, self.batch_size), dtype=np.int64)
@@ -164,7 +153,7 @@ class DaliLoader:
             pool.shutdown(wait=True, cancel_futures=True)
             reader.close()
 
-    def _build(self, source: Iterator) -> Any:
+    def _build(self, source: Iterator[tuple[Any, ...]]) -> Any:
         dali = _import_dali()
         fn, types = dali.fn, dali.types
         gpu = self.device_id is not None
@@ -175,16 +164,21 @@ class DaliLoader:
             seed=_seed_for(self.seed, self.sampler.epoch, self.rank),
             prefetch_queue_depth=2,
         )
+        extra = len(_AUG) if self.augment is not None else 0
         with pipe:
-            jpegs, labels, mirror = fn.external_source(
+            jpegs, labels, mirror, *args = fn.external_source(
                 source=source,
-                num_outputs=3,
+                num_outputs=3 + extra,
                 batch=True,
-                dtype=[types.UINT8, types.INT64, types.INT32],
+                dtype=[types.UINT8, types.INT64, types.INT32]
+                + [getattr(types, t) for _, t in _AUG[:extra]],
             )
             images = fn.decoders.image(
                 jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB
             )
+            if args:
+                named = dict(zip((name for name, _ in _AUG), args))
+                images = _augment_ops(fn, images, named, self.image_size)
             images = fn.crop_mirror_normalize(
                 images,
                 dtype=types.FLOAT,
@@ -198,7 +192,8 @@ class DaliLoader:
         return pipe
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         self._start = self.sampler.start_offset
         self._batches = 0
@@ -223,6 +218,53 @@ class DaliLoader:
             del it, pipe  # release the per-epoch pipeline's threads and buffers
 
 
+# per-sample argument inputs of the augmentation operators: (name, DALI type name)
+_AUG = (
+    ("roi_start", "FLOAT"),
+    ("roi_end", "FLOAT"),
+    ("side", "FLOAT"),
+    ("window", "INT32"),
+    ("sigma", "FLOAT"),
+    ("hue", "FLOAT"),
+    ("saturation", "FLOAT"),
+)
+
+
+def _augment_args(
+    spec: AugmentSpec, ids: np.ndarray, seed: int, epoch: int, size: int
+) -> tuple[list[np.ndarray], ...]:
+    """``data.augment.sample_params`` of a batch as DALI argument inputs (lists of arrays)."""
+    p = sample_params(spec, ids, seed, epoch, size)
+    roi = p["roi"].astype(np.float32)
+    columns = {
+        "roi_start": roi[:, [1, 0]],  # DALI's ROI follows the shape order: (y, x)
+        "roi_end": roi[:, [3, 2]],
+        "side": p["side"].astype(np.float32),
+        "window": p["window"],
+        "sigma": p["sigma"],
+        "hue": p["hue"],
+        "saturation": p["saturation"],
+    }
+    return tuple([np.ascontiguousarray(v) for v in columns[name]] for name, _ in _AUG)
+
+
+def _augment_ops(fn: Any, images: Any, a: dict[str, Any], size: int) -> Any:
+    """``data.augment.apply_cpu`` in DALI operators: crop + resize to ``side`` (antialiased when
+    shrinking), back to ``size``, Gaussian blur (window 1: identity), ``fn.hsv`` (hue 0 and
+    saturation 1: identity). Each is exact for the samples that did not draw it."""
+    images = fn.resize(
+        images,
+        roi_start=a["roi_start"],
+        roi_end=a["roi_end"],
+        roi_relative=False,
+        resize_x=a["side"],
+        resize_y=a["side"],
+    )
+    images = fn.resize(images, resize_x=size, resize_y=size)
+    images = fn.gaussian_blur(images, window_size=a["window"], sigma=a["sigma"])
+    return fn.hsv(images, hue=a["hue"], saturation=a["saturation"])
+
+
 def build_dali_loader(
     rec_path: str,
     idx_path: str | None,
@@ -239,6 +281,7 @@ def build_dali_loader(
     index: ImageIndex | None = None,
     local_rank: int = 0,
     barrier: Callable[[], None] | None = None,
+    augment: AugmentSpec | None = None,
 ) -> DaliLoader:
     """Build the DALI training loader of one rank for an insightface/MXNet ``.rec`` file.
 
@@ -256,6 +299,8 @@ def build_dali_loader(
         shuffle: a new global permutation per epoch (off: index order).
         index: a prebuilt ``ImageIndex`` (e.g. the dataset's); default: ``shared_image_index``
             with ``local_rank`` and ``barrier``.
+        augment: ``data.augment`` steps after decoding, with the CPU loader's parameters
+            (``data.augment.sample_params``; None or all probabilities 0: none).
 
     Returns:
         ``DaliLoader``.
@@ -288,4 +333,5 @@ def build_dali_loader(
         flip,
         image_size,
         shuffle,
+        augment,
     )

@@ -17,21 +17,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from data.augment import AugmentSpec, apply_cpu, sample_params, splitmix64
 from data.datasets import CorruptRecordError
 from data.sampler import DistributedShardSampler
 
-__all__ = ["TrainLoader", "build_cpu_loader", "flip_mask"]
+__all__ = ["ResumableLoader", "TrainLoader", "build_cpu_loader", "flip_mask"]
 
 _MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """Vectorized splitmix64 finalizer (Steele et al., 2014) on uint64."""
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(_MASK64)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
 
 
 def flip_mask(indices: np.ndarray | torch.Tensor, seed: int, epoch: int) -> np.ndarray:
@@ -41,9 +33,9 @@ def flip_mask(indices: np.ndarray | torch.Tensor, seed: int, epoch: int) -> np.n
         bool array of the same length; a pure function of ``(seed, epoch, index)``.
     """
     idx = np.asarray(indices, dtype=np.int64).astype(np.uint64)
-    key = _splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
-    key = _splitmix64(key ^ np.uint64(epoch & _MASK64))
-    return (_splitmix64(idx ^ key) >> np.uint64(63)).astype(bool)
+    key = splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
+    key = splitmix64(key ^ np.uint64(epoch & _MASK64))
+    return (splitmix64(idx ^ key) >> np.uint64(63)).astype(bool)
 
 
 class _EpochTagged:
@@ -112,21 +104,30 @@ class _IndexedUint8:
 
 
 class _FlipCollate:
-    """Batch collation in the worker: stacks the uint8 images, mirroring those that
-    ``flip_mask`` picks (``cv2.flip``: ~0.6 ms per 128 images of 112x112, where ``np.stack``
-    of reversed views or a masked torch flip take ~6 ms).
+    """Batch collation in the worker: augments (``data.augment``, when a step is enabled) and
+    stacks the uint8 images, mirroring those that ``flip_mask`` picks (``cv2.flip``: ~0.6 ms per
+    128 images of 112x112, where ``np.stack`` of reversed views or a masked torch flip take
+    ~6 ms).
 
     Returns ``(images uint8 (B, H, W, 3), labels int64 (B,), corrupt messages)``.
     """
 
-    def __init__(self, seed: int, flip: bool) -> None:
+    def __init__(self, seed: int, flip: bool, augment: AugmentSpec | None = None) -> None:
         self.seed = seed
         self.flip = flip
+        self.augment = augment if augment is not None and augment.enabled else None
 
-    def __call__(self, items: list[tuple[np.ndarray, int, int, int, str | None]]) -> tuple:
+    def __call__(
+        self, items: list[tuple[np.ndarray, int, int, int, str | None]]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         images = [it[0] for it in items]
+        ids, epoch = np.array([it[2] for it in items]), items[0][3]
+        if self.augment is not None:
+            size = images[0].shape[0]
+            params = sample_params(self.augment, ids, self.seed, epoch, size)
+            images = [apply_cpu(img, params, i) for i, img in enumerate(images)]
         if self.flip:
-            mask = flip_mask(np.array([it[2] for it in items]), self.seed, items[0][3])
+            mask = flip_mask(ids, self.seed, epoch)
             images = [cv2.flip(img, 1) if m else img for img, m in zip(images, mask)]
         labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
         corrupt = [it[4] for it in items if it[4] is not None]
@@ -140,7 +141,47 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-class TrainLoader:
+class ResumableLoader:
+    """Epoch selection and mid-epoch resume of a loader over a ``DistributedShardSampler``
+    (the CPU and the DALI loader): ``state_dict()`` is ``{"epoch", "offset"}`` with offset in
+    global samples, counting only the batches handed out (``_batches``) since the iteration
+    started at global offset ``_start``; subclasses set both in ``__iter__``."""
+
+    sampler: DistributedShardSampler
+    batch_size: int
+    _start: int
+    _batches: int
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (a pending mid-epoch resume survives only the same epoch)."""
+        if int(epoch) != self.sampler.epoch:
+            self._start = 0
+            self._batches = 0
+        self.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch": e, "offset": global samples handed out in epoch e}``."""
+        if self.sampler.start_offset:  # loaded, not yet iterated
+            return self.sampler.state_dict()
+        return self.sampler.state_after(self._batches * self.batch_size, start=self._start)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue epoch ``state["epoch"]`` at ``state["offset"]`` on the next ``iter()``; call
+        ``set_epoch`` with the same epoch.
+
+        Raises:
+            ValueError: missing keys or an offset outside the epoch (from the sampler).
+        """
+        self.sampler.load_state_dict(state)
+        self._start = self.sampler.start_offset
+        self._batches = 0
+
+
+class TrainLoader(ResumableLoader):
     """Iterable over ``(images, labels)`` batches of one rank, resumable mid-epoch.
 
     Yields:
@@ -157,7 +198,7 @@ class TrainLoader:
 
     def __init__(
         self,
-        loader: DataLoader,
+        loader: DataLoader[Any],
         sampler: DistributedShardSampler,
         batch_size: int,
     ) -> None:
@@ -171,29 +212,6 @@ class TrainLoader:
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.sampler.drop_last else -(-n // self.batch_size)
-
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (a pending mid-epoch resume survives only the same epoch)."""
-        if epoch != self.sampler.epoch:
-            self._start = 0
-            self._batches = 0
-        self.sampler.set_epoch(epoch)
-
-    def state_dict(self) -> dict:
-        """``{"epoch": e, "offset": global samples handed out in epoch e}``."""
-        if self.sampler.start_offset:  # loaded, not yet iterated
-            return self.sampler.state_dict()
-        return self.sampler.state_after(self._batches * self.batch_size, start=self._start)
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue at ``state`` on the next ``iter()``; call ``set_epoch`` with the same epoch."""
-        self.sampler.load_state_dict(state)
-        self._start = self.sampler.start_offset
-        self._batches = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._start = self.sampler.start_offset
@@ -220,6 +238,7 @@ def build_cpu_loader(
     prefetch_factor: int = 2,
     image_size: int = 112,
     skip_corrupt: bool = False,
+    augment: AugmentSpec | None = None,
 ) -> TrainLoader:
     """Build the CPU training loader of one rank.
 
@@ -239,6 +258,8 @@ def build_cpu_loader(
         image_size: expected H = W of the decoded images.
         skip_corrupt: replace a sample whose record raises ``CorruptRecordError`` by the next
             readable one and list it in ``TrainLoader.corrupt`` (else the error stops the run).
+        augment: ``data.augment`` steps, applied in the workers before the flip (None or all
+            probabilities 0: none); parameters from ``data.augment.sample_params``.
 
     Returns:
         ``TrainLoader`` yielding uint8 (B, image_size, image_size, 3) and int64 (B,).
@@ -254,13 +275,13 @@ def build_cpu_loader(
     sampler = DistributedShardSampler(len(dataset), rank, world_size, seed, shuffle, drop_last)
     generator = torch.Generator()
     generator.manual_seed(int(seed) * 1000 + int(rank))
-    extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
-    loader = DataLoader(
-        _IndexedUint8(dataset, image_size, skip_corrupt),
+    extra: dict[str, Any] = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
+    loader: DataLoader[Any] = DataLoader(
+        _IndexedUint8(dataset, image_size, skip_corrupt),  # type: ignore[arg-type]  # map-style
         batch_size=batch_size,
         sampler=_EpochTagged(sampler),
         num_workers=num_workers,
-        collate_fn=_FlipCollate(seed, flip),
+        collate_fn=_FlipCollate(seed, flip, augment),
         pin_memory=pin_memory and torch.cuda.is_available(),
         drop_last=drop_last,
         worker_init_fn=_seed_worker,

@@ -4,6 +4,8 @@ process-group work so that a bad path fails in one line (exit code 2)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 from trainer.config import Config, ConfigError
 
@@ -32,7 +34,7 @@ def val_bin_paths(cfg: Config) -> dict[str, str]:
         ConfigError: two targets with the same name (`a/lfw.bin` and `b/lfw.bin`): their results
             would be logged under one name and one of them silently dropped.
     """
-    out = {}
+    out: dict[str, str] = {}
     for target in cfg.eval.val_targets:
         target = str(target)
         if target.endswith(".bin") or os.sep in target:
@@ -106,7 +108,7 @@ def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def _barrier():
+def _barrier() -> Callable[[], Any] | None:
     """`torch.distributed.barrier` when a process group with several ranks is up, else None."""
     import torch.distributed as dist
 
@@ -115,7 +117,7 @@ def _barrier():
     return None
 
 
-def build_dataset(cfg: Config):
+def build_dataset(cfg: Config) -> Any:
     """The map-style dataset of `data.kind` (uint8 HWC RGB images, int labels).
 
     A `.rec` index is parsed once per node by local rank 0 into numpy arrays (8 B/image) that
@@ -135,7 +137,7 @@ def build_dataset(cfg: Config):
         return SyntheticDataset(cfg.data.num_image, cfg.data.num_classes, seed=cfg.seed)
     if cfg.data.kind == "folder":
         try:  # a non-image file, a stray file at the top, an empty identity folder
-            ds = ImageFolderDataset(cfg.data.rec, image_size=IMAGE_SIZE)
+            ds: Any = ImageFolderDataset(cfg.data.rec, image_size=IMAGE_SIZE)
         except (OSError, ValueError) as e:
             raise ConfigError(f"data.rec: {e}") from None
     else:
@@ -162,7 +164,7 @@ def build_dataset(cfg: Config):
     return ds
 
 
-def _check_sizes(ds) -> None:
+def _check_sizes(ds: Any) -> None:
     from data.datasets import scan_image_sizes
 
     try:
@@ -171,7 +173,7 @@ def _check_sizes(ds) -> None:
         raise ConfigError(f"data.rec: {e} (crop/resize it, e.g. tools/folder2rec.py)") from None
 
 
-def build_loader(cfg: Config, dataset, rank: int, world_size: int, device):
+def build_loader(cfg: Config, dataset: Any, rank: int, world_size: int, device: Any) -> Any:
     """DALI on a GPU when `data.dali` is set (RecordIO only), the CPU loader otherwise; both draw
     the same per-epoch global permutation (`data.sampler`) from the dataset's index."""
     if cfg.data.dali and device.type == "cuda":
@@ -195,6 +197,7 @@ def build_loader(cfg: Config, dataset, rank: int, world_size: int, device):
             index=getattr(dataset, "index", None),  # the dataset's shared index, not a new one
             local_rank=_local_rank(),
             barrier=_barrier(),
+            augment=cfg.data.augment,
         )
     from data.loader import build_cpu_loader
 
@@ -209,4 +212,5 @@ def build_loader(cfg: Config, dataset, rank: int, world_size: int, device):
         persistent_workers=cfg.data.num_workers > 0,
         pin_memory=device.type == "cuda",
         skip_corrupt=cfg.data.skip_corrupt,
+        augment=cfg.data.augment,
     )
