@@ -13,6 +13,8 @@ head's gradient convention has no world-size factor (``heads/comm.py``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from heads.comm import all_true, all_true_tensor
@@ -146,7 +148,7 @@ class HeadOptimizer:
             raise ValueError(f"heads/optim.py: lr must be >= 0, got {lr}")
         self.lr = float(lr)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """Hyper-parameters and the local shard's per-row state tensors (not copied); with
         ``dense_decay`` the lagging rows are brought up to date first (``flush``)."""
         self._ensure_state()
@@ -161,7 +163,7 @@ class HeadOptimizer:
             "state": dict(self.state),
         }
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Load ``state_dict()`` output of the same optimizer over a same-sized shard.
 
         Raises:
@@ -186,7 +188,7 @@ class HeadOptimizer:
         self.lr = float(sd["lr"])
         self.momentum = float(sd["momentum"])
         self.weight_decay = float(sd["weight_decay"])
-        self.betas = tuple(float(b) for b in sd["betas"])
+        self.betas = (float(sd["betas"][0]), float(sd["betas"][1]))
         self.eps = float(sd["eps"])
 
     # -- gradients -----------------------------------------------------------------------------
@@ -199,12 +201,12 @@ class HeadOptimizer:
         return self._grad
 
     def _materialize(self) -> None:
-        if self._lazy is not None:
+        if self._lazy is not None and self._grad is not None:
             coef, w = self._lazy
             self._grad[1].addcmul_(w, coef.unsqueeze(1), value=-1.0)
             self._lazy = None
 
-    def unscale_(self, loss_scale: float = 1.0, blocking: bool = True):
+    def unscale_(self, loss_scale: float = 1.0, blocking: bool = True) -> bool | torch.Tensor:
         """Divide the accumulated head gradient by ``loss_scale``; report finiteness everywhere.
 
         Call once per optimizer step, after the last micro-batch's backward. A collective over
@@ -275,17 +277,17 @@ class HeadOptimizer:
             return
         self._ensure_state()
         weight = self.head.weight
+        which: torch.Tensor | None = rows
         if rows.numel() == weight.shape[0]:  # rows are unique: the whole shard, update in place
-            rows, w = None, weight.data
+            which, w = None, weight.data
         else:
-            w = self.head.recorded_rows(rows)  # the forward's gathered copy when it has one
-            if w is None:
-                w = weight.index_select(0, rows)
+            recorded = self.head.recorded_rows(rows)  # the forward's gathered copy if it has one
+            w = weight.index_select(0, rows) if recorded is None else recorded
         if self.name == "sgd":
-            self._sgd_rows(rows, w, grad, finite)
+            self._sgd_rows(which, w, grad, finite)
             if self.head.before_gather == self._catch_up:
                 self._lazy_decay().advance(
-                    rows,
+                    which,
                     self.lr,
                     self.momentum,
                     self.weight_decay,
@@ -295,7 +297,7 @@ class HeadOptimizer:
                 )
         else:
             self._materialize()
-            self._adamw_rows(rows, w, grad, finite)
+            self._adamw_rows(which, w, grad, finite)
 
     @staticmethod
     def _get(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -306,7 +308,13 @@ class HeadOptimizer:
         if rows is not None:  # rows None: ``value`` is ``t`` itself, updated in place
             t.index_copy_(0, rows, value)
 
-    def _sgd_rows(self, rows, w: torch.Tensor, grad: torch.Tensor, ok) -> None:
+    def _sgd_rows(
+        self,
+        rows: torch.Tensor | None,
+        w: torch.Tensor,
+        grad: torch.Tensor,
+        ok: torch.Tensor | None,
+    ) -> None:
         # Fused passes over the (U, D) rows: d = g + wd*w; d += m*b; b <- d; W[rows] -= lr*d.
         if self._lazy is not None:  # d = a + (wd - coef) * w in one pass
             coef, _ = self._lazy
@@ -342,10 +350,21 @@ class HeadOptimizer:
             w.addcmul_(d, torch.where(ok, -self.lr, 0.0))
         self._put(self.head.weight.data, rows, w)
 
-    def _adamw_rows(self, rows, w: torch.Tensor, grad: torch.Tensor, ok) -> None:
+    def _adamw_rows(
+        self,
+        rows: torch.Tensor | None,
+        w: torch.Tensor,
+        grad: torch.Tensor,
+        ok: torch.Tensor | None,
+    ) -> None:
         b1, b2 = self.betas
         st = self.state
         lr, wd = self.lr, self.weight_decay
+        inc: int | torch.Tensor
+        w1: float | torch.Tensor
+        b2v: float | torch.Tensor
+        decay: float | torch.Tensor
+        lr_v: float | torch.Tensor
         if ok is None:
             inc, w1, b2v, decay, lr_v = 1, 1 - b1, b2, 1 - lr * wd, lr
         else:  # a skipped step: every coefficient turns into the identity, on the device
@@ -370,16 +389,7 @@ class HeadOptimizer:
             self.head.weight.data.index_copy_(0, rows, w)
 
 
-def build_head_optimizer(
-    head: PartialFC,
-    name: str = "sgd",
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    dense_decay: bool = False,
-) -> HeadOptimizer:
-    """Build the sparse-row head optimizer by name (``"sgd"`` or ``"adamw"``); see
-    ``HeadOptimizer`` for arguments and errors."""
-    return HeadOptimizer(head, name, lr, momentum, weight_decay, betas, eps, dense_decay)
+def build_head_optimizer(head: PartialFC, name: str = "sgd", **kwargs: Any) -> HeadOptimizer:
+    """Build the sparse-row head optimizer by name (``"sgd"`` or ``"adamw"``); ``kwargs`` and
+    errors as ``HeadOptimizer``."""
+    return HeadOptimizer(head, name, **kwargs)
