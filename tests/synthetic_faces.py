@@ -49,3 +49,17 @@ def paste_face(
     canvas[mask] = warped[mask]
     landmarks = ARCFACE_TEMPLATE @ matrix[:, :2].T + matrix[:, 2]
     return canvas, landmarks
+
+
+def best_shift(a: np.ndarray, b: np.ndarray, border: int = 6) -> tuple[int, int, float]:
+    """Integer (dy, dx) in [-2, 2]^2 minimizing the mean |a - shifted b| over the interior of two
+    (112, 112, 3) images, and that mean (gray levels): (0, 0) = aligned within a pixel."""
+    best = (0, 0, np.inf)
+    inner = slice(border, ALIGNED_SIZE - border)
+    for dy in range(-2, 3):
+        for dx in range(-2, 3):
+            shifted = np.roll(b.astype(np.float64), (dy, dx), axis=(0, 1))
+            err = float(np.abs(a[inner, inner].astype(np.float64) - shifted[inner, inner]).mean())
+            if err < best[2]:
+                best = (dy, dx, err)
+    return best

@@ -3,24 +3,11 @@
 import numpy as np
 import pytest
 
-from data.align import ALIGNED_SIZE, ARCFACE_TEMPLATE, align_face, estimate_transform
-from tests.synthetic_faces import lfw_crop, paste_face, similarity
+from data.align import ARCFACE_TEMPLATE, align_face, estimate_transform
+from tests.synthetic_faces import best_shift, lfw_crop, paste_face, similarity
 
 # (scale, angle in degrees, tx, ty) of the crop inside a 300x260 (H x W) canvas.
 POSES = [(1.0, 0.0, 40.0, 60.0), (1.7, 25.0, 120.0, 30.0), (0.8, -40.0, 60.0, 150.0)]
-
-
-def _best_shift(a: np.ndarray, b: np.ndarray, border: int = 6) -> tuple[int, int, float]:
-    """Integer (dy, dx) in [-2, 2]^2 minimizing the mean |a - shifted b| over the interior."""
-    best = (0, 0, np.inf)
-    inner = slice(border, ALIGNED_SIZE - border)
-    for dy in range(-2, 3):
-        for dx in range(-2, 3):
-            shifted = np.roll(b.astype(np.float64), (dy, dx), axis=(0, 1))
-            err = float(np.abs(a[inner, inner].astype(np.float64) - shifted[inner, inner]).mean())
-            if err < best[2]:
-                best = (dy, dx, err)
-    return best
 
 
 @pytest.mark.parametrize("pose", POSES)
@@ -37,7 +24,7 @@ def test_alignment_recovers_pasted_lfw_crop(lfw_root, pose):
     # Pixels: the aligned image is the crop (no shift, only resampling blur).
     aligned = align_face(canvas, landmarks)
     assert aligned.shape == (112, 112, 3) and aligned.dtype == np.uint8
-    dy, dx, err = _best_shift(crop, aligned)
+    dy, dx, err = best_shift(crop, aligned)
     assert (dy, dx) == (0, 0), f"aligned face is shifted by ({dy}, {dx}) px"
     assert err < 3.0, f"mean abs difference {err:.2f} gray levels"
 
