@@ -57,7 +57,12 @@ class Run:
         self.engine.eval()
         try:
             with torch.no_grad():
-                self.evaluator(step, lambda x: self.engine(x.to(self.device, self.dtype)).float())
+                # module: all ranks evaluate with rank 0's BN statistics, those a checkpoint saves
+                self.evaluator(
+                    step,
+                    lambda x: self.engine(x.to(self.device, self.dtype)).float(),
+                    self.engine.module,
+                )
         except Exception as e:  # noqa: BLE001 - logged, the run goes on
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             print(f"[eval] rank {self.rank} step {step}: evaluation failed: {first}", flush=True)
