@@ -83,3 +83,12 @@ def test_missing_landmarks_file_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"align_faces: error: {tmp_path / 'none.tsv'}: landmarks file not found"]
     assert not (tmp_path / "o").exists()
+
+
+def test_report_elsewhere(photos, tmp_path):
+    root, _ = photos
+    report = tmp_path / "report.tsv"
+    argv = [str(root / "landmarks.tsv"), str(tmp_path / "a"), "--report", str(report)]
+    assert align_faces.main([*argv, "--workers", "1", "--no-progress"]) == 0
+    assert len(report.read_text().splitlines()) == 1 + 4  # no --images: no 'no landmarks' entry
+    assert not (tmp_path / "a" / "align_report.tsv").exists()

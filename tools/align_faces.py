@@ -1,7 +1,7 @@
 """Align faces to the ArcFace 112x112 template from 5-point landmarks, in parallel.
 
     python tools/align_faces.py LANDMARKS OUT_DIR [--root DIR] [--images DIR] [--workers N]
-        [--quality 95] [--no-progress]
+        [--quality 95] [--report PATH] [--no-progress]
 
 LANDMARKS is a text file with one face per line: ``path x1 y1 x2 y2 x3 y3 x4 y4 x5 y5`` (left eye,
 right eye, nose tip, left and right mouth corner, in pixels of the image), fields separated by
@@ -15,8 +15,9 @@ it.
 
 Nothing is dropped silently: a malformed line, a missing or unreadable image, degenerate
 landmarks, and with ``--images DIR`` every image under DIR that has no landmarks line, are
-listed in ``OUT_DIR/align_report.tsv`` (``path<TAB>reason``) and counted in the summary. A
-missing LANDMARKS file is a one-line error (exit 1).
+listed in the report (``path<TAB>reason``; ``--report``, default ``OUT_DIR/align_report.tsv``:
+``tools/folder2rec.py`` lists that file as skipped, so put it elsewhere before packing) and
+counted in the summary. A missing LANDMARKS file is a one-line error (exit 1).
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ class AlignSummary:
     seconds: float = 0.0
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
-    def lines(self, out_dir: str) -> list[str]:
+    def lines(self, out_dir: str, report: str) -> list[str]:
         """Human-readable summary lines (the first 20 skipped entries)."""
         out = [
             f"aligned {self.aligned} faces into {out_dir} in {self.seconds:.1f} s; "
-            f"skipped {len(self.skipped)} (listed in {os.path.join(out_dir, REPORT)})"
+            f"skipped {len(self.skipped)} (listed in {report})"
         ]
         out += [f"  {where}: {why}" for where, why in self.skipped[:20]]
         return out
@@ -176,6 +177,7 @@ def align_faces(
     workers: int = 1,
     quality: int = 95,
     progress: bool = True,
+    report: str | None = None,
 ) -> AlignSummary:
     """Align every face of ``landmarks`` into ``out_dir`` and write the report.
 
@@ -184,9 +186,10 @@ def align_faces(
         root: folder the image paths are relative to (default: the landmarks file's folder).
         images_dir: also report every image under it that has no landmarks line.
         workers: processes (1: this one). quality: JPEG quality 1..100. progress: rich bar.
+        report: the report file (default ``out_dir/align_report.tsv``).
 
     Returns:
-        AlignSummary; ``out_dir/align_report.tsv`` lists its ``skipped`` entries.
+        AlignSummary; the report lists its ``skipped`` entries.
 
     Raises:
         FileNotFoundError: ``landmarks`` or ``images_dir`` missing.
@@ -211,8 +214,8 @@ def align_faces(
                 summary.aligned += 1
             else:
                 summary.skipped.append((image, error))
-    report = "".join(f"{where}\t{why}\n" for where, why in summary.skipped)
-    write_text_atomic(os.path.join(out_dir, REPORT), "path\treason\n" + report)
+    rows = "".join(f"{where}\t{why}\n" for where, why in summary.skipped)
+    write_text_atomic(report or os.path.join(out_dir, REPORT), "path\treason\n" + rows)
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -226,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="also report every image under this folder without landmarks")
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    p.add_argument("--report", help=f"report file (default OUT_DIR/{REPORT})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -245,11 +249,13 @@ def main(argv: list[str] | None = None) -> int:
             args.workers,
             args.quality,
             not args.no_progress,
+            args.report,
         )
     except OSError as e:
         print(f"align_faces: error: {e}", file=sys.stderr)
         return 1
-    print("\n".join(summary.lines(args.out_dir)))
+    report = args.report or os.path.join(args.out_dir, REPORT)
+    print("\n".join(summary.lines(args.out_dir, report)))
     return 0
 
 
