@@ -33,6 +33,7 @@ import models
 from data.atomic import atomic_path
 from data.decode import decode_image, normalize
 from data.lfw import DEFAULT_LFW, LFW_CROP
+from trainer.embedders import Embedder, onnx_embedder
 from trainer.saved_backbone import load_backbone, resolve_checkpoint
 
 __all__ = ["load_faces", "export_onnx", "main"]
@@ -125,13 +126,17 @@ def _simplify(path: Path) -> None:
     onnx.save(simplified, str(path))
 
 
-def compare(model: nn.Module, session, batches: dict[str, np.ndarray]) -> float:
-    """Max |onnxruntime - PyTorch| over named input batches; prints one line per batch."""
+def compare(model: nn.Module, embedder: Embedder, batches: dict[str, np.ndarray]) -> float:
+    """Max |onnxruntime - PyTorch| over named input batches; prints one line per batch.
+
+    ``embedder`` is the exported file loaded the way every evaluation tool loads it
+    (``trainer.embedders.onnx_embedder``), so the parity checked is the one they see.
+    """
     worst = 0.0
     for label, batch in batches.items():
         with torch.no_grad():
             ref = model(torch.from_numpy(batch)).numpy()
-        got = session.run(None, {"data": batch})[0]
+        got = embedder(torch.from_numpy(batch)).numpy()
         if got.shape != ref.shape:
             raise ValueError(f"{_PROG}: ONNX output {got.shape} != PyTorch {ref.shape} ({label})")
         diff = float(np.abs(got - ref).max())
@@ -140,14 +145,14 @@ def compare(model: nn.Module, session, batches: dict[str, np.ndarray]) -> float:
     return worst
 
 
-def _latency_ms(session, runs: int) -> float:
-    x = np.random.default_rng(0).standard_normal((1, 3, 112, 112), dtype=np.float32)
+def _latency_ms(embedder: Embedder, runs: int) -> float:
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 3, 112, 112), np.float32))
     for _ in range(3):
-        session.run(None, {"data": x})
+        embedder.forward(x)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        session.run(None, {"data": x})
+        embedder.forward(x)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -194,7 +199,6 @@ def _export_checked(model: nn.Module, path: Path, args, batches) -> tuple[float,
         _Mismatch: onnx.checker fails or the outputs differ by more than TOLERANCE.
     """
     import onnx
-    import onnxruntime as ort
 
     export_onnx(model, path, args.opset)
     if args.simplify:
@@ -203,15 +207,11 @@ def _export_checked(model: nn.Module, path: Path, args, batches) -> tuple[float,
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as err:
         raise _Mismatch(f"FAILED onnx.checker: {err}") from None
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.ort_threads
-    session = ort.InferenceSession(
-        str(path), sess_options=options, providers=["CPUExecutionProvider"]
-    )
-    worst = compare(model, session, batches)
+    embedder = onnx_embedder(str(path), threads=args.ort_threads)
+    worst = compare(model, embedder, batches)
     if worst > TOLERANCE:
         raise _Mismatch(f"FAILED max|diff| {worst:.2e} > {TOLERANCE:.0e}")
-    return worst, _latency_ms(session, args.runs)
+    return worst, _latency_ms(embedder, args.runs)
 
 
 def main(argv: list[str] | None = None) -> int:
