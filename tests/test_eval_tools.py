@@ -165,3 +165,49 @@ def test_plot_curves(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="tfevents"):
         plot_curves.main([str(tmp_path / "empty")])
+
+
+def _flat_images(folder, names):
+    """One flat-colour 64x64 JPEG per name (gray level = 20 * index), under ``folder``."""
+    from PIL import Image as PILImage
+
+    for k, name in enumerate(names):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        PILImage.new("RGB", (64, 64), (20 * k,) * 3).save(path, quality=95)
+
+
+def test_make_bin_generic_list_and_cfp_fp(tmp_path, capsys):
+    from tools import make_bin
+
+    names = ["a/1.jpg", "a/2.jpg", "b/1.jpg", "c/1.jpg"]
+    _flat_images(tmp_path / "img", names)
+    (tmp_path / "pairs.txt").write_text("# any pairs\na/1.jpg a/2.jpg 1\n\na/1.jpg b/1.jpg 0\n")
+    out = tmp_path / "list.bin"
+    argv = ["--format", "list", str(tmp_path / "pairs.txt"), str(tmp_path / "img"), str(out)]
+    assert make_bin.main([*argv, "--size", "16", "--no-progress", "--workers", "1"]) == 0
+    images, issame = load_bin(out)
+    assert images.shape == (4, 16, 16, 3) and issame.tolist() == [True, False]
+    assert [round(float(im.mean()) / 20) for im in images] == [0, 1, 0, 2]
+    (tmp_path / "pairs.txt").write_text("a/1.jpg a/2.jpg 1\na/1.jpg b/1.jpg 2\n")
+    assert make_bin.main([*argv, "--no-progress"]) == 1
+    assert "pairs.txt:2: expected 'path1 path2 label(0|1)'" in capsys.readouterr().err
+    # CFP-FP protocol folder: 10 splits of (same, diff) index pairs into the F and P lists.
+    proto = tmp_path / "Protocol"
+    proto.mkdir()
+    (proto / "Pair_list_F.txt").write_text("1 ../img/a/1.jpg\n2 ../img/b/1.jpg\n")
+    (proto / "Pair_list_P.txt").write_text("1 ../img/a/2.jpg\n2 ../img/c/1.jpg\n")
+    for split in range(1, 11):
+        folder = proto / "Split" / "FP" / f"{split:02d}"
+        folder.mkdir(parents=True)
+        (folder / "same.txt").write_text("1,1\n")
+        (folder / "diff.txt").write_text("2,2\n")
+    out = tmp_path / "cfp_fp.bin"
+    argv = ["--format", "cfp-fp", str(proto), str(proto), str(out), "--size", "16"]
+    assert make_bin.main([*argv, "--no-progress", "--workers", "1"]) == 0
+    images, issame = load_bin(out)
+    assert issame.tolist() == [True, False] * 10
+    assert [round(float(im.mean()) / 20) for im in images[:4]] == [0, 1, 2, 3]
+    (proto / "Split" / "FP" / "07" / "diff.txt").write_text("2,9\n")
+    assert make_bin.main([*argv, "--no-progress"]) == 1
+    assert "07/diff.txt:1: expected 'frontal,profile'" in capsys.readouterr().err

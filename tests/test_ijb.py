@@ -240,3 +240,106 @@ def test_missing_meta_files(release, tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match="empty.txt: no template pairs"):
         read_template_pairs(str(empty))
+
+
+def _eval(args):
+    from tools import eval_ijb
+
+    return eval_ijb.main([*args, "--no-progress"])
+
+
+@pytest.fixture(scope="module")
+def one_process_run(release, step_dir, tmp_path_factory):
+    """tools/eval_ijb.py on the synthetic release in one process: (results, output folder)."""
+    out = tmp_path_factory.mktemp("ijb_eval")
+    root, _ = release
+    return _eval(["--model", step_dir, "--release", root, "--out", str(out), "--workers", "2"]), out
+
+
+def test_eval_ijb_tool_end_to_end(release, step_dir, one_process_run, tmp_path):
+    import cv2
+
+    from data.align import align_face
+    from tools.convert_to_onnx import export_onnx
+    from trainer.embedders import embed_images, load_embedder
+
+    root, truth = release
+    res, out = one_process_run
+    assert res["options"] == {"flip": True, "detector_score": True, "normalize_images": False}
+    assert set(res["tar_at_far"]) == {"nearest", "strict"}
+    assert list(res["tar_at_far"]["strict"]) == [
+        "1e-06",
+        "1e-05",
+        "1e-04",
+        "1e-03",
+        "1e-02",
+        "1e-01",
+    ]
+    assert set(res["identification"]["galleries"]) == {"G1", "G2"}
+    assert json.loads((out / "results.json").read_text())["model"] == step_dir
+    assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Image features: decode + align + flip-summed embedding, computed here independently.
+    feats = np.load(out / "image_features.npy")
+    faces = []
+    for name, lmk in zip(truth.images, load_meta(root, pairs=False).landmarks):  # as written
+        bgr = cv2.imread(os.path.join(root, "loose_crop", name))
+        faces.append(align_face(np.ascontiguousarray(bgr[:, :, ::-1]), lmk))
+    embedder = load_embedder(step_dir, batch_size=16)  # conv kernels vary with batch: ~1e-5
+    expected = embed_images(embedder, np.stack(faces), flip=True)
+    np.testing.assert_allclose(feats, expected, atol=1e-4 * np.abs(expected).max())
+    # Scores: arcface_torch's pooling written out by hand, then dot products.
+    ref = _pool_brute_force(feats, truth.templates, truth.medias, truth.scores)
+    np.testing.assert_allclose(
+        np.load(out / "scores.npy"), [ref[a] @ ref[b] for a, b, _ in truth.pairs], atol=1e-5
+    )
+    saved = np.load(out / "template_features.npz")
+    assert saved["ids"].tolist() == sorted(truth.subject_of)
+    # Re-scoring from the saved features, an option off: no model, other scores, option named.
+    again = _eval(
+        ["--image-features", str(out / "image_features.npy"), "--release", root,
+         "--out", str(tmp_path / "rescored"), "--no-detector-score"]
+    )  # fmt: skip
+    assert again["options"]["detector_score"] is False
+    assert not np.allclose(
+        np.load(tmp_path / "rescored" / "scores.npy"), np.load(out / "scores.npy")
+    )
+    # The ONNX export of the same weights gives the same features.
+    onnx = tmp_path / "backbone.onnx"
+    export_onnx(_net(step_dir), onnx)
+    _eval(["--model", str(onnx), "--release", root, "--out", str(tmp_path / "onnx"), "--no-1n"])
+    onnx_feats = np.load(tmp_path / "onnx" / "image_features.npy")
+    np.testing.assert_allclose(onnx_feats, feats, atol=1e-4 * np.abs(feats).max())
+
+
+def _net(step_dir):
+    from trainer.saved_backbone import load_backbone
+
+    return load_backbone(step_dir)
+
+
+def _sharded_eval(rank, world_size, root, step_dir, out):
+    from tools import eval_ijb
+
+    res = eval_ijb.main(
+        ["--model", step_dir, "--release", root, "--out", out, "--workers", "0", "--no-progress"]
+    )
+    return res if rank == 0 else "no results off rank 0"
+
+
+def test_eval_ijb_sharded_over_two_processes(release, step_dir, one_process_run, tmp_path):
+    from tests.distributed import run_distributed
+
+    root, _ = release
+    single, one = one_process_run
+    outs = run_distributed(_sharded_eval, 2, args=(root, step_dir, str(tmp_path / "two")))
+    assert outs[1] == "no results off rank 0"
+    np.testing.assert_allclose(
+        np.load(tmp_path / "two" / "image_features.npy"),
+        np.load(one / "image_features.npy"),
+        atol=1e-5,
+    )
+    for rule in ("nearest", "strict"):
+        assert outs[0]["tar_at_far"][rule] == pytest.approx(single["tar_at_far"][rule])
+    for kind in ("rank", "tpir"):
+        got = outs[0]["identification"]["mean"][kind]
+        assert got == pytest.approx(single["identification"]["mean"][kind])

@@ -1,52 +1,197 @@
-"""Build an insightface verification ``.bin`` from an LFW-style ``pairs.txt``.
+"""Build an insightface verification ``.bin`` from a pairs protocol: LFW, a generic list, CFP-FP.
 
-    python tools/make_bin.py PAIRS_TXT IMAGE_ROOT OUT.bin [--crop L T R B] [--size 112]
-        [--quality 95] [--folds 1,2,3] [--workers N]
+    python tools/make_bin.py PAIRS_TXT IMAGE_ROOT OUT.bin [--folds 1,2,3]          # LFW
+    python tools/make_bin.py --format list PAIRS.txt IMAGE_ROOT OUT.bin           # any pairs
+    python tools/make_bin.py --format cfp-fp cfp-dataset/Protocol cfp-dataset/Protocol cfp_fp.bin
+        common: [--crop L T R B] [--size 112] [--quality 95] [--workers N] [--no-progress]
 
-``pairs.txt`` (LFW View 2, Huang et al. 2007): first line ``folds n``; then per fold n matched
-lines ``name i j`` followed by n mismatched lines ``name1 i name2 j``. Image numbers are 1-based
-and map to ``IMAGE_ROOT/<name>/<name>_%04d.jpg``. Each image is cropped/resized/encoded as in
-``tools/folder2rec.py`` and the pairs are written in file order. The work is done by
-``data/lfw.py``.
+Formats (SOURCE is the first positional argument):
+
+- ``lfw`` (default): LFW View 2 ``pairs.txt`` (Huang et al. 2007): first line ``folds n``; per
+  fold n matched lines ``name i j`` then n mismatched lines ``name1 i name2 j``; images are
+  ``IMAGE_ROOT/<name>/<name>_%04d.jpg``. ``--folds`` picks folds. AgeDB-30 pairs lists written
+  in this layout work the same way.
+- ``list``: one pair per line, ``path1 path2 label`` (label 1 = same person, 0 = different),
+  paths relative to IMAGE_ROOT (or absolute); blank lines and ``#`` comments are skipped.
+- ``cfp-fp``: the CFP protocol folder (Sengupta et al., WACV 2016): ``Pair_list_F.txt`` and
+  ``Pair_list_P.txt`` (``index path`` per line, paths relative to IMAGE_ROOT, normally the
+  protocol folder itself) and ``Split/FP/01..10/{same,diff}.txt`` (``frontal,profile`` indices);
+  written split by split, 350 same then 350 different pairs each (7,000 pairs: 10 contiguous
+  balanced folds, as insightface's ``cfp_fp.bin``). Use ``--crop``/``--size`` to cut the face.
+
+Each image is cropped/resized/encoded as in ``tools/folder2rec.py``; pairs are written in
+protocol order. Bad input: one line ``make_bin: error: FILE:LINE: ...``, exit 1.
 """
+
+from __future__ import annotations
 
 import argparse
 import os
 import sys
 import time
 
-from data.face_jpeg import add_encoding_arguments, encoding_options
-from data.lfw import build_bin, parse_folds, parse_pairs
+from data.face_jpeg import add_encoding_arguments, encoded, encoding_options, progress_bar
+from data.lfw import lfw_image_path, parse_folds, parse_pairs
+from data.verification_bin import write_bin
+
+PathPair = tuple[str, str, bool]  # (image path 1, image path 2, same person)
+CFP_SPLITS = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("pairs_txt", help="LFW-style pairs.txt")
-    p.add_argument("image_root", help="folder with <name>/<name>_NNNN.jpg")
+    p.add_argument(
+        "pairs_txt", help="pairs.txt (lfw), pair list (list) or Protocol folder (cfp-fp)"
+    )
+    p.add_argument("image_root", help="folder the image names/paths are relative to")
     p.add_argument("out_bin", help="output .bin")
+    p.add_argument("--format", choices=sorted(READERS), default="lfw", help="protocol (lfw)")
     add_encoding_arguments(p)
-    p.add_argument("--folds", help="comma-separated 1-based folds (default: all)")
+    p.add_argument("--folds", help="lfw: comma-separated 1-based folds (default: all)")
     return p
 
 
-def main(argv=None) -> int:
+def read_lfw(source: str, image_root: str, folds: str | None) -> tuple[list[PathPair], str]:
+    """LFW ``pairs.txt`` -> path pairs of the chosen folds and a description."""
+    parsed = parse_pairs(source)
+    chosen = parse_folds(folds, len(parsed))
+    pairs = [
+        (lfw_image_path(image_root, n1, i), lfw_image_path(image_root, n2, j), same)
+        for k in chosen
+        for n1, i, n2, j, same in parsed[k - 1]
+    ]
+    return pairs, f"folds {chosen}"
+
+
+def _resolve(image_root: str, path: str, where: str) -> str:
+    if not path or "\0" in path:
+        raise ValueError(f"{where}: empty or invalid image path {path!r}")
+    return os.path.normpath(os.path.join(image_root, path))
+
+
+def read_list(source: str, image_root: str, folds: str | None = None) -> tuple[list[PathPair], str]:
+    """Generic ``path1 path2 label`` list -> path pairs.
+
+    Raises:
+        FileNotFoundError: no list. ValueError: a line without 3 fields or a label other than
+            0/1, or no pairs (names the file and line).
+    """
+    pairs: list[PathPair] = []
+    with open(source, encoding="utf-8") as f:
+        for no, line in enumerate(f, 1):
+            text = line.split("#", 1)[0].strip()
+            if not text:
+                continue
+            fields = text.split()
+            if len(fields) != 3 or fields[2] not in ("0", "1"):
+                raise ValueError(f"{source}:{no}: expected 'path1 path2 label(0|1)', got {text!r}")
+            where = f"{source}:{no}"
+            a, b = (_resolve(image_root, v, where) for v in fields[:2])
+            pairs.append((a, b, fields[2] == "1"))
+    if not pairs:
+        raise ValueError(f"{source}: no pairs listed")
+    return pairs, "list"
+
+
+def _cfp_images(path: str, image_root: str) -> dict[int, str]:
+    images: dict[int, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for no, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 2 or not fields[0].isdigit():
+                raise ValueError(f"{path}:{no}: expected 'index path', got {line.strip()!r}")
+            images[int(fields[0])] = _resolve(image_root, fields[1], f"{path}:{no}")
+    return images
+
+
+def read_cfp_fp(
+    source: str, image_root: str, folds: str | None = None
+) -> tuple[list[PathPair], str]:
+    """CFP frontal-profile protocol folder -> 7,000 path pairs, split by split (same, diff).
+
+    Raises:
+        FileNotFoundError: a missing list or split file. ValueError: a malformed line or an
+            index not in the image lists (names the file and line).
+    """
+    frontal = _cfp_images(os.path.join(source, "Pair_list_F.txt"), image_root)
+    profile = _cfp_images(os.path.join(source, "Pair_list_P.txt"), image_root)
+    pairs: list[PathPair] = []
+    for split in range(1, CFP_SPLITS + 1):
+        for kind, same in (("same", True), ("diff", False)):
+            path = os.path.join(source, "Split", "FP", f"{split:02d}", f"{kind}.txt")
+            with open(path, encoding="utf-8") as f:
+                for no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        i, j = (int(v) for v in line.strip().split(","))
+                        pairs.append((frontal[i], profile[j], same))
+                    except (ValueError, KeyError):
+                        raise ValueError(
+                            f"{path}:{no}: expected 'frontal,profile' indices of the pair "
+                            f"lists, got {line.strip()!r}"
+                        ) from None
+    return pairs, f"CFP-FP, {CFP_SPLITS} splits"
+
+
+READERS = {"lfw": read_lfw, "list": read_list, "cfp-fp": read_cfp_fp}
+
+
+def build_bin(
+    pairs: list[PathPair],
+    out_path: str,
+    *,
+    crop: tuple[int, int, int, int] | None = None,
+    size: int = 112,
+    quality: int = 95,
+    workers: int = 1,
+    progress: bool = True,
+) -> int:
+    """Encode the images of path ``pairs`` (each once) and write the ``.bin`` atomically.
+
+    Returns:
+        number of pairs written.
+    Raises:
+        ValueError: no pairs, or an image that is missing or unreadable (names the pair).
+    """
+    if not pairs:
+        raise ValueError(f"{out_path}: no pairs to write")
+    order = [path for a, b, _ in pairs for path in (a, b)]
+    unique = list(dict.fromkeys(order))  # an image in several pairs is encoded once
+    jobs = [(path, crop, size, quality) for path in unique]
+    jpegs: dict[str, bytes] = {}
+    with encoded(jobs, workers) as results, progress_bar(progress) as bar:
+        task = bar.add_task("encoding pair images", total=len(jobs))
+        for path, (jpeg, _, error) in zip(unique, results):
+            if jpeg is None:
+                k = order.index(path) // 2
+                raise ValueError(f"pair {k} ({pairs[k][0]}, {pairs[k][1]}): {path}: {error}")
+            jpegs[path] = jpeg
+            bar.advance(task)
+    write_bin(out_path, [jpegs[p] for p in order], [same for _, _, same in pairs])
+    return len(pairs)
+
+
+def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 bad input, 2 usage)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     encoding = encoding_options(parser, args)
+    if args.folds and args.format != "lfw":
+        parser.error("--folds applies to --format lfw only")
     t0 = time.perf_counter()
     try:
-        folds = parse_pairs(args.pairs_txt)
-        chosen = parse_folds(args.folds, len(folds))
-        pairs = [pair for k in chosen for pair in folds[k - 1]]
-        n = build_bin(pairs, args.image_root, args.out_bin, **encoding)
+        pairs, desc = READERS[args.format](args.pairs_txt, args.image_root, args.folds)
+        n = build_bin(pairs, args.out_bin, **encoding)
     except (OSError, ValueError) as e:
         print(f"make_bin: error: {e}", file=sys.stderr)
         return 1
-    same = sum(p[4] for p in pairs)
+    same = sum(p[2] for p in pairs)
     print(
-        f"{args.out_bin}: {n} pairs ({same} same, {n - same} different) from folds {chosen}, "
+        f"{args.out_bin}: {n} pairs ({same} same, {n - same} different) from {desc}, "
         f"{2 * n} images, {os.path.getsize(args.out_bin) / 2**20:.1f} MiB, "
         f"{time.perf_counter() - t0:.1f} s"
     )
