@@ -170,3 +170,11 @@ def test_finetune_under_zero_stages(lfw_data, tmp_path):  # noqa: F811 (fixture)
         assert got[step] == pytest.approx(curves[2][step], abs=1e-4), (got, curves[2])
     again = torch.load(tmp_path / "resumed" / "checkpoints" / "step_5" / "backbone.pt")
     assert torch.allclose(again["layer3.0.conv1.weight"], s5_zero2["layer3.0.conv1.weight"])
+
+
+def test_finetune_split_refuses_overlapping_folds(tmp_path):
+    """The fine-tuning split must stay identity-disjoint from the held-out folds."""
+    from tools.prepare_lfw import build_finetune_split
+
+    with pytest.raises(ValueError, match="overlap"):
+        build_finetune_split("unused", str(tmp_path), [1, 2, 3], [3, 4], {})

@@ -86,7 +86,9 @@ def param_groups(cfg: Config, model: nn.Module) -> list[dict[str, Any]] | None:
 class FreezePlan:
     """Which backbone parts are frozen at which step; applied once per step by `apply`.
 
-    `stage_group` is the index of the stem-and-stages param group of `param_groups` (or None).
+    `prefixes`: names of the stem and frozen stages; `stage_group`: the index of their param
+    group in `param_groups` (or None); `stages_frozen` / `all_frozen`: the state `apply` set for
+    the current step (read by the gradient hooks and the BatchNorm `train` overrides).
     """
 
     cfg: Config
@@ -96,12 +98,6 @@ class FreezePlan:
     stages_frozen: bool = False
     all_frozen: bool = False
     _stage_modules: set[int] = field(default_factory=set)
-
-    @property
-    def active(self) -> bool:
-        """Some freezing is configured (else no hooks are installed)."""
-        m, o = self.cfg.model, self.cfg.optim
-        return m.freeze_stages > 0 or o.head_warmup_steps > 0 or m.freeze_bn
 
     def param_frozen(self, in_stage: bool) -> bool:
         """Whether a parameter (in the frozen stages or not) takes a zero gradient now."""
@@ -136,12 +132,6 @@ class FreezePlan:
             if isinstance(module, _BN):
                 module.train(self.model.training)  # the override below decides
 
-    def _zero_if(self, frozen: Callable[[], bool]) -> Callable[[torch.Tensor], torch.Tensor]:
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            return torch.zeros_like(grad) if frozen() else grad
-
-        return hook
-
 
 def build_freeze_plan(cfg: Config, model: nn.Module) -> FreezePlan:
     """The plan for `model` (the backbone module, bare or already inside the DeepSpeed engine:
@@ -155,14 +145,13 @@ def build_freeze_plan(cfg: Config, model: nn.Module) -> FreezePlan:
     if cfg.model.freeze_stages > 0:
         plan.prefixes = frozen_prefixes(model, cfg.model.freeze_stages)
         plan.stage_group = 0
-    if not plan.active:
+    if cfg.model.freeze_stages > 0 or cfg.optim.head_warmup_steps > 0:
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                frozen = functools.partial(plan.param_frozen, _under(name, plan.prefixes))
+                param.register_hook(_zero_when(frozen))  # type: ignore[no-untyped-call]
+    elif not cfg.model.freeze_bn:
         return plan
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        in_stage = _under(name, plan.prefixes)
-        hook = plan._zero_if(functools.partial(plan.param_frozen, in_stage))
-        param.register_hook(hook)  # type: ignore[no-untyped-call]
     for name, module in model.named_modules():
         if not isinstance(module, _BN):
             continue
@@ -170,6 +159,15 @@ def build_freeze_plan(cfg: Config, model: nn.Module) -> FreezePlan:
             plan._stage_modules.add(id(module))
         module.train = types.MethodType(_bn_train(plan), module)  # type: ignore[method-assign]
     return plan
+
+
+def _zero_when(frozen: Callable[[], bool]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A gradient hook: zeros instead of the gradient while `frozen()`."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(grad) if frozen() else grad
+
+    return hook
 
 
 def _bn_train(plan: FreezePlan) -> Callable[..., nn.Module]:
