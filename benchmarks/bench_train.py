@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
 from benchmarks.memory_probe import reset_peak_rss, status_bytes
 from trainer.ports import free_port
@@ -162,40 +163,17 @@ def run_case(case: Case) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     import torch
 
-    from data import SyntheticDataset, build_cpu_loader
-    from trainer.engine import build_ds_config, create_accelerator, resolve_engine_settings
-    from trainer.run import build_engine, build_head
     from trainer.step import train_step
 
-    cfg = _config(case)
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     _init_single_process()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     reset_peak_rss()
     rss0 = status_bytes("VmRSS")
-
-    torch.manual_seed(0)
-    settings = resolve_engine_settings(cfg, env={})
-    ds_config = build_ds_config(cfg, settings)
-    accelerator = create_accelerator(cfg, ds_config, settings.precision)
-    engine, memory_format = build_engine(cfg, accelerator, ds_config, device, 1, lambda *a: None)
-    head, head_opt = build_head(cfg, device, settings.precision)
-    n_params = sum(p.numel() for p in engine.module.parameters())
-    loader = build_cpu_loader(
-        SyntheticDataset(cfg.data.num_image, case.num_classes, seed=0),
-        case.batch_size,
-        0,
-        1,
-        seed=0,
-        num_workers=case.num_workers,
-        flip=True,
-    )
-    loader.set_epoch(0)
-    batches = iter(loader)
-    clock = _PhaseClock(sync, engine, head)
+    run = _build_run(case, torch.device("cuda", 0) if cuda else torch.device("cpu"))
+    clock = _PhaseClock(sync, run.engine, run.head)
 
     init_peak, times = 0, dict.fromkeys(PHASES, 0.0)
     for step in range(case.warmup + case.steps):
@@ -205,9 +183,16 @@ def run_case(case: Case) -> dict:
             init_peak = status_bytes("VmHWM") - rss0  # build + warm-up
             reset_peak_rss()
         clock.start()
-        micro = [next(batches)]
+        micro = [next(run.batches)]
         result = train_step(
-            accelerator, engine, head, head_opt, micro, settings.precision, device, memory_format
+            run.accelerator,
+            run.engine,
+            run.head,
+            run.head_opt,
+            micro,
+            run.precision,
+            run.device,
+            run.memory_format,
         )
         for phase, dt in clock.stop().items():
             times[phase] += dt
@@ -219,12 +204,49 @@ def run_case(case: Case) -> dict:
     out.update(
         samples_per_s=case.batch_size * case.steps / total,
         step_ms=1000 * total / case.steps,
-        loss=result.read(engine)["loss"],
-        params=n_params,
-        device=str(device),
+        loss=result.read(run.engine)["loss"],
+        params=sum(p.numel() for p in run.engine.module.parameters()),
+        device=str(run.device),
     )
     out.update(_peak_memory(cuda, init_peak, rss0))
     return out
+
+
+def _build_run(case: Case, device) -> SimpleNamespace:
+    """The engine, head and batch iterator of `case`, built as `trainer.run` builds them."""
+    import torch
+
+    from data import SyntheticDataset, build_cpu_loader
+    from trainer.engine import build_ds_config, create_accelerator, resolve_engine_settings
+    from trainer.run import build_engine, build_head
+
+    cfg = _config(case)
+    torch.manual_seed(0)
+    settings = resolve_engine_settings(cfg, env={})
+    ds_config = build_ds_config(cfg, settings)
+    accelerator = create_accelerator(cfg, ds_config, settings.precision)
+    engine, memory_format = build_engine(cfg, accelerator, ds_config, device, 1, lambda *a: None)
+    head, head_opt = build_head(cfg, device, settings.precision)
+    loader = build_cpu_loader(
+        SyntheticDataset(cfg.data.num_image, case.num_classes, seed=0),
+        case.batch_size,
+        0,
+        1,
+        seed=0,
+        num_workers=case.num_workers,
+        flip=True,
+    )
+    loader.set_epoch(0)
+    return SimpleNamespace(
+        accelerator=accelerator,
+        engine=engine,
+        head=head,
+        head_opt=head_opt,
+        batches=iter(loader),
+        precision=settings.precision,
+        device=device,
+        memory_format=memory_format,
+    )
 
 
 def _peak_memory(cuda: bool, init_peak: int, rss0: int) -> dict:
