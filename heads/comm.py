@@ -12,8 +12,11 @@ average backbone gradients over W ranks. ``gather_embeddings`` implements exactl
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 __all__ = [
     "Topology",
@@ -39,7 +42,7 @@ class Topology:
 
     __slots__ = ("group", "rank", "world_size")
 
-    def __init__(self, group, rank: int, world_size: int):
+    def __init__(self, group: ProcessGroup | None, rank: int, world_size: int):
         self.group = group
         self.rank = rank
         self.world_size = world_size
@@ -48,7 +51,7 @@ class Topology:
         return f"Topology(rank={self.rank}, world_size={self.world_size})"
 
 
-def resolve_group(process_group=None) -> Topology:
+def resolve_group(process_group: ProcessGroup | None = None) -> Topology:
     """Rank and world size for ``process_group``.
 
     Args:
@@ -124,13 +127,13 @@ class _GatherEmbeddings(torch.autograd.Function):
     """All-gather; backward sums the gradient over ranks and scales it by W (module doc)."""
 
     @staticmethod
-    def forward(ctx, x, sizes, topo):
+    def forward(ctx: Any, x: torch.Tensor, sizes: list[int], topo: Topology) -> torch.Tensor:
         ctx.sizes = sizes
         ctx.topo = topo
         return all_gather_rows(x, sizes, topo)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         topo, sizes = ctx.topo, ctx.sizes
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=topo.group)
