@@ -91,7 +91,7 @@ def test_cpu_and_dali_loaders_augment_alike(lfw64):
     pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (extra 'dali')")
     from data.dali_loader import build_dali_loader
 
-    rec, epochs, seed = f"{lfw64}/train.rec", 3, 11
+    rec, epochs, seed = f"{lfw64}/train.rec", 2, 11
     spec = AugmentSpec(crop_p=0.3, lowres_p=0.3, blur_p=0.3, hsv_p=0.3, gray_p=0.2)
     ref, ids = _cpu_epochs(rec, None, epochs, seed)
     cpu, cpu_ids = _cpu_epochs(rec, spec, epochs, seed)
