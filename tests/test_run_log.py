@@ -41,6 +41,16 @@ def test_rank0_log_keeps_header_console_and_traceback(tmp_path, capsys):
     assert sys.stdout is not None and not hasattr(sys.stdout, "log")  # streams restored
 
 
+def test_stream_kept_after_the_run_only_reaches_the_terminal(tmp_path, capsys):
+    import logging
+
+    with run_log(_cfg(tmp_path), ["t"], 0, 1) as path:
+        handler = logging.StreamHandler(sys.stdout)  # e.g. a library logger made during the run
+    handler.stream.write("after the run\n")
+    handler.stream.flush()
+    assert "after the run" in capsys.readouterr().out and "after the run" not in _read(path)
+
+
 def test_other_ranks_add_only_prefixed_stderr(tmp_path):
     cfg = _cfg(tmp_path)
     with run_log(cfg, ["t"], 0, 2) as path:

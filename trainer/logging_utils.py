@@ -216,6 +216,8 @@ class _Tee:
 
     def write(self, text: str) -> int:
         self.terminal.write(text)
+        if self.log.closed:  # a handler that kept this stream after the run ended
+            return len(text)
         if self.prefix:
             parts = text.split("\n")
             text = "\n".join(
@@ -230,7 +232,8 @@ class _Tee:
 
     def flush(self) -> None:
         self.terminal.flush()
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
 
     def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding: the terminal's
         return getattr(self.terminal, name)
