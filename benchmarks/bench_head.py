@@ -17,6 +17,12 @@ from the process RSS sampled every millisecond by a thread (Linux ``/proc``), on
     python -m benchmarks.bench_head --device cuda --classes 1000000 10000000
     python -m benchmarks.bench_head --classes 1000000 --sample-rates 0.1 --no-reference
     python -m benchmarks.bench_head --smoke
+    python -m benchmarks.bench_head --classes 1000000 --sample-rates 0.1 --no-reference \
+        --loss cosface arcface curricularface elasticface_arc adaface magface
+
+With ``--loss`` (names of ``heads.LOSSES``) each PartialFC row is timed once per loss, CosFace
+first, and ``x cosface`` is each loss's step time over CosFace's at the same class count and
+rate, measured in the same process (issue #16's goal: <= 1.3).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from heads import CombinedMarginLoss, PartialFC, build_head_optimizer
+from heads import LOSSES, CombinedMarginLoss, PartialFC, build_head_optimizer, build_margin
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -163,6 +169,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--no-reference", action="store_true", help="skip the full-softmax reference (slow)"
     )
+    p.add_argument(
+        "--loss",
+        nargs="+",
+        choices=list(LOSSES),
+        help="time the head with these losses (CosFace added first); default ArcFace only",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one iteration (CI)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -174,6 +186,10 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
     margin = CombinedMarginLoss(64.0, 1.0, 0.5, 0.0)
+    losses = {"arcface": margin}
+    if args.loss:
+        names = ["cosface"] + [n for n in args.loss if n != "cosface"]
+        losses = {n: build_margin(n, 64.0) for n in names}
     rows = []
     # Library start-up (thread pools, kernels) must not be billed to the first configuration.
     wx, wy = torch.randn(4, args.dim).to(device), torch.arange(4).to(device)
@@ -194,25 +210,30 @@ def main(argv=None) -> list[dict]:
             )
             rows.append(dict(C=num_classes, impl="reference", rate=1.0, s=ref_s, mem=ref_mem))
         for rate in args.sample_rates:
-            s, mem = measure(
-                lambda c=num_classes, r=rate: build_partial_fc(
-                    c, args.dim, margin, device, r, args.logits_dtype
-                ),
-                x,
-                y,
-                args.iters,
-                device,
-            )
             k = min(num_classes, max(int(rate * num_classes), args.batch))
             dtype = torch.bfloat16 if args.logits_dtype == "bf16" else torch.float32
             gemm = gemm_seconds(args.batch, k, args.dim, dtype, args.iters, device)
-            rows.append(dict(C=num_classes, impl="PartialFC", rate=rate, s=s, mem=mem, gemm=gemm))
+            first = None
+            for name, loss_margin in losses.items():
+                s, mem = measure(
+                    lambda c=num_classes, r=rate, m=loss_margin: build_partial_fc(
+                        c, args.dim, m, device, r, args.logits_dtype
+                    ),
+                    x,
+                    y,
+                    args.iters,
+                    device,
+                )
+                first = first or s
+                row = dict(C=num_classes, impl="PartialFC", rate=rate, s=s, mem=mem, gemm=gemm)
+                rows.append(row | {"loss": name, "vs_cosface": s / first})
         for r in rows:
             if r["C"] == num_classes:
                 r["t_ratio"], r["m_ratio"] = r["s"] / ref_s, r["mem"] / max(ref_mem, 1)
     header = (
         f"{'classes':>10} {'head':>10} {'rate':>5} {'ms/step':>9} {'peak MiB':>9} "
         f"{'time x':>7} {'mem x':>6} {'gemm ms':>8} {'step/gemm':>9}"
+        + (f" {'loss':>20} {'x cosface':>9}" if args.loss else "")
     )
     print(
         f"device={device} batch={args.batch} dim={args.dim} iters={args.iters} world_size=1 "
@@ -225,6 +246,11 @@ def main(argv=None) -> list[dict]:
             f"{r['mem'] / 2**20:>9.1f} {r['t_ratio']:>7.2f} {r['m_ratio']:>6.2f} "
             f"{r.get('gemm', float('nan')) * 1e3:>8.1f} "
             f"{r['s'] / r.get('gemm', float('nan')):>9.2f}"
+            + (
+                f" {r.get('loss', ''):>20} {r.get('vs_cosface', float('nan')):>9.2f}"
+                if args.loss
+                else ""
+            )
         )
     return rows
 

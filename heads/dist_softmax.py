@@ -9,8 +9,9 @@ same pattern.
 Memory: the forward keeps one ``(N, K_r)`` fp32 buffer (the softmax), the backward turns it into
 the gradient in place and returns it; there is no one-hot and no second ``(N, K_r)`` tensor. The
 price: the graph can be backpropagated once (``retain_graph=True`` is refused). Losses that
-re-weight non-target logits (CurricularFace) keep the cosines in that buffer instead and form the
-logits per block of rows (forward twice, backward once), so no second ``(N, K)`` tensor either.
+re-weight non-target logits (CurricularFace: ``s f(cos)``) form the logits per block of rows in a
+block-sized temporary and leave ``p * f'(cos)`` in the buffer, so no second ``(N, K)`` tensor
+either, and the backward is the same single pass.
 
 Gradient convention: the backward is local, ``(softmax - onehot) * grad_out / N``, i.e. each shard
 gets exactly its columns of the single-process gradient (see ``heads/comm.py``).
@@ -40,7 +41,28 @@ def _blocks(n: int, k: int) -> list[slice]:
     return [slice(a, min(a + step, n)) for a in range(0, n, step)]
 
 
-def _nontarget_logits(
+class Scratch:
+    """Block-sized temporaries of the re-weighting path, kept across blocks and steps: fresh
+    large CPU allocations are page-faulted in on every use (the cost of a pass each)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(
+        self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """A tensor shaped like ``like`` (``dtype`` or ``like``'s), contents undefined."""
+        dtype = dtype or like.dtype
+        t = self.buffers.get(name)
+        if t is None or t.device != like.device or t.dtype != dtype or t.numel() < like.numel():
+            t = self.buffers[name] = torch.empty(like.numel(), dtype=dtype, device=like.device)
+        return t[: like.numel()].view(like.shape)
+
+
+_SCRATCH = Scratch()
+
+
+def _nontarget_block(
     margin: Margin,
     buf: torch.Tensor,
     rows: Rows,
@@ -49,14 +71,21 @@ def _nontarget_logits(
     has: torch.Tensor,
     tgt_d: torch.Tensor,
     mask: torch.Tensor | None,
-) -> torch.Tensor:
-    """Scaled logits of rows ``sl`` with the re-weighted non-targets and the final targets."""
-    logits = margin.nontarget(buf[sl], rows, sl) * margin.s
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``sl`` of a re-weighting loss: their logits ``s f(cos)`` (final targets) in a
+    block-sized temporary, the row max ``m`` and ``sum exp(logit - m)``; ``buf[sl]`` (the cosines)
+    becomes ``exp(logit - m) * f'(cos)``, what the backward needs once rescaled per row."""
+    logits, slope = margin.nontarget(buf[sl], rows, sl, _SCRATCH)
+    logits.mul_(margin.s)
     if mask is not None:
-        logits = logits.masked_fill(mask[sl], 0.0)
+        logits.masked_fill_(mask[sl], 0.0)
     idx = cols[sl].unsqueeze(1)
     kept = logits.gather(1, idx).squeeze(1)
-    return logits.scatter(1, idx, torch.where(has[sl], tgt_d[sl], kept).unsqueeze(1))
+    logits.scatter_(1, idx, torch.where(has[sl], tgt_d[sl], kept).unsqueeze(1))
+    row_max = logits.max(dim=1).values
+    sum_exp = logits.sub_(row_max.unsqueeze(1)).exp_().sum(dim=1)
+    torch.mul(logits, slope, out=buf[sl])
+    return row_max, sum_exp
 
 
 class _MarginSoftmaxCE(torch.autograd.Function):
@@ -98,15 +127,16 @@ class _MarginSoftmaxCE(torch.autograd.Function):
             tgt = margin.target_logits(cos_t, norms_leaf, rows)
         tgt_d = tgt.detach()
         mask = margin.filter_mask(buf, torch.where(has, cols, -1))
+        red = torch.zeros((2, n), dtype=buf.dtype, device=buf.device)
+        row_max = torch.full((n,), float("-inf"), dtype=buf.dtype, device=buf.device)
         if margin.has_nontarget:
-            # buf keeps the cosines; logits are formed per row block (twice here, once more in
-            # backward), so no second (N, K) tensor exists.
-            blocks = _blocks(n, k)
-            row_max = torch.full((n,), float("-inf"), dtype=buf.dtype, device=buf.device)
-            if k > 0:
-                for sl in blocks:
-                    logits = _nontarget_logits(margin, buf, rows, sl, cols, has, tgt_d, mask)
-                    row_max[sl] = logits.max(dim=1).values
+            # Logits live in block-sized temporaries; buf ends as p * f'(cos), so the backward
+            # is the same one pass as for plain margins.
+            for sl in _blocks(n, k) if k > 0 else []:
+                row_max[sl], red[0, sl] = _nontarget_block(
+                    margin, buf, rows, sl, cols, has, tgt_d, mask
+                )
+            local_max = row_max.clone()
         else:
             buf.mul_(margin.s)  # cos's storage becomes the logits: no second (N, K) buffer
             if mask is not None:
@@ -116,19 +146,13 @@ class _MarginSoftmaxCE(torch.autograd.Function):
                 kept = buf.gather(1, cols.unsqueeze(1)).squeeze(1)
                 buf.scatter_(1, cols.unsqueeze(1), torch.where(has, tgt_d, kept).unsqueeze(1))
                 row_max = buf.max(dim=1).values
-            else:  # this rank sampled no class: contributes exp(-inf) = 0 to every row
-                row_max = torch.full((n,), float("-inf"), dtype=buf.dtype, device=buf.device)
+            # else this rank sampled no class: it contributes exp(-inf) = 0 to every row
         if topo.world_size > 1:
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=topo.group)
 
         # Row sums of exp and the shifted target logit, reduced together in one collective.
-        red = torch.empty((2, n), dtype=buf.dtype, device=buf.device)
         if margin.has_nontarget:
-            red[0] = 0.0
-            if k > 0:
-                for sl in blocks:
-                    logits = _nontarget_logits(margin, buf, rows, sl, cols, has, tgt_d, mask)
-                    red[0, sl] = logits.sub_(row_max[sl].unsqueeze(1)).exp_().sum(dim=1)
+            red[0].mul_(torch.exp(local_max - row_max))  # local sums, rebased on the global max
         else:
             buf.sub_(row_max.unsqueeze(1)).exp_()
             torch.sum(buf, dim=1, out=red[0])
@@ -142,8 +166,9 @@ class _MarginSoftmaxCE(torch.autograd.Function):
         loss = row_loss.sum() / n
 
         if margin.has_nontarget:
-            ctx.lse = row_max + torch.log(sum_exp)
-            ctx.rows, ctx.margin, ctx.tgt_d = rows, margin, tgt_d
+            # exp(logit - local max) * f' -> p * f'; p_t for the backward from (N,) values
+            buf.mul_((torch.exp(local_max - row_max) / sum_exp).unsqueeze(1))
+            ctx.p_t = torch.exp(tgt_d - row_max) / sum_exp
         else:
             buf.div_(sum_exp.unsqueeze(1))  # softmax probabilities
         ctx.save_for_backward(buf, cols, has)
@@ -169,7 +194,7 @@ class _MarginSoftmaxCE(torch.autograd.Function):
         idx = cols.unsqueeze(1)
         coef = grad_out / ctx.n
         if ctx.nontarget:
-            p_t = torch.exp(ctx.tgt_d - ctx.lse)
+            p_t = ctx.p_t
         elif k > 0:
             p_t = grad.gather(1, idx).squeeze(1)
         if k > 0:
@@ -185,11 +210,8 @@ class _MarginSoftmaxCE(torch.autograd.Function):
         grad_norms = None
         if len(grads) > 1:
             grad_norms = grads[1] if grads[1] is not None else torch.zeros_like(norms_leaf)
-        if ctx.nontarget:
-            if k > 0:
-                _nontarget_backward(ctx, grad, coef)
-        else:
-            grad.mul_(coef * ctx.scale)  # dL/dcos off target: p * s / N
+        # dL/dcos off target: p * s / N (buf holds p, or p * f'(cos) for re-weighting losses)
+        grad.mul_(coef * ctx.scale)
         if ctx.filter_mask is not None:
             grad.masked_fill_(ctx.filter_mask, 0.0)  # filtered logits are constants
         if k > 0:
@@ -197,18 +219,6 @@ class _MarginSoftmaxCE(torch.autograd.Function):
             off = grad.gather(1, idx).squeeze(1)
             grad.scatter_(1, idx, torch.where(has, grad_cos_t, off).unsqueeze(1))
         return grad, grad_norms, None, None, None, None, None
-
-
-def _nontarget_backward(ctx: Any, buf: torch.Tensor, coef: torch.Tensor) -> None:
-    """Turn the cosines in ``buf`` into ``dL/dcos`` block by block: ``p * dlogit/dcos * coef``."""
-    margin, rows, lse = ctx.margin, ctx.rows, ctx.lse
-    for sl in _blocks(buf.shape[0], buf.shape[1]):
-        with torch.enable_grad():
-            c = buf[sl].clone().requires_grad_(True)
-            logits = margin.nontarget(c, rows, sl) * margin.s
-        p = (logits.detach() - lse[sl].unsqueeze(1)).exp_().mul_(coef)
-        (g,) = torch.autograd.grad(logits, c, p)
-        buf[sl] = g
 
 
 def margin_softmax_cross_entropy(

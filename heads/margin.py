@@ -16,6 +16,8 @@ can be NaN/inf at theta = 0 or pi (the value stays exact). Both differences can 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -133,9 +135,22 @@ class Margin(nn.Module):
         ``norms``; subclasses implement it."""
         raise NotImplementedError
 
-    def nontarget(self, cos: torch.Tensor, rows: Rows, sl: slice) -> torch.Tensor:
-        """Re-weighted non-target cosines of rows ``sl`` (``has_nontarget`` losses): ``cos``
-        ``(len(sl), K)`` fp32, returns the same shape, differentiable in ``cos``."""
+    def nontarget(
+        self, cos: torch.Tensor, rows: Rows, sl: slice, scratch: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-weighted non-target cosines ``f(cos)`` of rows ``sl`` and their slope
+        (``has_nontarget`` losses).
+
+        Args:
+            cos: ``(B, K)`` fp32 cosines of rows ``sl`` (read only).
+            rows: from ``prepare``. sl: the rows' slice of the gathered batch.
+            scratch: ``scratch(name, like, dtype=None)`` gives a reusable tensor shaped like
+                ``like`` (``heads.dist_softmax.Scratch``): write results there with ``out=``.
+
+        Returns:
+            ``(f, f')``: ``(B, K)`` fp32 tensors the caller may edit in place (scratch ones),
+            valid until the next call.
+        """
         raise NotImplementedError
 
     def regularizer(self, norms: torch.Tensor) -> torch.Tensor | None:

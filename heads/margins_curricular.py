@@ -73,7 +73,14 @@ class CurricularFace(Margin):
             cos_t > math.cos(math.pi - self.m), arc, cos_t - self.m * math.sin(self.m)
         )
 
-    def nontarget(self, cos: torch.Tensor, rows: Rows, sl: slice) -> torch.Tensor:
-        """``c (t + c)`` where ``c > cos(theta_y + m)`` of the row, else ``c``."""
-        hard = cos > rows["hard"][sl].unsqueeze(1)
-        return torch.where(hard, cos * (rows["t"] + cos), cos)
+    def nontarget(
+        self, cos: torch.Tensor, rows: Rows, sl: slice, scratch: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``f = c (t + c)`` where ``c > cos(theta_y + m)`` of the row, else ``c``; slope
+        ``f' = t + 2c`` or 1. Written as ``g = t + c`` or 1, ``f = c g``, ``f' = g + [hard] c``
+        (fewest passes over the block)."""
+        hard = torch.gt(cos, rows["hard"][sl].unsqueeze(1), out=scratch("hard", cos))  # 1.0 or 0.0
+        g = torch.sub(cos, 1.0 - rows["t"], out=scratch("g", cos))
+        g.mul_(hard).add_(1.0)  # t + c on hard entries, 1 elsewhere
+        value = torch.mul(cos, g, out=scratch("value", cos))
+        return value, g.addcmul_(cos, hard)
