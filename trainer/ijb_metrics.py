@@ -5,7 +5,8 @@
 - image features (flip-summed by the caller) are *not* normalized per image, are multiplied by
   the face detector score, averaged over the images of one media (video frames), summed over the
   media of a template and L2-normalized (``pool_templates``);
-- a pair's score is the dot product of its two template features (``score_pairs``, in chunks);
+- a pair's score is the dot product of its two template features (``score_pairs``, in chunks
+  of 8192 pairs: IJB-C has 15.7M, IJB-B 8.0M);
 - TAR at FAR targets 1e-6 ... 1e-1 is read by two rules (``tar_at_far``): ``nearest`` (the rule of
   arcface_torch's published tables: the TPR of the ``sklearn.metrics.roc_curve`` point whose FPR is
   nearest the target) and ``strict`` (the highest TPR of any threshold with FPR <= target).
@@ -39,7 +40,7 @@ __all__ = [
 
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 RULES = ("nearest", "strict")
-CHUNK_PAIRS = 8_000_000  # IJB-B's 8M pairs in one chunk: ~2 x 8M x D x 4 bytes of gathered rows
+CHUNK_PAIRS = 8192  # 2 x 8192 x 512 float32 rows = 32 MB a chunk: 3x faster here than 100k
 
 
 def pool_templates(
