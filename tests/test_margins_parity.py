@@ -20,11 +20,9 @@ import torch.nn.functional as F
 
 from heads import PartialFC, build_margin, load_head, save_head
 from tests.distributed import run_distributed
+from tests.test_partial_fc import C, D, S
+from tests.test_partial_fc import make_problem as partial_fc_problem
 
-C = 1003  # uneven over 2 and 3 ranks
-D = 32
-D_IN = 12
-S = 64.0
 MARGIN_SEED = 11  # ElasticFace's generator seed (the same on every rank)
 
 # name -> (registry name, loss_kwargs, head options, initial state)
@@ -55,16 +53,10 @@ def close(actual, expected, rel=2e-5, what=""):
 
 
 def make_problem(seed, n_rows):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n_rows, D_IN, generator=g)
-    y = torch.randint(0, C, (n_rows,), generator=g)
-    y[1] = y[0]  # a class that is positive twice
-    centers = torch.randn(C, D, generator=g) * 0.01
-    backbone = torch.nn.Linear(D_IN, D)
+    """``tests/test_partial_fc.py``'s problem with half the rows' centers pulled towards them,
+    so target angles are spread instead of all near 90 degrees."""
+    z, y, centers, backbone = partial_fc_problem(seed, n_rows)
     with torch.no_grad():
-        backbone.weight.copy_(torch.randn(D, D_IN, generator=g))
-        backbone.bias.copy_(torch.randn(D, generator=g))
-        # pull some rows towards their centers so targets are not all near 90 degrees
         centers[y[::2]] += 0.02 * F.normalize(backbone(z[::2]))
     return z, y, centers, backbone
 
