@@ -42,6 +42,7 @@ from trainer.ijb_metrics import (
     score_pairs,
     tar_at_far,
 )
+from trainer.verification import plot_roc
 
 _PROG = "eval_ijb"
 
@@ -214,31 +215,13 @@ def _save(folder: str, name: str, array: np.ndarray) -> None:
         np.save(tmp, array)
 
 
-def _plot_roc(labels: np.ndarray, scores: np.ndarray, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _plot_roc(labels: np.ndarray, scores: np.ndarray, path: str, name: str) -> None:
     from sklearn.metrics import auc, roc_curve
 
     fpr, tpr, _ = roc_curve(labels, scores)
-    fig, ax = plt.subplots(figsize=(6, 5))
-    try:
-        keep = fpr > 0  # a log axis cannot show FAR = 0
-        ax.plot(fpr[keep], tpr[keep], label=f"{title} (AUC {auc(fpr, tpr) * 100:.2f} %)")
-        ax.set_xscale("log")
-        ax.set_xlim(1e-6, 1.0)
-        ax.set_ylim(0.0, 1.01)
-        ax.set_xlabel("False accept rate")
-        ax.set_ylabel("True accept rate")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.set_title(f"ROC on {title.upper()} 1:1")
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    curve = {"roc": {"fpr": fpr, "tpr": tpr}, "auc": float(auc(fpr, tpr))}
+    with atomic_path(path) as tmp:  # keeps the .png extension matplotlib reads
+        plot_roc({name.upper(): curve}, tmp, title=f"ROC on {name.upper()} 1:1")
 
 
 def format_table(results: dict[str, Any]) -> list[str]:

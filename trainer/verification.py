@@ -193,7 +193,8 @@ def plot_roc(results: dict[str, dict[str, Any]], path_png: str, title: str = "RO
     """Save the ROC curves of several targets to a PNG (log-scale FAR axis).
 
     Args:
-        results: target name -> ``evaluate`` dict (uses ``roc``, ``auc``, ``accuracy_mean``).
+        results: target name -> ``evaluate`` dict (uses ``roc``, ``auc`` and, when present,
+            ``accuracy_mean``); IJB results pass ``{"roc": ..., "auc": ...}`` only.
         path_png: output file; its folder must exist.
     Returns:
         ``path_png``.
@@ -214,7 +215,8 @@ def plot_roc(results: dict[str, dict[str, Any]], path_png: str, title: str = "RO
                 raise ValueError(f"plot_roc: results[{name!r}] has no 'roc' entry")
             fpr, tpr = np.asarray(res["roc"]["fpr"]), np.asarray(res["roc"]["tpr"])
             keep = fpr > 0  # a log axis cannot show FAR = 0
-            label = f"{name} (acc {res['accuracy_mean']:.4f}, AUC {res['auc']:.4f})"
+            acc = f"acc {res['accuracy_mean']:.4f}, " if "accuracy_mean" in res else ""
+            label = f"{name} ({acc}AUC {res['auc']:.4f})"
             ax.plot(fpr[keep], tpr[keep], label=label)
         ax.set_xscale("log")
         ax.set_xlabel("False accept rate")
