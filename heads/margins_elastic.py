@@ -89,7 +89,8 @@ class ElasticFace(Margin):
         margins = draw_margins(self.generator, n, self.m, self.std)
         if self.plus:  # the r-th largest target cosine gets the r-th smallest margin
             assert cos_target is not None
-            order = torch.argsort(cos_target.cpu(), descending=True, stable=True)
+            margins = margins.to(cos_target.device)  # sort there: no device-to-host read
+            order = torch.argsort(cos_target, descending=True, stable=True)
             margins = margins.sort().values[torch.argsort(order)]
         return {"m": margins}
 
