@@ -23,6 +23,7 @@ DEFAULT_LFW = os.environ.get(
 # (left, top, right, bottom) of the face in a 250x250 deep-funneled LFW image; resized to 112x112.
 LFW_CROP: Box = (59, 56, 191, 188)
 Pair = tuple[str, int, str, int, bool]  # (name1, i, name2, j, issame), 1-based image numbers
+PathPair = tuple[str, str, bool]  # (image path 1, image path 2, same person)
 
 
 def check_name(name: str) -> str:
@@ -131,7 +132,7 @@ def build_bin(
     workers: int = 1,
     progress: bool = True,
 ) -> int:
-    """Encode the images of ``pairs`` and write them as a verification ``.bin``.
+    """Encode the images of LFW ``pairs`` and write them as a verification ``.bin``.
 
     Args:
         pairs: list of (name1, i, name2, j, issame) as from ``parse_pairs``.
@@ -145,26 +146,56 @@ def build_bin(
         ValueError: no pairs, a name outside ``image_root``, or a pair's image is missing or
             unreadable (a .bin must be complete).
     """
+    path_pairs = [
+        (lfw_image_path(image_root, n1, i), lfw_image_path(image_root, n2, j), same)
+        for n1, i, n2, j, same in pairs
+    ]
+    return build_path_bin(
+        path_pairs,
+        out_path,
+        crop=crop,
+        size=size,
+        quality=quality,
+        workers=workers,
+        progress=progress,
+    )
+
+
+def build_path_bin(
+    pairs: list[PathPair],
+    out_path: str | os.PathLike[str],
+    *,
+    crop: Box | None = None,
+    size: int = 112,
+    quality: int = 95,
+    workers: int = 1,
+    progress: bool = True,
+) -> int:
+    """Encode the images of path ``pairs`` (each image once) and write the ``.bin`` atomically.
+
+    Args:
+        pairs: list of (image path 1, image path 2, same person).
+        out_path, crop, size, quality, workers, progress: as ``build_bin``.
+    Returns:
+        number of pairs written.
+    Raises:
+        ValueError: no pairs, or an image that is missing or unreadable (names the pair).
+    """
     if not pairs:
         raise ValueError(f"{out_path}: no pairs to write")
-    paths = [
-        lfw_image_path(image_root, name, number)
-        for name1, i, name2, j, _ in pairs
-        for name, number in ((name1, i), (name2, j))
-    ]
-    unique = list(dict.fromkeys(paths))  # an image in several pairs is encoded once
+    order = [path for a, b, _ in pairs for path in (a, b)]
+    unique = list(dict.fromkeys(order))  # an image in several pairs is encoded once
     jobs = [(path, crop, size, quality) for path in unique]
-    encoded_images = {}
+    jpegs: dict[str, bytes] = {}
     with encoded(jobs, workers) as results, progress_bar(progress) as bar:
         task = bar.add_task("encoding pair images", total=len(jobs))
         for path, (jpeg, _, error) in zip(unique, results):
             if jpeg is None:
-                k = paths.index(path) // 2
-                name1, i, name2, j, _ = pairs[k]
-                raise ValueError(f"pair {k} ({name1} {i}, {name2} {j}): {path}: {error}")
-            encoded_images[path] = jpeg
+                k = order.index(path) // 2
+                raise ValueError(f"pair {k} ({pairs[k][0]}, {pairs[k][1]}): {path}: {error}")
+            jpegs[path] = jpeg
             bar.advance(task)
-    write_bin(out_path, [encoded_images[p] for p in paths], [p[4] for p in pairs])
+    write_bin(out_path, [jpegs[p] for p in order], [same for _, _, same in pairs])
     return len(pairs)
 
 

@@ -30,11 +30,9 @@ import os
 import sys
 import time
 
-from data.face_jpeg import add_encoding_arguments, encoded, encoding_options, progress_bar
-from data.lfw import lfw_image_path, parse_folds, parse_pairs
-from data.verification_bin import write_bin
+from data.face_jpeg import add_encoding_arguments, encoding_options
+from data.lfw import PathPair, build_path_bin, lfw_image_path, parse_folds, parse_pairs
 
-PathPair = tuple[str, str, bool]  # (image path 1, image path 2, same person)
 CFP_SPLITS = 10
 
 
@@ -140,41 +138,6 @@ def read_cfp_fp(
 READERS = {"lfw": read_lfw, "list": read_list, "cfp-fp": read_cfp_fp}
 
 
-def build_bin(
-    pairs: list[PathPair],
-    out_path: str,
-    *,
-    crop: tuple[int, int, int, int] | None = None,
-    size: int = 112,
-    quality: int = 95,
-    workers: int = 1,
-    progress: bool = True,
-) -> int:
-    """Encode the images of path ``pairs`` (each once) and write the ``.bin`` atomically.
-
-    Returns:
-        number of pairs written.
-    Raises:
-        ValueError: no pairs, or an image that is missing or unreadable (names the pair).
-    """
-    if not pairs:
-        raise ValueError(f"{out_path}: no pairs to write")
-    order = [path for a, b, _ in pairs for path in (a, b)]
-    unique = list(dict.fromkeys(order))  # an image in several pairs is encoded once
-    jobs = [(path, crop, size, quality) for path in unique]
-    jpegs: dict[str, bytes] = {}
-    with encoded(jobs, workers) as results, progress_bar(progress) as bar:
-        task = bar.add_task("encoding pair images", total=len(jobs))
-        for path, (jpeg, _, error) in zip(unique, results):
-            if jpeg is None:
-                k = order.index(path) // 2
-                raise ValueError(f"pair {k} ({pairs[k][0]}, {pairs[k][1]}): {path}: {error}")
-            jpegs[path] = jpeg
-            bar.advance(task)
-    write_bin(out_path, [jpegs[p] for p in order], [same for _, _, same in pairs])
-    return len(pairs)
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 bad input, 2 usage)."""
     parser = build_parser()
@@ -185,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         pairs, desc = READERS[args.format](args.pairs_txt, args.image_root, args.folds)
-        n = build_bin(pairs, args.out_bin, **encoding)
+        n = build_path_bin(pairs, args.out_bin, **encoding)
     except (OSError, ValueError) as e:
         print(f"make_bin: error: {e}", file=sys.stderr)
         return 1
