@@ -13,7 +13,7 @@ head's gradient convention has no world-size factor (``heads/comm.py``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -205,6 +205,15 @@ class HeadOptimizer:
             coef, w = self._lazy
             self._grad[1].addcmul_(w, coef.unsqueeze(1), value=-1.0)
             self._lazy = None
+
+    @overload
+    def unscale_(self, loss_scale: float = ..., blocking: Literal[True] = ...) -> bool: ...
+
+    @overload
+    def unscale_(self, loss_scale: float, blocking: Literal[False]) -> torch.Tensor: ...
+
+    @overload
+    def unscale_(self, loss_scale: float = ..., *, blocking: Literal[False]) -> torch.Tensor: ...
 
     def unscale_(self, loss_scale: float = 1.0, blocking: bool = True) -> bool | torch.Tensor:
         """Divide the accumulated head gradient by ``loss_scale``; report finiteness everywhere.

@@ -25,7 +25,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, cast
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 import numpy as np
 import torch
@@ -459,11 +459,6 @@ class Checkpointer:
         self.root = checkpoint_root(run.cfg.output)
         self.last_saved = latest_checkpoint(run.cfg.output)  # same on every rank (shared disk)
 
-    @property
-    def head(self) -> PartialFC:
-        """The run's head (`Run.head` is typed as a Module; `build_head` makes a PartialFC)."""
-        return cast("PartialFC", self.run.head)
-
     def meta(self, step: int) -> Meta:
         """meta.json of a checkpoint at `step` (JSON-serializable; written last)."""
         cfg, run = self.cfg, self.run
@@ -494,7 +489,7 @@ class Checkpointer:
             run.loader.set_epoch(0)
             return 0
         meta = load_checkpoint(
-            path, run.engine, self.head, run.head_opt, run.rank, run.world, run.log
+            path, run.engine, run.head, run.head_opt, run.rank, run.world, run.log
         )
         run.loader.set_epoch(int(meta["epoch"]))
         run.loader.load_state_dict(meta["loader"])  # global-sample offset: any world size
@@ -508,7 +503,7 @@ class Checkpointer:
             self.cfg.output,
             step,
             run.engine,
-            self.head,
+            self.run.head,
             run.head_opt,
             self.meta(step),
             run.rank,

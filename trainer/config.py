@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,7 @@ class ModelConfig:
     network: str = "r50"
     embedding_size: int = 512
     grad_checkpointing: bool = False
-    kwargs: dict = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: str = ""
     pretrained_strict: bool = True
     freeze_bn: bool = False
@@ -73,7 +74,7 @@ class HeadConfig:
     """Partial FC head and its margin `cos(m1*theta + m2) - m3`, scale `s`."""
 
     sample_rate: float = 1.0
-    margin_list: tuple = (1.0, 0.5, 0.0)
+    margin_list: tuple[float, ...] = (1.0, 0.5, 0.0)
     scale: float = 64.0
     interclass_filtering_threshold: float = 0.0
     # GEMM precision of the logits: fp32, tf32, bf16 (bf16 operands, fp32 accumulation and
@@ -82,7 +83,7 @@ class HeadConfig:
     # Margin loss by name (heads/losses.py LOSSES, docs/losses.md): combined reads margin_list;
     # the others take their own arguments from loss_kwargs (e.g. {m: 0.4, h: 0.333}).
     loss: str = "combined"
-    loss_kwargs: dict = field(default_factory=dict)
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
     # issue #15 fidelity switches: exact = the margin's own slope at the target (ours);
     # arcface_torch = slope s, as its no_grad edit of the target logit.
     margin_gradient: str = "exact"
@@ -100,7 +101,7 @@ class OptimConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    betas: tuple = (0.9, 0.999)
+    betas: tuple[float, ...] = (0.9, 0.999)
     eps: float = 1e-8
     gradient_acc: int = 1
     clip_grad: float = 5.0
@@ -158,7 +159,7 @@ class LoggingConfig:
     frequent: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
-    trackers: tuple = ()
+    trackers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ class EvalConfig:
     """Verification every `verbose` steps and at the end on `val_targets`: names of `<name>.bin`
     in `data.rec` (as arcface_torch) or paths to `.bin` files."""
 
-    val_targets: tuple = ()
+    val_targets: tuple[str, ...] = ()
     verbose: int = 2000
     batch_size: int = 64
 
@@ -302,14 +303,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return tuple(value)
-    if tp is dict:
+    if tp is dict or typing.get_origin(tp) is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
-def _check_keys_are_strings(raw: dict, prefix: str, src: str) -> None:
+def _check_keys_are_strings(raw: dict[Any, Any], prefix: str, src: str) -> None:
     """YAML allows `1:` or `true:` as keys; a config section only has named fields."""
     for key in raw:
         if not isinstance(key, str):
@@ -327,7 +328,7 @@ ALIASES = {
 }
 
 
-def _apply_aliases(raw: dict, prefix: str, src: str) -> dict:
+def _apply_aliases(raw: dict[str, Any], prefix: str, src: str) -> dict[str, Any]:
     out = dict(raw)
     for key in list(raw):
         canonical = ALIASES.get(f"{prefix}{key}")
@@ -342,7 +343,7 @@ def _apply_aliases(raw: dict, prefix: str, src: str) -> dict:
     return out
 
 
-def _build(cls: type, raw: dict, prefix: str, src: str) -> Any:
+def _build(cls: Any, raw: dict[str, Any], prefix: str, src: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{src}: '{prefix or 'top level'}' must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -353,7 +354,7 @@ def _build(cls: type, raw: dict, prefix: str, src: str) -> Any:
     if unknown:
         key = f"{prefix}{unknown[0]}"
         raise ConfigError(f"{src}: unknown key '{key}' (valid here: {', '.join(sorted(names))})")
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for name, value in raw.items():
         tp = hints[name]
         where = f"{src}: {prefix}{name}"
@@ -364,7 +365,7 @@ def _build(cls: type, raw: dict, prefix: str, src: str) -> Any:
     return cls(**kwargs)
 
 
-def _set_dotted(raw: dict, dotted: str, value: Any, src: str) -> None:
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, src: str) -> None:
     dotted = ALIASES.get(dotted, dotted)  # an override of an alias replaces the file's value
     node = raw
     parts = dotted.split(".")
@@ -395,7 +396,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
     """Loads a YAML experiment file, applies dotted `key=value` overrides, validates.
 
     Args:
@@ -410,7 +411,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             message names the file (or "command line") and the dotted field.
     """
     src = path or "<defaults>"
-    raw: dict = {}
+    raw: dict[str, Any] = {}
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"{path}: config file not found")
@@ -421,7 +422,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     if overrides:
         src = f"{src} + command line"
     _apply_compat(raw, src)
-    cfg = _build(Config, raw, "", src)
+    cfg: Config = _build(Config, raw, "", src)
     validate(cfg, src)
     return cfg
 
@@ -593,7 +594,7 @@ def _check_model(cfg: Config, bad: Any) -> None:
 def _check_loss(cfg: Config, bad: Any) -> None:
     """`head.loss` must be registered, `head.loss_kwargs` accepted and in range (the margin is
     built once here, a few scalars); `margin_list` is read by `combined` only."""
-    from heads.losses import LOSSES, build_margin  # torch: imported only when validating
+    from heads.losses import LOSSES  # torch: imported only when validating
 
     h = cfg.head
     if h.loss not in LOSSES:
@@ -601,21 +602,34 @@ def _check_loss(cfg: Config, bad: Any) -> None:
     if h.loss != "combined" and tuple(h.margin_list) != HeadConfig.margin_list:
         raise bad("head.margin_list", f"is read by head.loss=combined only, not {h.loss!r}")
     try:
-        build_margin(
-            h.loss,
-            h.scale,
-            tuple(h.margin_list),
-            h.interclass_filtering_threshold,
-            h.margin_gradient,
-            h.clamping,
-            cfg.seed,
-            h.loss_kwargs,
-        )
+        build_head_margin(cfg)
     except (ValueError, TypeError) as e:
         raise bad("head.loss_kwargs", str(e).removeprefix("heads/")) from None
 
 
-def to_dict(cfg: Config) -> dict:
+def build_head_margin(cfg: Config) -> Any:
+    """The head's margin loss (a `heads.margin.Margin`) for `cfg.head` and `cfg.seed`.
+
+    Raises:
+        ValueError / TypeError: as `heads.losses.build_margin` (unknown loss, bad kwargs).
+    """
+    from heads.losses import build_margin  # torch: imported only when needed
+
+    h = cfg.head
+    m1, m2, m3 = h.margin_list
+    return build_margin(
+        h.loss,
+        h.scale,
+        (m1, m2, m3),
+        h.interclass_filtering_threshold,
+        h.margin_gradient,
+        h.clamping,
+        cfg.seed,
+        h.loss_kwargs,
+    )
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
     """Plain nested dict (tuples as lists) for YAML dumps and logs."""
 
     def conv(v: Any) -> Any:
@@ -625,10 +639,11 @@ def to_dict(cfg: Config) -> dict:
             return {k: conv(x) for k, x in v.items()}
         return v
 
-    return conv(dataclasses.asdict(cfg))
+    out: dict[str, Any] = conv(dataclasses.asdict(cfg))
+    return out
 
 
-def save_config(cfg: Config, path: str, resolved: dict | None = None) -> None:
+def save_config(cfg: Config, path: str, resolved: dict[str, Any] | None = None) -> None:
     """Writes the config, and the derived values as a trailing comment block, atomically."""
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if resolved:

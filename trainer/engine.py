@@ -303,7 +303,7 @@ def build_backbone_optimizer(
         opt = DeepSpeedCPUAdam(
             params,
             lr=cfg.optim.lr,
-            betas=tuple(cfg.optim.betas),
+            betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
             eps=cfg.optim.eps,
             weight_decay=cfg.optim.weight_decay,
             adamw_mode=True,
@@ -312,7 +312,7 @@ def build_backbone_optimizer(
         opt = torch.optim.AdamW(
             params,
             lr=cfg.optim.lr,
-            betas=tuple(cfg.optim.betas),
+            betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
             eps=cfg.optim.eps,
             weight_decay=cfg.optim.weight_decay,
         )

@@ -12,13 +12,16 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from trainer.config import Config, Resolved, resolve, save_config
+from trainer.config import Config, Resolved, build_head_margin, resolve, save_config
 from trainer.engine import EngineSettings
+
+if TYPE_CHECKING:
+    from heads import HeadOptimizer, PartialFC
 
 
 @dataclass
@@ -35,8 +38,8 @@ class Run:
     memory_format: torch.memory_format  # layout of input batches on the device
     accelerator: Any
     engine: Any  # DeepSpeed engine of the backbone
-    head: torch.nn.Module  # Partial FC (outside ZeRO)
-    head_opt: Any  # heads.HeadOptimizer
+    head: PartialFC  # outside ZeRO
+    head_opt: HeadOptimizer
     loader: Any  # yields (images, labels); epoch/state_dict/load_state_dict
     evaluator: Any  # trainer.evaluation.VerificationCallback or None
     logger: Any  # trainer.logging_utils.TrainLogger
@@ -132,20 +135,12 @@ def build_engine(
     return prepare_backbone(cfg, accelerator, backbone, ds_config, groups), memory_format
 
 
-def build_head(cfg: Config, device: torch.device, precision: str) -> tuple[torch.nn.Module, Any]:
-    from heads import PartialFC, build_head_optimizer, build_margin, resolve_logits_dtype
+def build_head(
+    cfg: Config, device: torch.device, precision: str
+) -> tuple[PartialFC, HeadOptimizer]:
+    from heads import PartialFC, build_head_optimizer, resolve_logits_dtype
 
-    h = cfg.head
-    margin = build_margin(
-        h.loss,
-        h.scale,
-        tuple(h.margin_list),
-        h.interclass_filtering_threshold,
-        h.margin_gradient,
-        h.clamping,
-        cfg.seed,
-        h.loss_kwargs,
-    )
+    margin = build_head_margin(cfg)
     head = PartialFC(
         cfg.model.embedding_size,
         cfg.data.num_classes,

@@ -15,12 +15,17 @@ in one transfer: call it on logging steps only. DeepSpeed adds its own (see docs
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from trainer.device_batch import to_device
 from trainer.engine import loss_scale
+
+if TYPE_CHECKING:
+    from heads import HeadOptimizer, PartialFC
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -51,7 +56,7 @@ class StepResult:
     num_positive: torch.Tensor
     loss_finite: bool
 
-    def read(self, engine=None) -> dict[str, float]:
+    def read(self, engine: Any = None) -> dict[str, float]:
         """The logging scalars as python floats, fetched in ONE device-to-host transfer.
 
         Args:
@@ -81,11 +86,11 @@ class StepResult:
 
 
 def train_step(
-    accelerator,
-    engine,
-    head,
-    head_opt,
-    micro_batches,
+    accelerator: Any,
+    engine: Any,
+    head: PartialFC,
+    head_opt: HeadOptimizer,
+    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     precision: str,
     device: torch.device,
     memory_format: torch.memory_format = torch.preserve_format,
