@@ -215,12 +215,14 @@ def main(argv=None) -> list[dict]:
         losses = {n: build_margin(n, 64.0) for n in names}
     rows = []
     # Library start-up (thread pools, kernels) must not be billed to the first configuration.
-    wx, wy = torch.randn(4, args.dim).to(device), torch.arange(4).to(device)
+    wx, wy = torch.randn(4, args.dim).to(device).requires_grad_(True), torch.arange(4).to(device)
     measure(lambda: build_reference(100, args.dim, margin, device), wx, wy, 1, device)
     measure(lambda: build_partial_fc(100, args.dim, margin, device, 0.5), wx, wy, 1, device)
     for num_classes in args.classes:
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(args.batch, args.dim, generator=g).to(device)
+        # The embeddings come from the backbone: their gradient (the grad-input GEMM) is part
+        # of every training step, as in the three GEMMs the step is compared against.
+        x = torch.randn(args.batch, args.dim, generator=g).to(device).requires_grad_(True)
         y = torch.randint(0, num_classes, (args.batch,), generator=g).to(device)
         ref_s = ref_mem = float("nan")
         if not args.no_reference:
