@@ -88,6 +88,35 @@ def _nontarget_block(
     return row_max, sum_exp
 
 
+def _target_logits(
+    buf: torch.Tensor,
+    norms: torch.Tensor | None,
+    cols: torch.Tensor,
+    has: torch.Tensor,
+    margin: Margin,
+    topo: Topology,
+    update: bool,
+) -> tuple[Rows, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The margin's per-row state and final target logits ``(N,)`` as a tiny autograd graph
+    (differentiated in the backward): ``(rows, cos_t leaf, norms leaf or None, logits)``."""
+    n, k = buf.shape
+    cos_t_d = buf.gather(1, cols.unsqueeze(1)).squeeze(1) if k > 0 else buf.new_zeros(n)
+    global_t = None
+    if margin.needs_global_target:  # each row's target cosine, on every rank
+        global_t = torch.where(has, cos_t_d, 0.0)
+        if topo.world_size > 1:
+            dist.all_reduce(global_t, op=dist.ReduceOp.SUM, group=topo.group)
+    norms_d = None if norms is None else norms.detach()
+    rows = margin.prepare(n, global_t, norms_d, update)
+    with torch.enable_grad():
+        cos_t = cos_t_d.clone().requires_grad_(True)
+        norms_leaf = None
+        if norms is not None and norms_d is not None:
+            norms_leaf = norms_d.clone().requires_grad_(norms.requires_grad)
+        tgt = margin.target_logits(cos_t, norms_leaf, rows)
+    return rows, cos_t, norms_leaf, tgt
+
+
 class _MarginSoftmaxCE(torch.autograd.Function):
     # Fixed shapes throughout: every row has a target column (column 0 stands in for rows whose
     # target lives on another rank) and ``has`` (bool) masks the stand-ins, so nothing here
@@ -107,24 +136,7 @@ class _MarginSoftmaxCE(torch.autograd.Function):
         buf = cos.detach()
         if margin.clamping == "arcface_torch":
             buf.clamp_(-1.0, 1.0)  # value only: the slope passes straight through
-        if k > 0:
-            cos_t_d = buf.gather(1, cols.unsqueeze(1)).squeeze(1)
-        else:
-            cos_t_d = buf.new_zeros(n)
-        global_t = None
-        if margin.needs_global_target:  # each row's target cosine, on every rank
-            global_t = torch.where(has, cos_t_d, 0.0)
-            if topo.world_size > 1:
-                dist.all_reduce(global_t, op=dist.ReduceOp.SUM, group=topo.group)
-        norms_d = None if norms is None else norms.detach()
-        rows = margin.prepare(n, global_t, norms_d, update)
-        # Target path: tiny (N,) autograd graph through the margin, differentiated in backward.
-        with torch.enable_grad():
-            cos_t = cos_t_d.clone().requires_grad_(True)
-            norms_leaf = None
-            if norms is not None and norms_d is not None:
-                norms_leaf = norms_d.clone().requires_grad_(norms.requires_grad)
-            tgt = margin.target_logits(cos_t, norms_leaf, rows)
+        rows, cos_t, norms_leaf, tgt = _target_logits(buf, norms, cols, has, margin, topo, update)
         tgt_d = tgt.detach()
         mask = margin.filter_mask(buf, torch.where(has, cols, -1))
         red = torch.zeros((2, n), dtype=buf.dtype, device=buf.device)
