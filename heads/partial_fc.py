@@ -489,25 +489,7 @@ class PartialFC(nn.Module):
         if self.before_gather is not None:
             self.before_gather(index)
         track = self.training and torch.is_grad_enabled()
-        full = index.numel() == self.num_local
-        # A leaf over the sampled rows only; the full shard shares storage instead of copying.
-        ws = None
-        if track:  # one workspace per outstanding forward (gradient accumulation)
-            while len(self._workspaces) <= len(self._pending):
-                self._workspaces.append(_Workspace())
-            ws = self._workspaces[len(self._pending)]
-        if full:
-            rows = self.weight.detach()
-        elif ws is not None:
-            buf = ws.get("rows", self.weight[: index.numel()])
-            rows = torch.index_select(self.weight.detach(), 0, index, out=buf)
-        else:
-            rows = self.weight.detach().index_select(0, index)
-        if track:
-            rows = rows.detach().requires_grad_(True)
-            assert ws is not None
-            ws.leaf = rows
-            self._pending.append((index, rows))
+        rows, ws = self._sampled_rows(index, track)
         cos = cosine_logits(normalize_rows(emb), rows, self.logits_dtype, ws)
         margin = self.margin_loss
         norms = torch.linalg.vector_norm(emb, dim=1) if margin.needs_norms else None
@@ -531,6 +513,29 @@ class PartialFC(nn.Module):
             "global_batch": int(n),
         }
         return loss, stats
+
+    def _sampled_rows(
+        self, index: torch.Tensor, track: bool
+    ) -> tuple[torch.Tensor, _Workspace | None]:
+        """The centers of ``index`` ``(K, D)`` and, when ``track``, the workspace of this forward
+        (the rows become the leaf whose gradient ``HeadOptimizer`` reads)."""
+        ws = None
+        if track:  # one workspace per outstanding forward (gradient accumulation)
+            while len(self._workspaces) <= len(self._pending):
+                self._workspaces.append(_Workspace())
+            ws = self._workspaces[len(self._pending)]
+        if index.numel() == self.num_local:  # the full shard shares storage instead of copying
+            rows = self.weight.detach()
+        elif ws is not None:
+            buf = ws.get("rows", self.weight[: index.numel()])
+            rows = torch.index_select(self.weight.detach(), 0, index, out=buf)
+        else:
+            rows = self.weight.detach().index_select(0, index)
+        if ws is not None:
+            rows = rows.detach().requires_grad_(True)
+            ws.leaf = rows
+            self._pending.append((index, rows))
+        return rows, ws
 
     def _check_inputs(
         self, emb: torch.Tensor, labels: torch.Tensor, validate: bool
