@@ -30,6 +30,11 @@ def _accelerate_env(yaml_path: str) -> dict:
 
     args = launch_command_parser().parse_args(["--config_file", yaml_path, "x.py"])
     args, defaults, mp_from_config = _validate_launch_command(args)
+    # The multi-node config names port 29500, which Accelerate checks is free on rank 0; a
+    # training run on this machine may hold it, and the port is not what this test is about.
+    from trainer.ports import free_port
+
+    args.main_process_port = free_port()
     fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
     args.deepspeed_fields_from_accelerate_config = ",".join(fields)
     _, env = prepare_deepspeed_cmd_env(args)
