@@ -22,7 +22,8 @@ __all__ = ["MobileFaceNet", "mbf", "mbf_large"]
 
 
 class ConvBlock(nn.Module):
-    """Conv2d (no bias) - BatchNorm2d - PReLU; (B, in_c, H, W) -> (B, out_c, H', W')."""
+    """Conv2d (no bias) - BatchNorm2d - PReLU; (B, in_c, H, W) -> (B, out_c, H', W').
+    ``activation=False`` drops the PReLU (the linear bottleneck output)."""
 
     def __init__(
         self,
@@ -32,36 +33,16 @@ class ConvBlock(nn.Module):
         stride: int = 1,
         padding: int = 0,
         groups: int = 1,
+        activation: bool = True,
     ) -> None:
         super().__init__()
-        self.layers = nn.Sequential(
+        layers: list[nn.Module] = [
             nn.Conv2d(in_c, out_c, kernel, stride, padding, groups=groups, bias=False),
             nn.BatchNorm2d(out_c),
-            nn.PReLU(out_c),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.layers(x)
-        return out
-
-
-class LinearBlock(nn.Module):
-    """Conv2d (no bias) - BatchNorm2d, no activation (linear bottleneck output)."""
-
-    def __init__(
-        self,
-        in_c: int,
-        out_c: int,
-        kernel: int = 1,
-        stride: int = 1,
-        padding: int = 0,
-        groups: int = 1,
-    ) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(in_c, out_c, kernel, stride, padding, groups=groups, bias=False),
-            nn.BatchNorm2d(out_c),
-        )
+        ]
+        if activation:
+            layers.append(nn.PReLU(out_c))
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.layers(x)
@@ -80,7 +61,7 @@ class DepthWise(nn.Module):
         self.layers = nn.Sequential(
             ConvBlock(in_c, hidden),
             ConvBlock(hidden, hidden, kernel=3, stride=stride, padding=1, groups=hidden),
-            LinearBlock(hidden, out_c),
+            ConvBlock(hidden, out_c, activation=False),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +89,7 @@ class GDC(nn.Module):
     def __init__(self, embedding_size: int):
         super().__init__()
         self.layers = nn.Sequential(
-            LinearBlock(512, 512, kernel=7, groups=512),
+            ConvBlock(512, 512, kernel=7, groups=512, activation=False),
             nn.Flatten(),
             nn.Linear(512, embedding_size, bias=False),
             nn.BatchNorm1d(embedding_size),
