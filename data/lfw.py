@@ -9,6 +9,7 @@ and map to ``IMAGE_ROOT/<name>/<name>_%04d.jpg``.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from data.datasets import IMAGE_EXTENSIONS
 from data.face_jpeg import Box, encoded, progress_bar
@@ -122,15 +123,7 @@ def parse_folds(text: str | None, num_folds: int) -> list[int]:
 
 
 def build_bin(
-    pairs: list[Pair],
-    image_root: str,
-    out_path: str | os.PathLike[str],
-    *,
-    crop: Box | None = None,
-    size: int = 112,
-    quality: int = 95,
-    workers: int = 1,
-    progress: bool = True,
+    pairs: list[Pair], image_root: str, out_path: str | os.PathLike[str], **options: Any
 ) -> int:
     """Encode the images of LFW ``pairs`` and write them as a verification ``.bin``.
 
@@ -138,8 +131,8 @@ def build_bin(
         pairs: list of (name1, i, name2, j, issame) as from ``parse_pairs``.
         image_root: folder holding ``<name>/<name>_%04d.jpg``.
         out_path: output ``.bin`` (written atomically).
-        crop, size, quality: see ``data.face_jpeg.encode_face``.
-        workers: encoding processes (1 = in this process).
+        options: ``crop``, ``size``, ``quality``, ``workers``, ``progress`` of
+            ``build_path_bin``.
     Returns:
         number of pairs written.
     Raises:
@@ -150,15 +143,7 @@ def build_bin(
         (lfw_image_path(image_root, n1, i), lfw_image_path(image_root, n2, j), same)
         for n1, i, n2, j, same in pairs
     ]
-    return build_path_bin(
-        path_pairs,
-        out_path,
-        crop=crop,
-        size=size,
-        quality=quality,
-        workers=workers,
-        progress=progress,
-    )
+    return build_path_bin(path_pairs, out_path, **options)
 
 
 def build_path_bin(
@@ -175,7 +160,9 @@ def build_path_bin(
 
     Args:
         pairs: list of (image path 1, image path 2, same person).
-        out_path, crop, size, quality, workers, progress: as ``build_bin``.
+        out_path: output ``.bin`` (written atomically).
+        crop, size, quality: see ``data.face_jpeg.encode_face``.
+        workers: encoding processes (1 = in this process).
     Returns:
         number of pairs written.
     Raises:
