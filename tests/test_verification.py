@@ -342,6 +342,7 @@ def _rank_main(rank, world_size, tmp, bin_path, state_path):
                 },
                 f,
             )
+        dist.barrier()  # no rank tears gloo down while another is still in a collective
     finally:
         dist.destroy_process_group()
 
