@@ -1,16 +1,23 @@
-"""tools/eval_verification.py (ONNX, untrained baseline) and tools/plot_curves.py."""
+"""tools/eval_verification.py (ONNX, untrained baseline), tools/plot_curves.py, and
+tools/make_bin.py's list, CFP-FP and AgeDB-30 protocols."""
 
 from __future__ import annotations
 
 import json
 import warnings
 
+import numpy as np
 import pytest
+import simplejpeg
 import torch
 from PIL import Image
+from scipy.io import loadmat, savemat
+from sklearn.model_selection import KFold
 from torch.utils.tensorboard import SummaryWriter
 
-from data.verification_bin import load_bin
+from data.verification_bin import load_bin, read_bin_raw
+from tests.ijb_release import lfw_people
+from tests.synthetic_faces import lfw_crop
 from tests.test_verification import tiny_net, write_tiny_bin
 from tools import eval_verification, plot_curves
 from trainer.embedders import embed_views
@@ -211,3 +218,121 @@ def test_make_bin_generic_list_and_cfp_fp(tmp_path, capsys):
     (proto / "Split" / "FP" / "07" / "diff.txt").write_text("2,9\n")
     assert make_bin.main([*argv, "--no-progress"]) == 1
     assert "07/diff.txt:1: expected 'frontal,profile'" in capsys.readouterr().err
+
+
+# AgeDB-30 protocol .mat as the release nests it (insightface src/data/agedb2pack2.py indexes it
+# so): splits = 10x1 cell of 1x1 structs (2xN cell of 1x1 structs (name, age), 1xN labels +-1).
+# The release's field names are not documented; make_bin reads the fields by position.
+AGEDB_IMAGE = np.dtype([("name", object), ("age", object)])
+AGEDB_SPLIT = np.dtype([("pairs", object), ("labels", object)])
+
+
+def write_agedb_mat(path, splits):
+    """``splits``: per split, a list of (name1, age1, name2, age2, label 1 | -1)."""
+    cells = np.empty((len(splits), 1), dtype=object)
+    for k, pairs in enumerate(splits):
+        grid = np.empty((2, len(pairs)), dtype=object)
+        for j, (name1, age1, name2, age2, _) in enumerate(pairs):
+            grid[0, j] = np.array([[(name1, float(age1))]], dtype=AGEDB_IMAGE)
+            grid[1, j] = np.array([[(name2, float(age2))]], dtype=AGEDB_IMAGE)
+        labels = np.array([[p[4] for p in pairs]], dtype=float)
+        cells[k, 0] = np.array([[(grid, labels)]], dtype=AGEDB_SPLIT)
+    savemat(path, {"splits": cells})
+
+
+def agedb_splits(names):
+    """10 splits of 2 same + 2 different pairs (30-year gaps), the order flipped in odd splits;
+    ``names[(person, 1 | 2)]`` is a person's image at 25 / 55 years."""
+    splits = []
+    for k in range(10):
+        a, b = k % 3, (k + 1) % 3
+        pairs = [
+            (names[a, 1], 25, names[a, 2], 55, 1),
+            (names[a, 2], 55, names[b, 1], 25, -1),
+            (names[b, 1], 25, names[b, 2], 55, 1),
+            (names[b, 2], 55, names[a, 1], 25, -1),
+        ]
+        splits.append(pairs[::-1] if k % 2 else pairs)
+    return splits
+
+
+def test_make_bin_agedb_30(lfw_root, tmp_path, capsys):
+    from tools import make_bin
+
+    # A release folder: 03_Protocol_Images/<no>_<Name>_<age>_<gender>.jpg, here real LFW face
+    # crops (112x112 JPEGs: the .bin holds their bytes as they are) + the protocol .mat.
+    release = tmp_path / "AgeDB"
+    images = release / "03_Protocol_Images"
+    images.mkdir(parents=True)
+    names = {}
+    for p, person in enumerate(lfw_people(lfw_root, 3, min_images=2)):
+        for i, age in ((1, 25), (2, 55)):
+            names[p, i] = f"{2 * p + i - 1}_{person.replace('_', '')}_{age}_m"
+            rgb = np.ascontiguousarray(lfw_crop(lfw_root, person, i))
+            (images / f"{names[p, i]}.jpg").write_bytes(simplejpeg.encode_jpeg(rgb, quality=90))
+    splits = agedb_splits(names)
+    mat = release / make_bin.AGEDB_30_MAT
+    write_agedb_mat(mat, splits)
+    # the fixture nests as the reference script's indexing of the real file expects
+    assert loadmat(mat)["splits"][3][0][0][0][0][1][2][0][0][0][0] == splits[3][2][2]
+
+    out = tmp_path / "agedb_30.bin"
+    argv = ["--format", "agedb-30", str(release), str(images), str(out), "--no-progress"]
+    assert make_bin.main([*argv, "--workers", "1"]) == 0
+    assert "40 pairs (20 same, 20 different) from AgeDB-30, 10 splits of 4 pairs" in (
+        capsys.readouterr().out
+    )
+    jpegs, issame = read_bin_raw(out)
+    order = [name for split in splits for pair in split for name in (pair[0], pair[2])]
+    assert jpegs == [(images / f"{name}.jpg").read_bytes() for name in order]
+    assert issame.tolist() == [pair[4] == 1 for split in splits for pair in split]
+    # the evaluation's 10 contiguous folds (trainer.verification.kfold_accuracy) are the splits
+    folds = [test for _, test in KFold(n_splits=10, shuffle=False).split(issame)]
+    for k, test in enumerate(folds):
+        assert test.tolist() == list(range(4 * k, 4 * k + 4))
+        assert issame[test].tolist() == [pair[4] == 1 for pair in splits[k]]
+    # SOURCE may name the .mat itself
+    out.unlink()
+    assert make_bin.main(["--format", "agedb-30", str(mat), str(images), str(out)]) == 0
+    assert read_bin_raw(out)[0] == jpegs
+
+
+def _agedb_case(splits, case):
+    """Break a good protocol in one place; returns the expected error text after the file."""
+    if case == "label":
+        name1, age1, name2, age2, _ = splits[6][1]
+        splits[6][1] = (name1, age1, name2, age2, 0)
+        return ": split 7 pair 2: label must be 1 (same) or -1 (different), got 0"
+    if case == "name":
+        splits[1][0] = ("../escape", 25, *splits[1][0][2:])
+        return ": split 2 pair 1: name '../escape' is not a folder name inside the image root"
+    if case == "splits":
+        del splits[9]
+        return ": expected 10 splits, found 9"
+    del splits[2][3]  # case == "unequal"
+    return ": splits hold [4, 4, 3, 4, 4, 4, 4, 4, 4, 4] pairs"
+
+
+@pytest.mark.parametrize("case", ["missing", "not-mat", "label", "name", "splits", "unequal"])
+def test_make_bin_agedb_30_errors(tmp_path, capsys, case):
+    from tools import make_bin
+
+    release = tmp_path / "AgeDB"
+    release.mkdir()
+    mat = release / make_bin.AGEDB_30_MAT
+    splits = agedb_splits(
+        {(p, i): f"{2 * p + i}_P{p}_{25 + 30 * (i - 1)}_f" for p in range(3) for i in (1, 2)}
+    )
+    if case == "missing":
+        want = ": AgeDB-30 protocol file not found"
+    elif case == "not-mat":
+        mat.write_text("1 0_A_25_f 1_A_55_f\n")
+        want = ": not a MATLAB v5 .mat file"
+    else:
+        want = _agedb_case(splits, case)
+        write_agedb_mat(mat, splits)
+    argv = ["--format", "agedb-30", str(release), str(release), str(tmp_path / "x.bin")]
+    assert make_bin.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"make_bin: error: {mat}{want}") and err.count("\n") == 1
+    assert not (tmp_path / "x.bin").exists()

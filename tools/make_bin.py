@@ -1,8 +1,9 @@
-"""Build an insightface verification ``.bin`` from a pairs protocol: LFW, a generic list, CFP-FP.
+"""Build an insightface verification ``.bin`` from a pairs protocol: LFW, a list, CFP-FP, AgeDB-30.
 
     python tools/make_bin.py PAIRS_TXT IMAGE_ROOT OUT.bin [--folds 1,2,3]          # LFW
     python tools/make_bin.py --format list PAIRS.txt IMAGE_ROOT OUT.bin           # any pairs
     python tools/make_bin.py --format cfp-fp cfp-dataset/Protocol cfp-dataset/Protocol cfp_fp.bin
+    python tools/make_bin.py --format agedb-30 AgeDB AgeDB_aligned agedb_30.bin
         common: [--crop L T R B] [--size 112] [--quality 95] [--workers N] [--no-progress]
 
 Formats (SOURCE is the first positional argument):
@@ -18,9 +19,19 @@ Formats (SOURCE is the first positional argument):
   protocol folder itself) and ``Split/FP/01..10/{same,diff}.txt`` (``frontal,profile`` indices);
   written split by split, 350 same then 350 different pairs each (7,000 pairs: 10 contiguous
   balanced folds, as insightface's ``cfp_fp.bin``). Use ``--crop``/``--size`` to cut the face.
+- ``agedb-30``: the AgeDB release's 30-year protocol (Moschoglou et al., CVPRW 2017), SOURCE the
+  folder holding ``04_FINAL_protocol_30_years.mat`` (or that file): a MATLAB v5 file whose
+  variable ``splits`` holds 10 splits; each split is a struct whose first field is a 2 x N cell
+  (column j = pair j, row 1/2 = its first/second image) of structs ``(image name without .jpg,
+  age)`` and whose second field holds the N labels (1 = same person, -1 = different). Fields are
+  read by position, as insightface's ``src/data/agedb2pack2.py`` reads them. Images are
+  ``IMAGE_ROOT/<name>.jpg`` (``03_Protocol_Images`` of the release, or an aligned copy with the
+  same names). Written split by split in protocol order (6,000 pairs: 10 contiguous folds, as
+  insightface's ``agedb_30.bin``); splits of unequal size are refused.
 
 Each image is cropped/resized/encoded as in ``tools/folder2rec.py``; pairs are written in
-protocol order. Bad input: one line ``make_bin: error: FILE:LINE: ...``, exit 1.
+protocol order. Bad input: one line ``make_bin: error: FILE:LINE: ...`` (for the AgeDB ``.mat``,
+``FILE: split S pair P: ...``), exit 1.
 """
 
 from __future__ import annotations
@@ -29,18 +40,33 @@ import argparse
 import os
 import sys
 import time
+from typing import Any
+
+import numpy as np
+from scipy.io import loadmat
 
 from data.face_jpeg import add_encoding_arguments, encoding_options
-from data.lfw import PathPair, build_path_bin, lfw_image_path, parse_folds, parse_pairs
+from data.lfw import (
+    PathPair,
+    build_path_bin,
+    check_name,
+    lfw_image_path,
+    parse_folds,
+    parse_pairs,
+)
 
 CFP_SPLITS = 10
+AGEDB_30_MAT = "04_FINAL_protocol_30_years.mat"  # name in the AgeDB release
+AGEDB_SPLITS = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "pairs_txt", help="pairs.txt (lfw), pair list (list) or Protocol folder (cfp-fp)"
+        "pairs_txt",
+        help="pairs.txt (lfw), pair list (list), Protocol folder (cfp-fp) or the folder holding "
+        f"{AGEDB_30_MAT} (agedb-30)",
     )
     p.add_argument("image_root", help="folder the image names/paths are relative to")
     p.add_argument("out_bin", help="output .bin")
@@ -135,7 +161,112 @@ def read_cfp_fp(
     return pairs, f"CFP-FP, {CFP_SPLITS} splits"
 
 
-READERS = {"lfw": read_lfw, "list": read_list, "cfp-fp": read_cfp_fp}
+def _brief(value: object) -> str:
+    """``repr`` of ``value`` on one line, at most 80 characters (error messages are one line)."""
+    return " ".join(repr(value).split())[:80]
+
+
+def _single(value: Any, what: str, where: str) -> Any:
+    """The one element of a MATLAB 1x1 value (cells, structs and strings load as arrays).
+
+    Raises:
+        ValueError: ``value`` holds no or several elements (names ``where``).
+    """
+    array = np.asarray(value)
+    if array.size != 1:
+        raise ValueError(f"{where}: expected one {what}, got shape {array.shape}")
+    return array.reshape(-1)[0]
+
+
+def _struct_fields(value: Any, count: int, what: str, where: str) -> tuple[Any, ...]:
+    """The first ``count`` fields (by position) of a MATLAB 1x1 struct.
+
+    Raises:
+        ValueError: not a struct, or fewer fields (names ``where``).
+    """
+    record = _single(value, what, where)
+    names = getattr(getattr(record, "dtype", None), "names", None)
+    if not isinstance(record, np.void) or names is None or len(names) < count:
+        raise ValueError(f"{where}: not a {what} ({count} fields): {_brief(record)}")
+    return tuple(record[i] for i in range(count))
+
+
+def _agedb_split(split: Any, image_root: str, where: str) -> list[PathPair]:
+    """One split of the AgeDB protocol -> its path pairs in protocol order."""
+    images, labels = _struct_fields(split, 2, "split struct (pairs, labels)", where)
+    images, labels = np.asarray(images, dtype=object), np.asarray(labels)
+    if images.ndim != 2 or images.shape[0] != 2 or images.shape[1] < 1:
+        raise ValueError(f"{where}: expected a 2 x N cell of pair images, got {images.shape}")
+    if labels.dtype.kind not in "iuf" or labels.size != images.shape[1]:
+        raise ValueError(
+            f"{where}: expected {images.shape[1]} numeric labels, got {labels.dtype} {labels.shape}"
+        )
+    pairs: list[PathPair] = []
+    for j, label in enumerate(labels.reshape(-1).tolist()):
+        at = f"{where} pair {j + 1}"
+        if label not in (1, -1):
+            raise ValueError(f"{at}: label must be 1 (same) or -1 (different), got {label}")
+        paths = []
+        for r in (0, 1):
+            name, _age = _struct_fields(images[r, j], 2, "pair image struct (name, age)", at)
+            name = _single(name, "image name", at)
+            if not isinstance(name, str):
+                raise ValueError(f"{at}: image name must be text, got {_brief(name)}")
+            try:
+                paths.append(os.path.join(image_root, check_name(str(name)) + ".jpg"))
+            except ValueError as e:
+                raise ValueError(f"{at}: {e}") from None
+        pairs.append((paths[0], paths[1], label == 1))
+    return pairs
+
+
+def read_agedb_30(
+    source: str, image_root: str, folds: str | None = None
+) -> tuple[list[PathPair], str]:
+    """AgeDB-30 protocol ``.mat`` -> 6,000 path pairs (10 splits of 300 same + 300 different).
+
+    The layout of ``04_FINAL_protocol_30_years.mat`` is in the module docstring; the pairs are
+    written split by split in the file's order, so the 10 contiguous folds of the evaluation are
+    the 10 protocol splits (insightface's ``agedb_30.bin`` order).
+
+    Args:
+        source: the release folder holding ``04_FINAL_protocol_30_years.mat``, or that file.
+        image_root: folder of ``<name>.jpg`` (``03_Protocol_Images`` or an aligned copy).
+        folds: unused (``--folds`` is for LFW).
+    Returns:
+        (pairs, description).
+    Raises:
+        FileNotFoundError: no protocol file. ValueError: not a MATLAB v5 file, no ``splits``
+            variable, not 10 splits, a malformed split or pair, a label other than 1/-1, an image
+            name that is not a file name, or splits of unequal size (names the file, and the
+            1-based split and pair).
+    """
+    path = source if source.endswith(".mat") else os.path.join(source, AGEDB_30_MAT)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: AgeDB-30 protocol file not found")
+    try:
+        mat = loadmat(path)
+    except Exception as e:  # scipy raises several types for a corrupt or foreign file
+        why = " ".join(str(e).split())
+        raise ValueError(f"{path}: not a MATLAB v5 .mat file ({type(e).__name__}: {why})") from e
+    if "splits" not in mat:
+        found = sorted(k for k in mat if not k.startswith("__"))
+        raise ValueError(f"{path}: no 'splits' variable (found {found})")
+    splits = np.asarray(mat["splits"], dtype=object).reshape(-1)
+    if len(splits) != AGEDB_SPLITS:
+        raise ValueError(f"{path}: expected {AGEDB_SPLITS} splits, found {len(splits)}")
+    per_split = [_agedb_split(s, image_root, f"{path}: split {k}") for k, s in enumerate(splits, 1)]
+    sizes = [len(p) for p in per_split]
+    if len(set(sizes)) != 1:
+        raise ValueError(
+            f"{path}: splits hold {sizes} pairs; {AGEDB_SPLITS} contiguous folds need equal splits"
+        )
+    return [pair for split in per_split for pair in split], (
+        f"AgeDB-30, {AGEDB_SPLITS} splits of {sizes[0]} pairs"
+    )
+
+
+READERS = {"lfw": read_lfw, "list": read_list, "cfp-fp": read_cfp_fp, "agedb-30": read_agedb_30}
 
 
 def main(argv: list[str] | None = None) -> int:
