@@ -273,8 +273,10 @@ def test_make_bin_agedb_30(lfw_root, tmp_path, capsys):
     splits = agedb_splits(names)
     mat = release / make_bin.AGEDB_30_MAT
     write_agedb_mat(mat, splits)
-    # the fixture nests as the reference script's indexing of the real file expects
-    assert loadmat(mat)["splits"][3][0][0][0][0][1][2][0][0][0][0] == splits[3][2][2]
+    # the fixture nests as the public readers of the real file index it (docs/eval.md)
+    record = loadmat(mat)["splits"][3][0][0][0]
+    assert record[0][1][2][0][0][0][0] == splits[3][2][2]  # split 4, pair 3: 2nd image
+    assert record[1][0][2] == splits[3][2][4]  # split 4, pair 3: label
 
     out = tmp_path / "agedb_30.bin"
     argv = ["--format", "agedb-30", str(release), str(images), str(out), "--no-progress"]
