@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from heads import LOSSES, CombinedMarginLoss, PartialFC, build_head_optimizer, build_margin
+from heads.fused import FUSED_MODES, resolve_fused
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -106,8 +107,12 @@ def build_reference(num_classes, dim, margin, device):
     return step, (fc, opt)
 
 
-def build_partial_fc(num_classes, dim, margin, device, sample_rate, logits_dtype="fp32"):
-    head = PartialFC(dim, num_classes, sample_rate, margin, logits_dtype=logits_dtype).to(device)
+def build_partial_fc(
+    num_classes, dim, margin, device, sample_rate, logits_dtype="fp32", fused=False
+):
+    head = PartialFC(
+        dim, num_classes, sample_rate, margin, logits_dtype=logits_dtype, fused=fused
+    ).to(device)
     opt = build_head_optimizer(head, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
 
     def step(x, y):
@@ -164,7 +169,7 @@ def interleaved_seconds(num_classes, rate, losses, x, y, args, device) -> dict[s
     ``args.iters`` rounds after a warm-up round, so load spikes from other processes on a shared
     machine hit every loss alike instead of biasing the ratio."""
     step, keep = build_partial_fc(
-        num_classes, args.dim, losses["cosface"], device, rate, args.logits_dtype
+        num_classes, args.dim, losses["cosface"], device, rate, args.logits_dtype, args.fused
     )
     head = keep[0]
     best = {name: float("inf") for name in losses}
@@ -198,8 +203,16 @@ def parse_args(argv=None):
         choices=list(LOSSES),
         help="time the head with these losses (CosFace added first); default ArcFace only",
     )
+    p.add_argument(
+        "--kernels",
+        default="auto",
+        choices=FUSED_MODES,
+        help="row passes of the head step: compiled (heads/fused.py) or eager; auto = compiled "
+        "on CUDA only. The warm-up step of each configuration pays the compile",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one iteration (CI)")
     args = p.parse_args(argv)
+    args.fused = resolve_fused(args.kernels, args.device)
     if args.smoke:
         args.classes, args.batch, args.dim, args.iters = [2000], 16, 32, 1
     return args
@@ -247,7 +260,7 @@ def main(argv=None) -> list[dict]:
                 continue
             s, mem = measure(
                 lambda c=num_classes, r=rate: build_partial_fc(
-                    c, args.dim, margin, device, r, args.logits_dtype
+                    c, args.dim, margin, device, r, args.logits_dtype, args.fused
                 ),
                 x,
                 y,
@@ -265,7 +278,7 @@ def main(argv=None) -> list[dict]:
     )
     print(
         f"device={device} batch={args.batch} dim={args.dim} iters={args.iters} world_size=1 "
-        f"logits={args.logits_dtype}"
+        f"logits={args.logits_dtype} fused={args.fused}"
     )
     print(header)
     for r in rows:

@@ -18,6 +18,7 @@ from typing import Any, Literal, overload
 import torch
 
 from heads.comm import all_true, all_true_tensor
+from heads.fused import sgd_rows
 from heads.lazy_decay import LazyDenseDecay
 from heads.partial_fc import PartialFC
 
@@ -88,6 +89,8 @@ class HeadOptimizer:
         self.state: dict[str, torch.Tensor] = {}
         self._grad: tuple[torch.Tensor, torch.Tensor] | None = None  # unscaled (rows, grad)
         self._rows_buf: torch.Tensor | None = None  # gathered momentum rows, reused
+        self._hyper: torch.Tensor | None = None  # (lr, momentum, wd) for heads/fused.py
+        self._ok_true: torch.Tensor | None = None
         # (coef, w) when the unscaled gradient is a - coef * w, not yet formed (see step)
         self._lazy: tuple[torch.Tensor, torch.Tensor] | None = None
         if dense_decay and name != "sgd":
@@ -325,6 +328,22 @@ class HeadOptimizer:
         ok: torch.Tensor | None,
     ) -> None:
         # Fused passes over the (U, D) rows: d = g + wd*w; d += m*b; b <- d; W[rows] -= lr*d.
+        if self.head.fused and rows is not None and self._lazy is not None and self.momentum:
+            coef, _ = self._lazy
+            self._lazy = None
+            buf = self.state["momentum_buffer"]
+            sgd_rows(
+                self.head.weight.data,
+                buf,
+                rows,
+                w,
+                grad,
+                coef,
+                torch.index_select(buf, 0, rows, out=self._momentum_rows(grad)),
+                self._hyper_tensor(w.device),
+                self._true(w.device) if ok is None else ok,
+            )
+            return
         if self._lazy is not None:  # d = a + (wd - coef) * w in one pass
             coef, _ = self._lazy
             self._lazy = None
@@ -340,9 +359,7 @@ class HeadOptimizer:
             if rows is None:
                 b = buf
             else:  # into a kept buffer: no fresh (U, D) allocation per step
-                if self._rows_buf is None or self._rows_buf.shape != d.shape:
-                    self._rows_buf = torch.empty_like(d)
-                b = torch.index_select(buf, 0, rows, out=self._rows_buf)
+                b = torch.index_select(buf, 0, rows, out=self._momentum_rows(d))
             if ok is None:
                 d.add_(b, alpha=self.momentum)
             else:  # skipped: d = 0 + 1 * b, so the buffer is written back unchanged
@@ -358,6 +375,29 @@ class HeadOptimizer:
         else:
             w.addcmul_(d, torch.where(ok, -self.lr, 0.0))
         self._put(self.head.weight.data, rows, w)
+
+    def _momentum_rows(self, like: torch.Tensor) -> torch.Tensor:
+        """A kept ``(U, D)`` buffer for the gathered momentum rows (no fresh allocation, and
+        no page faults, per step)."""
+        if self._rows_buf is None or self._rows_buf.shape != like.shape:
+            self._rows_buf = torch.empty_like(like)
+        return self._rows_buf
+
+    def _hyper_tensor(self, device: torch.device) -> torch.Tensor:
+        """``(lr, momentum, weight_decay)`` as a device tensor, refilled in place (a fill with a
+        Python scalar is a kernel argument, not a host-to-device copy)."""
+        h = self._hyper
+        if h is None or h.device != device:
+            h = self._hyper = torch.empty(3, device=device)
+        for i, v in enumerate((self.lr, self.momentum, self.weight_decay)):
+            h[i].fill_(v)
+        return h
+
+    def _true(self, device: torch.device) -> torch.Tensor:
+        t = self._ok_true
+        if t is None or t.device != device:
+            t = self._ok_true = torch.ones((), dtype=torch.bool, device=device)
+        return t
 
     def _adamw_rows(
         self,

@@ -33,6 +33,7 @@ from heads.comm import (
     shard_range,
 )
 from heads.dist_softmax import margin_softmax_cross_entropy
+from heads.fused import radial_coef
 from heads.margin import CombinedMarginLoss, Margin
 
 __all__ = [
@@ -165,10 +166,13 @@ class _CosineLinear(torch.autograd.Function):
                     grad_w = _mm(g.t(), e_op)
         if grad_w is not None:
             # dL/dw_j = a_j - (a_j . w_j) w_j / |w_j|^2: drop the radial part of a_j.
-            # (vecdot would allocate a (K, D) product each call: reuse a scratch buffer.)
-            prod = ctx.workspace.get("scratch", rows) if ctx.workspace is not None else None
-            prod = torch.mul(grad_w, rows, out=prod)
-            coef = prod.sum(dim=1).mul_(inv).mul_(inv)
+            ws = ctx.workspace
+            if ws is not None and ws.fused:  # one read of each array, no (K, D) product
+                coef, probe = radial_coef(grad_w, rows, inv)
+            else:  # (vecdot would allocate a (K, D) product each call: reuse a scratch buffer)
+                prod = torch.mul(grad_w, rows, out=None if ws is None else ws.get("scratch", rows))
+                coef = prod.sum(dim=1).mul_(inv).mul_(inv)
+                probe = None
             if ctx.workspace is None:
                 grad_w.addcmul_(rows, coef.unsqueeze(1), value=-1.0)
             else:  # hand the gradient to the head, not to autograd
@@ -178,7 +182,7 @@ class _CosineLinear(torch.autograd.Function):
                 ws.leaf.grad, ws.coef = grad_w, coef
                 # Non-finite iff some grad_w entry was (each enters a product with finite w):
                 # the optimizer's finiteness check reads K values instead of K * D.
-                ws.probe = coef.sum()
+                ws.probe = coef.sum() if probe is None else probe
                 grad_w = None
         return grad_e, grad_w, None, None, None
 
@@ -225,7 +229,8 @@ class _Workspace:
     """Buffers of one recorded forward, kept across steps so that large CPU tensors are not
     re-allocated (and page-faulted) every step; ``leaf`` receives the centers' gradient."""
 
-    def __init__(self) -> None:
+    def __init__(self, fused: bool = False) -> None:
+        self.fused = fused  # compiled kernels (heads/fused.py) for the backward's row pass
         self.buffers: dict[str, torch.Tensor] = {}
         self.leaf: torch.Tensor | None = None
         self.probe: torch.Tensor | None = None
@@ -334,6 +339,9 @@ class PartialFC(nn.Module):
             sampled negatives are reproducible run to run.
         logits_dtype: precision of the three logits GEMMs, one of ``LOGITS_DTYPES`` (see
             ``cosine_logits``); the softmax and the loss are fp32 in every mode.
+        fused: run the memory-bound row passes of the step (the backward's radial correction,
+            ``HeadOptimizer``'s SGD update) as ``torch.compile`` kernels (``heads/fused.py``;
+            ``resolve_fused`` picks it from ``head.kernels``). Same math, fewer memory passes.
 
     Attributes:
         weight: ``(n_r, D)`` fp32 ``nn.Parameter`` with ``requires_grad=False`` (centers,
@@ -358,6 +366,7 @@ class PartialFC(nn.Module):
         process_group: Any = None,
         seed: int = 0,
         logits_dtype: str = "fp32",
+        fused: bool = False,
     ) -> None:
         super().__init__()
         if embedding_size < 1 or num_classes < 1:
@@ -382,6 +391,7 @@ class PartialFC(nn.Module):
                 f"{logits_dtype!r}"
             )
         self.logits_dtype = logits_dtype
+        self.fused = bool(fused)
         self.fixed_batch: int | None = None
         self.topo: Topology = resolve_group(process_group)
         self.embedding_size = int(embedding_size)
@@ -522,7 +532,7 @@ class PartialFC(nn.Module):
         ws = None
         if track:  # one workspace per outstanding forward (gradient accumulation)
             while len(self._workspaces) <= len(self._pending):
-                self._workspaces.append(_Workspace())
+                self._workspaces.append(_Workspace(self.fused))
             ws = self._workspaces[len(self._pending)]
         if index.numel() == self.num_local:  # the full shard shares storage instead of copying
             rows = self.weight.detach()

@@ -80,6 +80,9 @@ class HeadConfig:
     # GEMM precision of the logits: fp32, tf32, bf16 (bf16 operands, fp32 accumulation and
     # softmax); auto = bf16 on CUDA under bf16 training, tf32 on other CUDA runs, fp32 on CPU.
     logits_dtype: str = "auto"
+    # Row passes of the head step: compiled (torch.compile kernels, heads/fused.py) or eager;
+    # auto = compiled on CUDA only (on CPU the compile costs more than a short run saves).
+    kernels: str = "auto"
     # Margin loss by name (heads/losses.py LOSSES, docs/losses.md): combined reads margin_list;
     # the others take their own arguments from loss_kwargs (e.g. {m: 0.4, h: 0.333}).
     loss: str = "combined"
@@ -477,6 +480,8 @@ def validate(cfg: Config, src: str = "<config>") -> None:
         raise bad(
             "head.logits_dtype", f"must be auto, fp32, tf32 or bf16, got {cfg.head.logits_dtype!r}"
         )
+    if cfg.head.kernels not in ("auto", "compiled", "eager"):
+        raise bad("head.kernels", f"must be auto, compiled or eager, got {cfg.head.kernels!r}")
     if len(cfg.optim.betas) != 2:
         raise bad("optim.betas", f"must be [beta1, beta2], got {list(cfg.optim.betas)}")
     if cfg.data.kind != "synthetic" and not cfg.data.rec:

@@ -139,6 +139,7 @@ def build_head(
     cfg: Config, device: torch.device, precision: str
 ) -> tuple[PartialFC, HeadOptimizer]:
     from heads import PartialFC, build_head_optimizer, resolve_logits_dtype
+    from heads.fused import resolve_fused
 
     margin = build_head_margin(cfg)
     head = PartialFC(
@@ -148,6 +149,7 @@ def build_head(
         margin,
         seed=cfg.seed,
         logits_dtype=resolve_logits_dtype(cfg.head.logits_dtype, device, precision),
+        fused=resolve_fused(cfg.head.kernels, device),
     ).to(device)
     head_opt = build_head_optimizer(
         head,
