@@ -148,6 +148,7 @@ def build_head(
         margin,
         seed=cfg.seed,
         logits_dtype=resolve_logits_dtype(cfg.head.logits_dtype, device, precision),
+        num_subcenters=cfg.head.num_subcenters,
     ).to(device)
     head_opt = build_head_optimizer(
         head,
