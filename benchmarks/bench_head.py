@@ -23,7 +23,15 @@ from the process RSS sampled every millisecond by a thread (Linux ``/proc``), on
 With ``--loss`` (names of ``heads.LOSSES``) one PartialFC head per rate is stepped with each loss
 in turn (``interleaved_seconds``: fastest of ``--iters`` rounds, memory not measured), and
 ``x cosface`` is each loss's step time over CosFace's on the same head (issue #16's goal:
-<= 1.3).
+<= 1.3). ``--subcenters 1 3`` times one head per value of K (Sub-center ArcFace: K rows per
+class, so K times the sampled rows and GEMM work), one after the other, each with every loss in
+turn; ``x cosface`` is then against CosFace with the first K at the same classes. With
+``--same-rows`` the head with K sub-centers gets ``C // K`` classes instead, so every head holds
+and samples the same number of rows (the sub-center max and its backward are then the only
+extra work):
+
+    python -m benchmarks.bench_head --classes 1000000 --sample-rates 0.1 --no-reference \
+        --loss cosface arcface --subcenters 1 3 [--same-rows]
 """
 
 from __future__ import annotations
@@ -108,10 +116,23 @@ def build_reference(num_classes, dim, margin, device):
 
 
 def build_partial_fc(
-    num_classes, dim, margin, device, sample_rate, logits_dtype="fp32", fused=False
+    num_classes,
+    dim,
+    margin,
+    device,
+    sample_rate,
+    logits_dtype="fp32",
+    num_subcenters=1,
+    fused=False,
 ):
     head = PartialFC(
-        dim, num_classes, sample_rate, margin, logits_dtype=logits_dtype, fused=fused
+        dim,
+        num_classes,
+        sample_rate,
+        margin,
+        logits_dtype=logits_dtype,
+        num_subcenters=num_subcenters,
+        fused=fused,
     ).to(device)
     opt = build_head_optimizer(head, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
 
@@ -163,13 +184,22 @@ def measure(builder, x, y, iters, device):
     return seconds, mem.peak
 
 
-def interleaved_seconds(num_classes, rate, losses, x, y, args, device) -> dict[str, float]:
+def interleaved_seconds(
+    num_classes, rate, losses, x, y, args, device, num_subcenters=1
+) -> dict[str, float]:
     """Seconds per step of one head under each margin loss: the losses take turns on the same
     head (its ``margin_loss`` swapped), one step each per round, and each keeps its fastest of
     ``args.iters`` rounds after a warm-up round, so load spikes from other processes on a shared
     machine hit every loss alike instead of biasing the ratio."""
     step, keep = build_partial_fc(
-        num_classes, args.dim, losses["cosface"], device, rate, args.logits_dtype, args.fused
+        num_classes,
+        args.dim,
+        losses["cosface"],
+        device,
+        rate,
+        args.logits_dtype,
+        num_subcenters,
+        fused=args.fused,
     )
     head = keep[0]
     best = {name: float("inf") for name in losses}
@@ -209,6 +239,18 @@ def parse_args(argv=None):
         choices=FUSED_MODES,
         help="row passes of the head step: compiled (heads/fused.py) or eager; auto = compiled "
         "on CUDA only. The warm-up step of each configuration pays the compile",
+    )
+    p.add_argument(
+        "--subcenters",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="with --loss: sub-centers per class, one head per value (Sub-center ArcFace)",
+    )
+    p.add_argument(
+        "--same-rows",
+        action="store_true",
+        help="with --subcenters: K sub-centers get C // K classes (same rows for every head)",
     )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one iteration (CI)")
     args = p.parse_args(argv)
@@ -252,15 +294,22 @@ def main(argv=None) -> list[dict]:
             dtype = torch.bfloat16 if args.logits_dtype == "bf16" else torch.float32
             gemm = gemm_seconds(args.batch, k, args.dim, dtype, args.iters, device)
             if args.loss:
-                times = interleaved_seconds(num_classes, rate, losses, x, y, args, device)
-                for name, sec in times.items():
-                    row = dict(C=num_classes, impl="PartialFC", rate=rate, s=sec, mem=float("nan"))
-                    vs = sec / times["cosface"]
-                    rows.append(row | {"gemm": gemm, "loss": name, "vs_cosface": vs})
+                base = None  # CosFace with the first K
+                for sub in args.subcenters:
+                    c = num_classes // sub if args.same_rows else num_classes
+                    times = interleaved_seconds(c, rate, losses, x, y % c, args, device, sub)
+                    base = base or times["cosface"]
+                    k_rows = sub * min(c, max(int(rate * c), args.batch))
+                    gemm_k = gemm_seconds(args.batch, k_rows, args.dim, dtype, args.iters, device)
+                    for name, sec in times.items():
+                        label = name if sub == 1 else f"{name} K={sub}"
+                        row = dict(C=c, impl="PartialFC", rate=rate, s=sec)
+                        row |= {"mem": float("nan"), "gemm": gemm_k, "loss": label}
+                        rows.append(row | {"vs_cosface": sec / base})
                 continue
             s, mem = measure(
                 lambda c=num_classes, r=rate: build_partial_fc(
-                    c, args.dim, margin, device, r, args.logits_dtype, args.fused
+                    c, args.dim, margin, device, r, args.logits_dtype, fused=args.fused
                 ),
                 x,
                 y,
@@ -269,7 +318,7 @@ def main(argv=None) -> list[dict]:
             )
             rows.append(dict(C=num_classes, impl="PartialFC", rate=rate, s=s, mem=mem, gemm=gemm))
         for r in rows:
-            if r["C"] == num_classes:
+            if r["C"] == num_classes or "t_ratio" not in r:  # (C // K with --same-rows)
                 r["t_ratio"], r["m_ratio"] = r["s"] / ref_s, r["mem"] / max(ref_mem, 1)
     header = (
         f"{'classes':>10} {'head':>10} {'rate':>5} {'ms/step':>9} {'peak MiB':>9} "

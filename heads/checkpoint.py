@@ -6,7 +6,9 @@ state, its hyper-parameters, the sampling RNG state and the margin loss's state 
 CurricularFace's t, ElasticFace's RNG: identical on every rank, so each shard has a copy).
 ``load_head`` reads, for each rank, the rows of its own class range from whichever saved shards
 overlap it, so a checkpoint written by W ranks resumes on any W' (2 -> 1, 2 -> 3, ...). Files
-are opened with ``mmap=True`` so only the overlapping rows are read from disk.
+are opened with ``mmap=True`` so only the overlapping rows are read from disk. Ranges are in
+classes; with S sub-centers per class (``PartialFC.num_subcenters``) a shard's rows are its
+classes' S rows each, class-major, so re-sharding moves whole classes.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def save_head(directory: str, head: PartialFC, head_opt: HeadOptimizer | None = 
         "format": FORMAT,
         "num_classes": head.num_classes,
         "embedding_size": head.embedding_size,
+        "num_subcenters": head.num_subcenters,
         "start": start,
         "end": end,
         "world_size": head.topo.world_size,
@@ -104,11 +107,15 @@ def _check_meta(
 ) -> None:
     if payload.get("format") != FORMAT:
         raise ValueError(f"heads/checkpoint.py: {path}: format {payload.get('format')!r} unknown")
-    for key, want in (("num_classes", head.num_classes), ("embedding_size", head.embedding_size)):
-        if payload[key] != want:
-            raise ValueError(
-                f"heads/checkpoint.py: {path}: {key}={payload[key]} but the head has {want}"
-            )
+    checks = (
+        ("num_classes", head.num_classes),
+        ("embedding_size", head.embedding_size),
+        ("num_subcenters", head.num_subcenters),
+    )
+    for key, want in checks:
+        saved = payload.get(key, 1)  # files older than sub-centers have one row a class
+        if saved != want:
+            raise ValueError(f"heads/checkpoint.py: {path}: {key}={saved} but the head has {want}")
     want_margin = head.margin_loss.state_dict()
     if want_margin:
         saved_margin = payload.get("margin") or {}
@@ -143,10 +150,10 @@ def load_head(directory: str, head: PartialFC, head_opt: HeadOptimizer | None = 
 
     Raises:
         FileNotFoundError: ``directory/head`` is missing.
-        ValueError: shard files overlap, num_classes/embedding_size/optimizer mismatch, a
-            stateful margin loss without its saved state, or the
-            saved shards do not cover this rank's range (the message names the directory and
-            the missing class ranges).
+        ValueError: shard files overlap, num_classes/embedding_size/num_subcenters/optimizer
+            mismatch, a stateful margin loss without its saved state, or the saved shards do not
+            cover this rank's range (the message names the directory and the missing class
+            ranges).
     """
     folder = head_dir(directory)
     start, end = head.class_start, head.class_start + head.num_local
@@ -173,7 +180,8 @@ def load_head(directory: str, head: PartialFC, head_opt: HeadOptimizer | None = 
         head_opt._ensure_state()
     for s, e, payload in payloads:
         lo, hi = max(s, start), min(e, end)
-        src, dst = slice(lo - s, hi - s), slice(lo - start, hi - start)
+        k = head.num_subcenters  # rows per class
+        src, dst = slice((lo - s) * k, (hi - s) * k), slice((lo - start) * k, (hi - start) * k)
         head.weight[dst].copy_(payload["weight"][src])
         if head_opt is not None:
             for key in head_opt.state_keys():

@@ -10,6 +10,9 @@ uniformly sampled negatives up to ``int(sample_rate * n_r)``, and returns the di
 softmax CE. The centers are not an autograd leaf: each forward makes a leaf of the sampled rows
 only, so the gradient is ``(K, D)``, never ``(n_r, D)``; ``heads/optim.py`` reads these sparse
 gradients (summed over gradient-accumulation micro-batches) and updates the sampled rows only.
+With ``num_subcenters`` S > 1 (Sub-center ArcFace, ``heads/subcenter.py``) each class has S
+consecutive rows: classes are sharded and sampled, their rows gathered, and each class's cosine
+is the max over its rows.
 
 Gradient convention: head gradients are the exact single-process rows (times whatever the caller
 scaled the loss by: the fp16 loss scale, 1/gradient_accumulation_steps); the embedding gradient is
@@ -35,6 +38,7 @@ from heads.comm import (
 from heads.dist_softmax import margin_softmax_cross_entropy
 from heads.fused import radial_coef
 from heads.margin import CombinedMarginLoss, Margin
+from heads.subcenter import check_num_subcenters, expand_classes, subcenter_max
 
 __all__ = [
     "PartialFC",
@@ -353,19 +357,26 @@ class PartialFC(nn.Module):
         fused: run the memory-bound row passes of the step (the backward's radial correction,
             ``HeadOptimizer``'s SGD update) as ``torch.compile`` kernels (``heads/fused.py``;
             ``resolve_fused`` picks it from ``head.kernels``). Same math, fewer memory passes.
+        num_subcenters: S sub-centers per class (Sub-center ArcFace, Deng et al., ECCV 2020;
+            ``heads/subcenter.py``): a class's cosine is the max over its S rows, then the
+            margin and the CE as usual. 1 (default) is the plain head.
 
     Attributes:
-        weight: ``(n_r, D)`` fp32 ``nn.Parameter`` with ``requires_grad=False`` (centers,
-            N(0, 0.01) from ``init_centers``); updated only by ``heads.optim.HeadOptimizer``.
-        class_start, num_local: this rank's shard ``[class_start, class_start + num_local)``.
-        sampled_index: ``(K,)`` int64 sorted shard-local rows kept by the latest forward;
+        weight: ``(n_r S, D)`` fp32 ``nn.Parameter`` with ``requires_grad=False`` (centers,
+            N(0, 0.01) from ``init_centers`` over the ``C S`` rows; class c's rows are
+            ``[c S, (c + 1) S)`` of the global order); updated only by
+            ``heads.optim.HeadOptimizer``.
+        class_start, num_local: this rank's shard ``[class_start, class_start + num_local)``
+            (classes; rows ``[class_start S, (class_start + num_local) S)``).
+        sampled_index: ``(K S,)`` int64 sorted shard-local rows kept by the latest forward
+            (the S rows of each of the K sampled classes);
             ``K = min(n_r, max(int(sample_rate * n_r), N))`` for a global batch of N rows (at
             least N, so every positive fits: a fixed size, known without reading the labels).
         fixed_batch: per-rank batch size agreed by ``fix_batch_size`` (``None``: sizes are
             exchanged at every forward).
 
     Raises:
-        ValueError: bad sizes, sample_rate or margin type.
+        ValueError: bad sizes, sample_rate, margin type or num_subcenters (not an int >= 1).
     """
 
     def __init__(
@@ -378,6 +389,7 @@ class PartialFC(nn.Module):
         seed: int = 0,
         logits_dtype: str = "fp32",
         fused: bool = False,
+        num_subcenters: int = 1,
     ) -> None:
         super().__init__()
         if embedding_size < 1 or num_classes < 1:
@@ -403,6 +415,7 @@ class PartialFC(nn.Module):
             )
         self.logits_dtype = logits_dtype
         self.fused = bool(fused)
+        self.num_subcenters = check_num_subcenters(num_subcenters)
         self.fixed_batch: int | None = None
         self.topo: Topology = resolve_group(process_group)
         self.embedding_size = int(embedding_size)
@@ -414,9 +427,14 @@ class PartialFC(nn.Module):
             self.num_classes, self.topo.rank, self.topo.world_size
         )
         self.num_sample = int(self.sample_rate * self.num_local)
+        k = self.num_subcenters  # class c's rows are [c k, (c + 1) k): whole classes shard
         self.weight = nn.Parameter(
             init_centers(
-                self.num_classes, self.class_start, self.num_local, self.embedding_size, self.seed
+                self.num_classes * k,
+                self.class_start * k,
+                self.num_local * k,
+                self.embedding_size,
+                self.seed,
             ),
             requires_grad=False,
         )
@@ -487,7 +505,7 @@ class PartialFC(nn.Module):
 
         Returns:
             ``(loss, stats)``: fp32 scalar, the mean over the ``N = sum_r B_r`` gathered rows,
-            identical on all ranks; ``stats``: ``num_sampled`` (K, local, python int),
+            identical on all ranks; ``stats``: ``num_sampled`` (K classes, local, python int),
             ``num_positive`` (distinct positive classes in this shard, 0-dim int64 tensor on
             the device: read it when logging), ``global_batch`` (N, python int).
             In training mode with grad enabled, the sampled rows' gradient is recorded for
@@ -506,12 +524,14 @@ class PartialFC(nn.Module):
         index, local_labels_k = sample_classes(
             labels, self.class_start, self.num_local, k, self.generator()
         )
-        self.sampled_index = index
+        row_index = expand_classes(index, self.num_subcenters)  # index itself when K = 1
+        self.sampled_index = row_index
         if self.before_gather is not None:
-            self.before_gather(index)
+            self.before_gather(row_index)
         track = self.training and torch.is_grad_enabled()
-        rows, ws = self._sampled_rows(index, track)
+        rows, ws = self._sampled_rows(row_index, track)
         cos = cosine_logits(normalize_rows(emb), rows, self.logits_dtype, ws)
+        cos = subcenter_max(cos, self.num_subcenters)  # (N, k K) -> (N, k); cos when K = 1
         margin = self.margin_loss
         norms = torch.linalg.vector_norm(emb, dim=1) if margin.needs_norms else None
         loss = margin_softmax_cross_entropy(
@@ -545,7 +565,7 @@ class PartialFC(nn.Module):
             while len(self._workspaces) <= len(self._pending):
                 self._workspaces.append(_Workspace(self.fused))
             ws = self._workspaces[len(self._pending)]
-        if index.numel() == self.num_local:  # the full shard shares storage instead of copying
+        if index.numel() == self.weight.shape[0]:  # the full shard shares storage, no copy
             rows = self.weight.detach()
         elif ws is not None:
             buf = ws.get("rows", self.weight[: index.numel()])

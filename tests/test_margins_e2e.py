@@ -1,7 +1,8 @@
 """Every shipped per-loss demo config trains end to end: ONE `accelerate launch` (2 CPU processes,
 ZeRO-2) of this module, whose `__main__` runs the trainer's own `train()` once per config, 3 steps
 each on a 16-identity `.rec` of real LFW faces, with a final checkpoint. One launch instead of
-nine saves ~10 s of start-up per loss.
+ten saves ~10 s of start-up per loss. `lfw_demo_subcenter.yaml` (ArcFace with 3 sub-centers per
+class) rides in the same launch: its checkpointed head shards must hold 3 rows per class.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def run_all(out_root: str, configs: list[str], overrides: list[str]) -> None:
         name = _loss_name(path)
         cfg = load_config(path, [*overrides, f"output={out_root}/{name}"])
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{MARK}{name} {cfg.head.loss}", flush=True)
+            print(f"{MARK}{name} {cfg.head.loss} {cfg.head.num_subcenters}", flush=True)
         settings = resolve_engine_settings(cfg)
         train(cfg, settings, build_ds_config(cfg, settings))
         AcceleratorState._reset_state()  # the next run builds its own Accelerator and plugin
@@ -62,7 +63,7 @@ def run_all(out_root: str, configs: list[str], overrides: list[str]) -> None:
 
 def test_every_loss_config_trains_with_zero2(lfw_root, tmp_path):
     per_loss = [c for c in LOSS_CONFIGS if _loss_name(c) not in ("r18", "mbf")]
-    assert len(per_loss) >= 9, per_loss
+    assert len(per_loss) >= 10, per_loss
     data = make_lfw_rec(lfw_root, str(tmp_path / "lfw16"), NUM)
     out = tmp_path / "runs"
     ov = tiny_overrides("unused", data, NUM, STEPS, "engine.zero_stage=2")
@@ -88,13 +89,18 @@ def test_every_loss_config_trains_with_zero2(lfw_root, tmp_path):
     assert len(sections) == len(per_loss)
     for path, text in zip(per_loss, sections):
         name = _loss_name(path)
-        assert text.startswith(f"{name} {name}"), text[:80]
+        loss, subcenters = ("arcface", 3) if name == "subcenter" else (name, 1)
+        assert text.startswith(f"{name} {loss} {subcenters}"), text[:80]
         steps = losses(text)
         assert sorted(steps) == list(range(1, STEPS + 1)), f"{name}: {steps}"
         assert all(math.isfinite(v) for v in steps.values()), f"{name}: {steps}"
         shards = glob.glob(str(out / name / "**" / "head" / "shard_*.pt"), recursive=True)
         assert len(shards) >= 2, f"{name}: no 2-rank head checkpoint"
-        saved = torch.load(shards[0], weights_only=True)["margin"]
+        head = torch.load(shards[0], weights_only=True)
+        assert head["num_subcenters"] == subcenters
+        rows = (head["end"] - head["start"]) * subcenters  # K rows per class of the shard
+        assert head["weight"].shape == (rows, head["embedding_size"])
+        saved = head["margin"]
         if name == "curricularface":  # t moved off 0 and was checkpointed
             assert float(saved["state"]["t"]) != 0.0
         if name == "adaface":

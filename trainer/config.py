@@ -92,6 +92,9 @@ class HeadConfig:
     margin_gradient: str = "exact"
     # none (ours) or arcface_torch: cosines clamped to [-1, 1], target probability at 1e-30.
     clamping: str = "none"
+    # Sub-center ArcFace (Deng et al., ECCV 2020): K centers per class, a class's cosine is the
+    # max over its K; composes with any loss (docs/losses.md). 1 = one center per class.
+    num_subcenters: int = 1
 
 
 @dataclass(frozen=True)
@@ -598,10 +601,18 @@ def _check_model(cfg: Config, bad: Any) -> None:
 
 def _check_loss(cfg: Config, bad: Any) -> None:
     """`head.loss` must be registered, `head.loss_kwargs` accepted and in range (the margin is
-    built once here, a few scalars); `margin_list` is read by `combined` only."""
+    built once here, a few scalars); `margin_list` is read by `combined` only;
+    `head.num_subcenters` an integer the head accepts."""
     from heads.losses import LOSSES  # torch: imported only when validating
+    from heads.subcenter import check_num_subcenters
 
     h = cfg.head
+    try:  # sub-centers compose with every loss (heads/subcenter.py)
+        check_num_subcenters(h.num_subcenters)
+    except ValueError as e:
+        raise bad(
+            "head.num_subcenters", str(e).removeprefix("heads/subcenter.py: num_subcenters ")
+        ) from None
     if h.loss not in LOSSES:
         raise bad("head.loss", f"unknown loss {h.loss!r}; valid: {', '.join(LOSSES)}")
     if h.loss != "combined" and tuple(h.margin_list) != HeadConfig.margin_list:

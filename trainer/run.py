@@ -150,6 +150,7 @@ def build_head(
         seed=cfg.seed,
         logits_dtype=resolve_logits_dtype(cfg.head.logits_dtype, device, precision),
         fused=resolve_fused(cfg.head.kernels, device),
+        num_subcenters=cfg.head.num_subcenters,
     ).to(device)
     head_opt = build_head_optimizer(
         head,
