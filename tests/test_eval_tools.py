@@ -1,5 +1,5 @@
-"""tools/eval_verification.py (ONNX, untrained baseline), tools/plot_curves.py, and
-tools/make_bin.py's list, CFP-FP and AgeDB-30 protocols."""
+"""tools/eval_verification.py (ONNX, untrained baseline), tools/plot_curves.py,
+tools/compare_runs.py and tools/make_bin.py's list, CFP-FP and AgeDB-30 protocols."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from data.verification_bin import load_bin, read_bin_raw
 from tests.ijb_release import lfw_people
 from tests.synthetic_faces import lfw_crop
 from tests.test_verification import tiny_net, write_tiny_bin
-from tools import eval_verification, plot_curves
+from tools import compare_runs, eval_verification, plot_curves
 from trainer.embedders import embed_views
 from trainer.verification import evaluate_views
 
@@ -172,6 +172,26 @@ def test_plot_curves(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="tfevents"):
         plot_curves.main([str(tmp_path / "empty")])
+
+
+def test_compare_runs_table(tmp_path, capsys):
+    accs = {"base": [0.80, 0.82, 0.84], "alt": [0.85, 0.86]}
+    for arm, values in accs.items():
+        for seed, acc in enumerate(values, 1):
+            with SummaryWriter(str(tmp_path / f"{arm}_{seed}" / "tensorboard")) as w:
+                w.add_scalar("val/lfw/accuracy", 0.5, 10)
+                w.add_scalar("val/lfw/accuracy", acc, 20)  # the final one counts
+    runs = sorted(str(p) for p in tmp_path.iterdir())
+    assert compare_runs.main([*runs, "--target", "lfw", "--baseline", "base"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == "| arm | seed 1 | seed 2 | seed 3 | mean +- std | vs base |"
+    assert rows[2] == "| alt | 85.00 | 86.00 | - | 85.50 +- 0.71 (n=2) | +3.50 |"
+    assert rows[3] == "| base | 80.00 | 82.00 | 84.00 | 82.00 +- 2.00 (n=3) | +0.00 |"
+    assert compare_runs.main([*runs, "--target", "cfp_fp"]) == 1
+    assert "has no scalar 'val/cfp_fp/accuracy'" in capsys.readouterr().err
+    (tmp_path / "noseed").mkdir()
+    assert compare_runs.main([str(tmp_path / "noseed")]) == 1
+    assert "not named <arm>_<seed>" in capsys.readouterr().err
 
 
 def _flat_images(folder, names):
