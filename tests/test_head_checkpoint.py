@@ -10,6 +10,7 @@ import torch
 
 from heads import CombinedMarginLoss, PartialFC, build_head_optimizer, load_head, save_head
 from tests.distributed import run_distributed
+from tests.head_steps import train_steps
 
 C, D = 1003, 16
 KWARGS = {"sgd": dict(lr=0.1, momentum=0.9), "adamw": dict(lr=0.01, weight_decay=0.05)}
@@ -18,17 +19,6 @@ KWARGS = {"sgd": dict(lr=0.1, momentum=0.9), "adamw": dict(lr=0.01, weight_decay
 def make(name, seed=0):
     head = PartialFC(D, C, 0.3, CombinedMarginLoss(), seed=seed)
     return head, build_head_optimizer(head, name, **KWARGS[name])
-
-
-def train_steps(head, opt, steps, seed):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randn(8, D, generator=g)
-        y = torch.randint(0, C, (8,), generator=g)
-        head(x, y)[0].backward()
-        opt.unscale_()
-        opt.step()
-        opt.zero_grad()
 
 
 def snapshot(head, opt):
@@ -44,7 +34,7 @@ def save_worker(rank, world, root):
     out = {}
     for name in KWARGS:
         head, opt = make(name, seed=rank)
-        train_steps(head, opt, 3, seed=rank)
+        train_steps(head, opt, 3, rank, C)
         opt.set_lr(0.0123)
         save_head(os.path.join(root, name), head, opt)
         out[name] = snapshot(head, opt)
@@ -113,7 +103,7 @@ def test_load_on_three_ranks_restores_rows_and_state(saved_on_two_ranks):
 
 def test_same_world_size_resume_continues_the_same_sampling(tmp_path):
     head, opt = make("sgd")
-    train_steps(head, opt, 2, seed=0)
+    train_steps(head, opt, 2, 0, C)
     save_head(str(tmp_path), head, opt)
     assert not [f for f in os.listdir(tmp_path / "head") if ".tmp" in f]
     x, y = torch.randn(8, D), torch.randint(0, C, (8,))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from heads import CombinedMarginLoss, PartialFC, build_head_optimizer
 from heads.lazy_decay import LazyDenseDecay
+from tests.head_steps import step_heads
 
 LR = [0.2, 0.15, 0.1, 0.1, 0.05, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.01]
 MOMENTUM, WD = 0.9, 0.05  # a large decay, so a missed step shows
@@ -71,13 +72,7 @@ def test_head_optimizer_dense_decay_matches_dense_sgd_over_steps():
     for lr in LR:
         emb = torch.randn(n, dim, generator=g)
         labels = torch.randint(0, num_classes, (n,), generator=g)
-        for h, o in ((head, opt), (sparse_head, sparse_opt)):
-            o.set_lr(lr)
-            loss, _ = h(emb, labels)
-            loss.backward()
-            o.unscale_()
-            o.step()
-            o.zero_grad()
+        step_heads([(head, opt), (sparse_head, sparse_opt)], emb, labels, lr)
         index = head.sampled_index
         assert index.numel() < num_classes  # sampling really leaves rows out
         ref_w, ref_b = _reference_step(ref_w, ref_b, index, emb, labels, lr)

@@ -35,6 +35,7 @@ from heads import (
 from heads.comm import Topology
 from heads.subcenter import subcenter_max
 from tests.distributed import run_distributed
+from tests.head_steps import step_heads, train_steps
 from tests.test_margins_parity import ELASTIC, MARGIN_SEED, REFERENCES, close
 from tests.test_margins_parity import LOSSES as MARGIN_LOSSES
 from trainer.config import ConfigError, load_config
@@ -208,17 +209,6 @@ def test_backward_routes_to_the_arg_max_row_in_the_gemm_buffer():
 CK = 101  # classes in the checkpoint tests: 51/50 on 2 ranks, 34/34/33 on 3
 
 
-def _train(head, opt, steps, seed):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randn(8, D, generator=g)
-        y = torch.randint(0, CK, (8,), generator=g)
-        head(x, y)[0].backward()
-        opt.unscale_()
-        opt.step()
-        opt.zero_grad()
-
-
 def _view(head, opt):
     return {
         "range": (head.class_start, head.class_start + head.num_local),
@@ -231,7 +221,7 @@ def ckpt_save_worker(rank, world, root):
     head = PartialFC(D, CK, 0.3, build_margin("arcface"), seed=5, num_subcenters=K)
     opt = build_head_optimizer(head, "sgd", lr=0.1, momentum=0.9)
     init = head.weight.detach().clone()
-    _train(head, opt, 3, seed=rank)
+    train_steps(head, opt, 3, rank, CK)
     save_head(root, head, opt)
     return {"init": init} | _view(head, opt)
 
@@ -322,13 +312,7 @@ def test_head_optimizer_dense_decay_steps_sub_center_rows_like_dense_sgd():
     for lr in LR:
         emb = torch.randn(n, D, generator=g)
         labels = torch.randint(0, num_classes, (n,), generator=g)
-        for h, o in ((head, opt), (sparse, sparse_opt)):
-            o.set_lr(lr)
-            loss, _ = h(emb, labels)
-            loss.backward()
-            o.unscale_()
-            o.step()
-            o.zero_grad()
+        step_heads([(head, opt), (sparse, sparse_opt)], emb, labels, lr)
         rows = head.sampled_index
         assert rows.numel() == K * 10 and torch.equal(rows, sparse.sampled_index)
         ref_w, ref_b = _dense_sgd_step(ref_w, ref_b, rows, emb, labels, lr)
