@@ -175,7 +175,7 @@ def test_plot_curves(tmp_path):
 
 
 def test_compare_runs_table(tmp_path, capsys):
-    accs = {"base": [0.80, 0.82, 0.84], "alt": [0.85, 0.86]}
+    accs = {"base": [0.80, 0.82, 0.84], "alt": [0.85, 0.86], "one": [0.9]}
     for arm, values in accs.items():
         for seed, acc in enumerate(values, 1):
             with SummaryWriter(str(tmp_path / f"{arm}_{seed}" / "tensorboard")) as w:
@@ -187,6 +187,7 @@ def test_compare_runs_table(tmp_path, capsys):
     assert rows[0] == "| arm | seed 1 | seed 2 | seed 3 | mean +- std | vs base |"
     assert rows[2] == "| alt | 85.00 | 86.00 | - | 85.50 +- 0.71 (n=2) | +3.50 |"
     assert rows[3] == "| base | 80.00 | 82.00 | 84.00 | 82.00 +- 2.00 (n=3) | +0.00 |"
+    assert rows[4] == "| one | 90.00 | - | - | 90.00 +- - (n=1) | +8.00 |"
     assert compare_runs.main([*runs, "--target", "cfp_fp"]) == 1
     assert "has no scalar 'val/cfp_fp/accuracy'" in capsys.readouterr().err
     (tmp_path / "noseed").mkdir()

@@ -5,7 +5,7 @@
 
 A run folder named ``<arm>_<seed>`` (e.g. ``decay_2``) belongs to arm ``decay``; every arm gets
 one row: the final value of ``val/<target>/<metric>`` of each seed, then mean +- sample standard
-deviation over its seeds (ddof 1, as in ``docs/demo_tuning.md``) and, with ``--baseline``, the
+deviation over its seeds (ddof 1, ``-`` for one seed) and, with ``--baseline``, the
 difference of means to that arm. Values are printed in percent. The output is a Markdown table.
 """
 
@@ -74,9 +74,9 @@ def table(values: dict[str, dict[int, float]], baseline: str | None = None) -> l
     rows = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     means = {a: statistics.fmean(v.values()) for a, v in values.items()}
     for arm, v in values.items():
-        std = statistics.stdev(v.values()) if len(v) > 1 else float("nan")
+        std = f"{100 * statistics.stdev(v.values()):.2f}" if len(v) > 1 else "-"
         cells = [arm, *(f"{100 * v[s]:.2f}" if s in v else "-" for s in seeds)]
-        cells.append(f"{100 * means[arm]:.2f} +- {100 * std:.2f} (n={len(v)})")
+        cells.append(f"{100 * means[arm]:.2f} +- {std} (n={len(v)})")
         if baseline is not None:
             cells.append(f"{100 * (means[arm] - means[baseline]):+.2f}")
         rows.append("| " + " | ".join(cells) + " |")
