@@ -24,6 +24,9 @@ VALIDATION_CASES = [
                           num_classes=1_000_000, sample_rate=0.1)),
     ("head 500k r1", dict(network="r18", model_kwargs={"base_width": 16}, embedding_size=128,
                           num_classes=500_000, sample_rate=1.0)),
+    ("sub-centers 3 x 333k r0.1", dict(network="r18", model_kwargs={"base_width": 16},
+                                       embedding_size=128, num_classes=333_334, sample_rate=0.1,
+                                       num_subcenters=3)),
     ("bf16", dict(network="r18", model_kwargs={"base_width": 16}, embedding_size=128,
                   num_classes=10_000, sample_rate=1.0, precision="bf16")),
     ("r18 ZeRO-1", dict(network="r18", zero_stage=1)),
@@ -50,6 +53,7 @@ def validate(cases=VALIDATION_CASES, log=print) -> list[dict]:
             case.network, case.embedding_size, case.num_classes, case.sample_rate,
             case.batch_size, 1, case.zero_stage, case.precision, case.optimizer, case.offload,
             case.grad_checkpointing, model_kwargs=case.model_kwargs,
+            num_subcenters=case.num_subcenters,
         )  # fmt: skip
         measured = run_isolated(case)
         mb = measured.get("steady_peak_mb") or measured.get("peak_mb")

@@ -77,12 +77,14 @@ class Case:
     channels_last: bool = False
     num_workers: int = 0
     model_kwargs: dict = field(default_factory=dict)
+    num_subcenters: int = 1
 
     def label(self) -> str:
         """Short human-readable name of the case, e.g. ``r18 bf16 ZeRO-2 ckpt B=8``."""
         extra = "".join(f" {k}={v}" for k, v in sorted(self.model_kwargs.items()))
         flags = " ckpt" * self.grad_checkpointing + " offload" * self.offload
         flags += " cl" * self.channels_last
+        flags += f" S={self.num_subcenters}" * (self.num_subcenters > 1)
         return (
             f"{self.network}{extra} {self.precision} ZeRO-{self.zero_stage}{flags} "
             f"B={self.batch_size}"
@@ -127,7 +129,7 @@ def _config(case: Case):
             batch_size=case.batch_size,
             num_workers=case.num_workers,
         ),
-        head=HeadConfig(sample_rate=case.sample_rate),
+        head=HeadConfig(sample_rate=case.sample_rate, num_subcenters=case.num_subcenters),
         optim=OptimConfig(optimizer=case.optimizer),
         engine=EngineConfig(
             zero_stage=case.zero_stage,

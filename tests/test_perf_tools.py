@@ -137,9 +137,26 @@ def test_max_classes_grows_with_memory_and_is_tight():
     assert _plan(device_memory_gb=1e-3)["max_num_classes"] == 0
 
 
+def test_subcenters_count_rows_per_class():
+    plain, sub = _plan(num_classes=3_000_000), _plan(num_classes=1_000_000, num_subcenters=3)
+    assert sub["sampled_per_rank"] * 3 == plain["sampled_per_rank"]  # K counts classes
+    for name in ("head centers (fp32)", "head optimizer state (sgd)",
+                 "head sampled rows + gradient", "head step (gathered rows)"):  # fmt: skip
+        assert sub["device"][name] == plain["device"][name], name  # same rows
+    logits = "logits + softmax buffer (fp32)"
+    one = _plan(num_classes=1_000_000)
+    n, k = 64 * 8, one["sampled_per_rank"]
+    assert sub["device"][logits] - one["device"][logits] == 4 * n * k * 3 + n * k
+    per_class = [_plan(device_memory_gb=32, num_subcenters=s)["max_num_classes"] for s in (1, 3)]
+    # a sub-center class costs 3 rows but its softmax buffers are one column: under 3 classes
+    assert 1 / 3 < per_class[1] / per_class[0] < 0.36
+
+
 @pytest.mark.parametrize(
-    "bad", [dict(zero_stage=4), dict(precision="fp8"), dict(sample_rate=0.0), dict(world_size=0)]
-)
+    "bad",
+    [dict(zero_stage=4), dict(precision="fp8"), dict(sample_rate=0.0), dict(world_size=0),
+     dict(num_subcenters=0)],
+)  # fmt: skip
 def test_plan_rejects_bad_arguments(bad):
     field = next(iter(bad))
     with pytest.raises(ValueError, match=field):
@@ -169,3 +186,7 @@ def test_cli_prints_breakdown_and_max_classes(capsys):
     found = re.search(r"Largest num_classes fitting 2 GiB per device: ([\d,]+)", out)
     assert found and int(found.group(1).replace(",", "")) > 100000
     assert plan_memory.main(["--network", "r18", "--sample-rate", "2"]) == 2
+    assert plan_memory.main(
+        ["--network", "r18", "--model-kwargs", '{"base_width": 8}', "--num-subcenters", "3"]
+    ) == 0  # fmt: skip
+    assert "3 sub-centers per class" in capsys.readouterr().out

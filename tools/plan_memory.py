@@ -3,6 +3,7 @@
     python tools/plan_memory.py --network r100 --embedding-size 512 --num-classes 2059906 \\
         --sample-rate 0.3 --batch-size 128 --world-size 8 --zero-stage 2 --precision bf16 \\
         [--optimizer sgd] [--offload] [--grad-checkpointing] [--device-memory-gb 80]
+        [--num-subcenters 1]
 
 Prints a breakdown table (bytes per device by item and phase) and the largest ``num_classes`` that
 fits ``--device-memory-gb``. The model and what it leaves out: ``trainer/memory_plan.py``;
@@ -28,6 +29,7 @@ def format_plan(result: dict) -> str:
         f"C = {r['num_classes']:,} (n = {r['classes_per_rank']:,} per rank, K = "
         f"{r['sampled_per_rank']:,} sampled), batch {r['batch_size']} x W = {r['world_size']}, "
         f"ZeRO-{r['zero_stage']}, {r['precision']}, {r['optimizer']}"
+        + f", {r['num_subcenters']} sub-centers per class" * (r["num_subcenters"] > 1)
         + ", offload" * r["offload"]
         + ", checkpointing" * r["grad_checkpointing"],
         "",
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offload", action="store_true")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--device-memory-gb", type=float, default=80.0, help="GiB per device")
+    p.add_argument("--num-subcenters", type=int, default=1, help="Sub-center ArcFace rows/class")
     p.add_argument("--model-kwargs", default="", help="JSON, e.g. '{\"base_width\": 16}'")
     args = p.parse_args(argv)
     try:
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             args.batch_size, args.world_size, args.zero_stage, args.precision, args.optimizer,
             args.offload, args.grad_checkpointing, args.device_memory_gb,
             json.loads(args.model_kwargs) if args.model_kwargs else None,
+            num_subcenters=args.num_subcenters,
         )  # fmt: skip
     except (ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,7 +22,10 @@ centers of that shard = max(int(sample_rate*n), expected positives N/W), at most
 - head: centers 4*n*D, optimizer state (momentum 4*n*D or AdamW 8*n*D + step 8*n), the sampled
   rows (copy, normalized copy, gradient: 3*4*K*D; 2* when sample_rate = 1 shares storage) and
   the logits: cosines + softmax buffer that becomes the gradient in place 2*4*N*K, plus the
-  gathered embeddings 2*4*N*D.
+  gathered embeddings 2*4*N*D. With S sub-centers per class (Sub-center ArcFace,
+  ``heads/subcenter.py``) every class holds S rows (n and K rows become n*S and K*S) and the
+  logits are the GEMM's 4*N*K*S, its per-class maxima and the softmax buffer 2*4*N*K, and the
+  uint8 arg-max N*K.
 
 Items are tagged by when they are alive: persistent (weights, state, gradients), backward
 (activations, buckets, head rows and logits) or step (the fp32 gradient partition; the head
@@ -86,6 +89,7 @@ class PlanArguments(TypedDict):
     offload: bool
     grad_checkpointing: bool
     device_memory_gb: float | None
+    num_subcenters: int
 
 
 class MemoryPlan(PlanArguments):
@@ -222,6 +226,7 @@ def plan(
     device_memory_gb: float | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     profile: ActivationProfile | None = None,
+    num_subcenters: int = 1,
 ) -> MemoryPlan:
     """Predicted per-device memory of one training step (see the module docstring).
 
@@ -234,6 +239,7 @@ def plan(
         grad_checkpointing: activation checkpointing of the backbone.
         device_memory_gb: device memory in GiB; when given, ``max_num_classes`` is solved.
         profile: a ``measure_activations`` result to reuse (else measured, cached).
+        num_subcenters: S rows per class (Sub-center ArcFace); 1 for every other loss.
 
     Returns:
         ``MemoryPlan``: the arguments, ``device`` and ``host`` (item name -> bytes),
@@ -248,7 +254,7 @@ def plan(
         "sample_rate": sample_rate, "batch_size": batch_size, "world_size": world_size,
         "zero_stage": zero_stage, "precision": precision, "optimizer": optimizer,
         "offload": offload, "grad_checkpointing": grad_checkpointing,
-        "device_memory_gb": device_memory_gb,
+        "device_memory_gb": device_memory_gb, "num_subcenters": num_subcenters,
     }  # fmt: skip
     _check_arguments(args)
     if profile is None:
@@ -260,7 +266,9 @@ def plan(
     if device_memory_gb is not None:
 
         def total_of(c: int) -> int:
-            head_c = _head_items(embedding_size, c, sample_rate, batch_size, world_size, optimizer)
+            head_c = _head_items(
+                embedding_size, c, sample_rate, batch_size, world_size, optimizer, num_subcenters
+            )
             return _peak({**backbone, **head_c[0]}, "device")
 
         result["max_num_classes"] = max_num_classes(device_memory_gb * GIB, total_of, world_size)
@@ -273,7 +281,7 @@ def _check_arguments(args: PlanArguments) -> None:
     _check("optimizer", args["optimizer"] in OPTIMIZER_STATES, args["optimizer"])
     _check("zero_stage", args["zero_stage"] in (0, 1, 2, 3), args["zero_stage"])
     _check("sample_rate", 0.0 < args["sample_rate"] <= 1.0, args["sample_rate"])
-    for name in ("embedding_size", "num_classes", "batch_size", "world_size"):
+    for name in ("embedding_size", "num_classes", "batch_size", "world_size", "num_subcenters"):
         value = args[name]
         _check(name, isinstance(value, int) and value >= 1, value)
     gb = args["device_memory_gb"]
@@ -287,7 +295,7 @@ def _prediction(
     """``plan``'s result for the backbone items and the head of ``args`` (no class solve)."""
     head, n, k = _head_items(
         args["embedding_size"], args["num_classes"], args["sample_rate"], args["batch_size"],
-        args["world_size"], args["optimizer"],
+        args["world_size"], args["optimizer"], args["num_subcenters"],
     )  # fmt: skip
     items = {**backbone, **head}
     return {
@@ -358,22 +366,27 @@ def _backbone_items(
 
 
 def _head_items(
-    dim: int, classes: int, rate: float, batch: int, world: int, optimizer: str
+    dim: int, classes: int, rate: float, batch: int, world: int, optimizer: str, subcenters: int
 ) -> tuple[dict[str, Item], int, int]:
-    """(name -> (bytes, "device", phase), n, K) of the largest head shard (rank 0)."""
+    """(name -> (bytes, "device", phase), n, K) of the largest head shard (rank 0); n and K
+    count classes, each of ``subcenters`` rows."""
     n = math.ceil(classes / world)
     rows = batch * world
     full = int(rate * n) >= n
     k = n if full else min(n, max(int(rate * n), math.ceil(rows / world)))
-    state = 4 * n * dim if optimizer == "sgd" else 8 * n * dim + 8 * n
+    s = subcenters
+    state = 4 * n * s * dim if optimizer == "sgd" else 8 * n * s * dim + 8 * n * s
+    logits = 2 * 4 * rows * k + 2 * 4 * rows * dim
+    if s > 1:  # the GEMM's (N, K S) output and the uint8 arg-max live until the backward
+        logits += 4 * rows * k * s + rows * k
     items: dict[str, tuple[int, Phase]] = {
-        "head centers (fp32)": (4 * n * dim, "persistent"),
+        "head centers (fp32)": (4 * n * s * dim, "persistent"),
         f"head optimizer state ({optimizer})": (state, "persistent"),
         # backward: sampled copy (shared when sample_rate = 1), normalized copy, gradient
-        "head sampled rows + gradient": ((2 if full else 3) * 4 * k * dim, "backward"),
-        "logits + softmax buffer (fp32)": (2 * 4 * rows * k + 2 * 4 * rows * dim, "backward"),
+        "head sampled rows + gradient": ((2 if full else 3) * 4 * k * s * dim, "backward"),
+        "logits + softmax buffer (fp32)": (logits, "backward"),
         # step: gradient + gathered rows of weight and state + update temporaries
-        "head step (gathered rows)": (HEAD_STEP_COPIES[optimizer] * 4 * k * dim, "step"),
+        "head step (gathered rows)": (HEAD_STEP_COPIES[optimizer] * 4 * k * s * dim, "step"),
     }
     return {name: (v, "device", phase) for name, (v, phase) in items.items()}, n, k
 
