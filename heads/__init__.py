@@ -9,7 +9,7 @@ Public interface used by the trainer::
     save_head(directory, head, head_opt); load_head(directory, head, head_opt)
 """
 
-from heads.checkpoint import load_head, save_head
+from heads.checkpoint import SavedCenters, centers_of, load_head, open_centers, save_head
 from heads.comm import Topology, resolve_group, shard_range
 from heads.dist_softmax import margin_softmax_cross_entropy
 from heads.losses import LOSSES, build_margin
@@ -34,6 +34,9 @@ __all__ = [
     "build_head_optimizer",
     "save_head",
     "load_head",
+    "open_centers",
+    "centers_of",
+    "SavedCenters",
     "margin_softmax_cross_entropy",
     "sample_classes",
     "resolve_logits_dtype",

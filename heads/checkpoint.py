@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,8 @@ from data.atomic import atomic_path
 from heads.optim import HeadOptimizer
 from heads.partial_fc import PartialFC
 
-__all__ = ["save_head", "load_head", "head_dir", "FORMAT"]
+__all__ = ["save_head", "load_head", "head_dir", "open_centers", "centers_of", "SavedCenters",
+           "FORMAT"]  # fmt: skip
 
 FORMAT = "arcscale.head.v1"
 _SHARD_RE = re.compile(r"^shard_(\d+)_(\d+)\.pt$")
@@ -102,6 +103,18 @@ def _list_shards(folder: str) -> list[tuple[int, int, str]]:
     return shards
 
 
+def _gaps(shards: list[tuple[int, int, str]], start: int, end: int) -> list[tuple[int, int]]:
+    """Class ranges of ``[start, end)`` that none of the sorted ``shards`` covers."""
+    gaps, cursor = [], start
+    for s, e, _ in shards:
+        if s > cursor:
+            gaps.append((cursor, s))
+        cursor = max(cursor, e)
+    if cursor < end:
+        gaps.append((cursor, end))
+    return gaps
+
+
 def _check_meta(
     payload: dict[str, Any], path: str, head: PartialFC, head_opt: HeadOptimizer | None
 ) -> None:
@@ -164,13 +177,7 @@ def load_head(directory: str, head: PartialFC, head_opt: HeadOptimizer | None = 
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         _check_meta(payload, path, head, head_opt)
         payloads.append((s, e, payload))
-    gaps, cursor = [], start
-    for s, e, _ in shards:
-        if s > cursor:
-            gaps.append((cursor, s))
-        cursor = max(cursor, e)
-    if cursor < end:
-        gaps.append((cursor, end))
+    gaps = _gaps(shards, start, end)
     if gaps:
         raise ValueError(
             f"heads/checkpoint.py: {folder} does not cover classes {gaps} of this rank's range "
@@ -200,3 +207,83 @@ def load_head(directory: str, head: PartialFC, head_opt: HeadOptimizer | None = 
         b1, b2 = (float(b) for b in hyper["betas"])
         head_opt.betas = (b1, b2)
         head_opt.eps = float(hyper["eps"])
+
+
+class SavedCenters(NamedTuple):
+    """The class centers of a head checkpoint, memory-mapped (``open_centers``).
+
+    Attributes:
+        num_classes (C), num_subcenters (S), embedding_size (D): as saved.
+        starts: first class of each shard file, ascending, ``starts[0] == 0``.
+        weights: per shard, its ``((end - start) S, D)`` fp32 rows (class-major), memory-mapped.
+    """
+
+    num_classes: int
+    num_subcenters: int
+    embedding_size: int
+    starts: list[int]
+    weights: list[torch.Tensor]
+
+
+def open_centers(directory: str) -> SavedCenters:
+    """Map the centers of the head checkpoint under ``directory/head`` without a ``PartialFC``
+    or a process group (offline tools); only the rows that are read come from disk.
+
+    Raises:
+        FileNotFoundError: ``directory/head`` is missing or holds no shard file.
+        ValueError: overlapping shards, an unknown format, shards that disagree on
+            num_classes/embedding_size/num_subcenters, a weight of the wrong shape, or classes
+            no shard covers (the message names the file or the ranges).
+    """
+    folder = head_dir(directory)
+    shards = _list_shards(folder)
+    if not shards:
+        raise FileNotFoundError(f"heads/checkpoint.py: no shard_<start>_<end>.pt in {folder}")
+    starts, weights, meta = [], [], None
+    for s, e, path in shards:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if payload.get("format") != FORMAT:
+            raise ValueError(f"heads/checkpoint.py: {path}: format {payload.get('format')!r}")
+        this = (payload["num_classes"], payload.get("num_subcenters", 1), payload["embedding_size"])
+        if meta not in (None, this):
+            raise ValueError(
+                f"heads/checkpoint.py: {path}: (num_classes, num_subcenters, embedding_size) = "
+                f"{this} but other shards of {folder} have {meta}"
+            )
+        meta = this
+        weight = payload["weight"]
+        if tuple(weight.shape) != ((e - s) * this[1], this[2]):
+            raise ValueError(
+                f"heads/checkpoint.py: {path}: weight {tuple(weight.shape)}, expected "
+                f"{((e - s) * this[1], this[2])}"
+            )
+        starts.append(s)
+        weights.append(weight)
+    assert meta is not None
+    gaps = _gaps(shards, 0, meta[0])
+    if gaps:
+        raise ValueError(f"heads/checkpoint.py: {folder} does not cover classes {gaps}")
+    return SavedCenters(meta[0], meta[1], meta[2], starts, weights)
+
+
+def centers_of(saved: SavedCenters, classes: torch.Tensor) -> torch.Tensor:
+    """The ``(M, S, D)`` fp32 centers (all S sub-centers) of the ``(M,)`` int64 global class
+    ids ``classes``, any order, repeats allowed.
+
+    Raises:
+        ValueError: a class id outside ``[0, num_classes)``.
+    """
+    classes = classes.long().reshape(-1)
+    if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= saved.num_classes):
+        raise ValueError(
+            f"heads/checkpoint.py: class ids must be in [0, {saved.num_classes}), got "
+            f"[{int(classes.min())}, {int(classes.max())}]"
+        )
+    k, d = saved.num_subcenters, saved.embedding_size
+    starts = torch.tensor(saved.starts, dtype=torch.long)
+    shard = torch.searchsorted(starts, classes, right=True) - 1
+    out = torch.empty(classes.numel(), k, d)
+    for i in torch.unique(shard).tolist():
+        sel = torch.nonzero(shard == i).squeeze(1)
+        out[sel] = saved.weights[i].view(-1, k, d)[classes[sel] - saved.starts[i]]
+    return out

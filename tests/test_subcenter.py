@@ -27,9 +27,11 @@ from heads import (
     PartialFC,
     build_head_optimizer,
     build_margin,
+    centers_of,
     init_centers,
     load_head,
     margin_softmax_cross_entropy,
+    open_centers,
     save_head,
 )
 from heads.comm import Topology
@@ -266,6 +268,17 @@ def test_checkpoint_moves_whole_classes_across_world_sizes(tmp_path):
     assert torch.equal(_global(back, "momentum"), momentum)
     one = ckpt_load_worker(0, 1, three, "")
     assert torch.equal(_global([one], "weight"), weight)
+    # offline read (tools/clean_subcenters.py): any classes, across the 3 shard files
+    centers = open_centers(three)
+    assert (centers.num_classes, centers.num_subcenters, centers.starts) == (CK, K, [0, 34, 68])
+    ids = torch.tensor([100, 0, 33, 34, 67, 68, 5, 5])
+    assert torch.equal(centers_of(centers, ids), weight[ids])
+    assert torch.equal(centers_of(centers, torch.arange(CK)), weight)
+    with pytest.raises(ValueError, match=r"class ids must be in \[0, 101\)"):
+        centers_of(centers, torch.tensor([101]))
+    os.remove(os.path.join(three, "head", "shard_34_68.pt"))
+    with pytest.raises(ValueError, match=r"does not cover classes \[\(34, 68\)\]"):
+        open_centers(three)
     # another number of sub-centers cannot read it
     plain = PartialFC(D, CK, 0.3, build_margin("arcface"), num_subcenters=1)
     with pytest.raises(ValueError, match="num_subcenters=3 but the head has 1"):

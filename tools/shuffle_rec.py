@@ -34,7 +34,7 @@ import numpy as np
 
 from data.atomic import atomic_path
 from data.face_jpeg import progress_bar
-from data.image_index import image_index_of
+from data.image_index import ImageIndex, image_index_of
 from data.recordio import IRHeader, RecordIOReader, RecordIOWriter, pack, unpack
 
 WINDOW = 1024  # records read ahead (x ~10 KiB per 112x112 JPEG: ~10 MiB)
@@ -123,13 +123,48 @@ def shuffle_rec(
     """
     t0 = time.perf_counter()
     rec, idx = source_paths(src)
+    reader = RecordIOReader(rec, idx)
+    index = image_index_of(reader, rec)
+    perm = np.random.default_rng(seed).permutation(len(index))
+    return copy_records(rec, reader, index, out_dir, perm, threads, progress, "shuffling", t0)
+
+
+def copy_records(
+    rec: str,
+    reader: RecordIOReader,
+    index: ImageIndex,
+    out_dir: str,
+    order: np.ndarray,
+    threads: int = 8,
+    progress: bool = True,
+    desc: str = "copying",
+    t0: float | None = None,
+) -> ShuffleSummary:
+    """Write ``out_dir/train.rec|idx`` holding the images ``order`` of ``rec``, in that order.
+
+    Records are copied byte for byte (labels included); new image key ``first + k`` holds
+    source image ``order[k]`` (``first`` = 1 with an insightface header record, else 0). The
+    identity records keep their count with an empty image range. ``train.lst`` (rewritten in
+    the new order, when the source has one line per image) and ``property`` come along. Used by
+    ``shuffle_rec`` (a permutation) and ``tools/clean_subcenters.py`` (a subset).
+
+    Args:
+        rec: the source ``.rec`` path; reader, index: its open reader and image index.
+        out_dir: output folder (created); must not be the source folder.
+        order: (M,) int indices into ``index`` (a permutation, or a subset, any order).
+        threads, progress: as for ``shuffle_rec``; desc: the progress bar's label.
+        t0: ``time.perf_counter()`` at the start, for the summary's seconds.
+
+    Raises:
+        ValueError: ``out_dir`` is the source folder, or ``order`` is out of range.
+    """
+    t0 = time.perf_counter() if t0 is None else t0
     src_dir = os.path.dirname(os.path.abspath(rec))
     if os.path.abspath(out_dir) == src_dir:
         raise ValueError(f"{out_dir}: the output folder must differ from the source folder")
-    reader = RecordIOReader(rec, idx)
-    index = image_index_of(reader, rec)
-    n = len(index)
-    perm = np.random.default_rng(seed).permutation(n)
+    n, m = len(index), len(order)
+    if m and (int(order.min()) < 0 or int(order.max()) >= n):
+        raise ValueError(f"{rec}: image order out of range [0, {n})")
     first = 0 if header_of(reader) is None else 1  # insightface: images at keys 1..N
     ids = index.identity_keys
     num_ids = 0 if ids is None else max(0, ids[1] - ids[0])
@@ -141,12 +176,12 @@ def shuffle_rec(
         tmp_rec = stack.enter_context(atomic_path(os.path.join(out_dir, "train.rec")))
         tmp_idx = stack.enter_context(atomic_path(os.path.join(out_dir, "train.idx")))
         bar = stack.enter_context(progress_bar(progress))
-        task = bar.add_task("shuffling", total=n)
+        task = bar.add_task(desc, total=m)
         with RecordIOWriter(tmp_rec, tmp_idx) as writer:
             if first:
-                end = n + 1
+                end = m + 1
                 writer.write(0, pack(IRHeader(2, [end, end + num_ids], 0, 0), b""))
-            for k, record in enumerate(_records(reader, index.offsets[perm], threads)):
+            for k, record in enumerate(_records(reader, index.offsets[order], threads)):
                 writer.write(first + k, record)
                 bar.advance(task)
             if first:
@@ -154,7 +189,7 @@ def shuffle_rec(
                     writer.write(end + c, pack(IRHeader(2, [end, end], end + c, 0), b""))
         if rows is not None:
             tmp_lst = stack.enter_context(atomic_path(os.path.join(out_dir, "train.lst")))
-            _write_lst(lst_src, tmp_lst, rows, perm, first)
+            _write_lst(lst_src, tmp_lst, rows, order, first)
             copied.append("train.lst")
         prop = os.path.join(src_dir, "property")
         if os.path.isfile(prop):
@@ -162,7 +197,7 @@ def shuffle_rec(
             shutil.copyfile(prop, tmp_prop)
             copied.append("property")
     size = os.path.getsize(os.path.join(out_dir, "train.rec"))
-    return ShuffleSummary(out_dir, n, num_ids, size, time.perf_counter() - t0, copied)
+    return ShuffleSummary(out_dir, m, num_ids, size, time.perf_counter() - t0, copied)
 
 
 def header_of(reader: RecordIOReader) -> IRHeader | None:
