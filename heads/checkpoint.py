@@ -115,18 +115,23 @@ def _gaps(shards: list[tuple[int, int, str]], start: int, end: int) -> list[tupl
     return gaps
 
 
+_SIZE_KEYS = ("num_classes", "embedding_size", "num_subcenters")
+
+
+def _saved_sizes(payload: dict[str, Any], path: str) -> dict[str, int]:
+    """``_SIZE_KEYS`` -> value of a shard file; ValueError for a format other than ours."""
+    if payload.get("format") != FORMAT:
+        raise ValueError(f"heads/checkpoint.py: {path}: format {payload.get('format')!r} unknown")
+    # files older than sub-centers have one row a class
+    return {key: int(payload.get(key, 1)) for key in _SIZE_KEYS}
+
+
 def _check_meta(
     payload: dict[str, Any], path: str, head: PartialFC, head_opt: HeadOptimizer | None
 ) -> None:
-    if payload.get("format") != FORMAT:
-        raise ValueError(f"heads/checkpoint.py: {path}: format {payload.get('format')!r} unknown")
-    checks = (
-        ("num_classes", head.num_classes),
-        ("embedding_size", head.embedding_size),
-        ("num_subcenters", head.num_subcenters),
-    )
-    for key, want in checks:
-        saved = payload.get(key, 1)  # files older than sub-centers have one row a class
+    saved_sizes = _saved_sizes(payload, path)
+    for key in _SIZE_KEYS:
+        saved, want = saved_sizes[key], getattr(head, key)
         if saved != want:
             raise ValueError(f"heads/checkpoint.py: {path}: {key}={saved} but the head has {want}")
     want_margin = head.margin_loss.state_dict()
@@ -242,28 +247,27 @@ def open_centers(directory: str) -> SavedCenters:
     starts, weights, meta = [], [], None
     for s, e, path in shards:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if payload.get("format") != FORMAT:
-            raise ValueError(f"heads/checkpoint.py: {path}: format {payload.get('format')!r}")
-        this = (payload["num_classes"], payload.get("num_subcenters", 1), payload["embedding_size"])
-        if meta not in (None, this):
+        sizes = _saved_sizes(payload, path)
+        if meta not in (None, sizes):
             raise ValueError(
-                f"heads/checkpoint.py: {path}: (num_classes, num_subcenters, embedding_size) = "
-                f"{this} but other shards of {folder} have {meta}"
+                f"heads/checkpoint.py: {path}: {sizes} but other shards of {folder} have {meta}"
             )
-        meta = this
+        meta = sizes
         weight = payload["weight"]
-        if tuple(weight.shape) != ((e - s) * this[1], this[2]):
+        rows = ((e - s) * sizes["num_subcenters"], sizes["embedding_size"])
+        if tuple(weight.shape) != rows:
             raise ValueError(
-                f"heads/checkpoint.py: {path}: weight {tuple(weight.shape)}, expected "
-                f"{((e - s) * this[1], this[2])}"
+                f"heads/checkpoint.py: {path}: weight {tuple(weight.shape)}, expected {rows}"
             )
         starts.append(s)
         weights.append(weight)
     assert meta is not None
-    gaps = _gaps(shards, 0, meta[0])
+    gaps = _gaps(shards, 0, meta["num_classes"])
     if gaps:
         raise ValueError(f"heads/checkpoint.py: {folder} does not cover classes {gaps}")
-    return SavedCenters(meta[0], meta[1], meta[2], starts, weights)
+    return SavedCenters(
+        meta["num_classes"], meta["num_subcenters"], meta["embedding_size"], starts, weights
+    )
 
 
 def centers_of(saved: SavedCenters, classes: torch.Tensor) -> torch.Tensor:

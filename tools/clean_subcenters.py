@@ -46,7 +46,7 @@ from data.face_jpeg import progress_bar
 from data.image_index import image_index_of
 from data.recordio import RecordIOReader
 from heads.checkpoint import SavedCenters, centers_of, open_centers
-from tools.shuffle_rec import copy_records, source_paths
+from tools.shuffle_rec import check_output_folder, copy_records, source_paths
 
 __all__ = ["CleanSummary", "nearest_subcenters", "choose_kept", "clean", "main"]
 
@@ -193,8 +193,7 @@ def clean(
     step = _step_dir(checkpoint)
     centers = open_centers(step)
     rec, idx = source_paths(src)
-    if os.path.abspath(out_dir) == os.path.dirname(os.path.abspath(rec)):
-        raise ValueError(f"{out_dir}: the output folder must differ from the source folder")
+    check_output_folder(rec, out_dir)  # before the embedding pass, not after it
     reader = RecordIOReader(rec, idx)
     index = image_index_of(reader, rec)
     data = RecordDataset(rec, idx, index=index)

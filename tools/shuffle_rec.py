@@ -129,6 +129,15 @@ def shuffle_rec(
     return copy_records(rec, reader, index, out_dir, perm, threads, progress, "shuffling", t0)
 
 
+def check_output_folder(rec: str, out_dir: str) -> str:
+    """The folder of ``rec``; ValueError when ``out_dir`` is that folder (it would be
+    overwritten while read)."""
+    src_dir = os.path.dirname(os.path.abspath(rec))
+    if os.path.abspath(out_dir) == src_dir:
+        raise ValueError(f"{out_dir}: the output folder must differ from the source folder")
+    return src_dir
+
+
 def copy_records(
     rec: str,
     reader: RecordIOReader,
@@ -159,9 +168,7 @@ def copy_records(
         ValueError: ``out_dir`` is the source folder, or ``order`` is out of range.
     """
     t0 = time.perf_counter() if t0 is None else t0
-    src_dir = os.path.dirname(os.path.abspath(rec))
-    if os.path.abspath(out_dir) == src_dir:
-        raise ValueError(f"{out_dir}: the output folder must differ from the source folder")
+    src_dir = check_output_folder(rec, out_dir)
     n, m = len(index), len(order)
     if m and (int(order.min()) < 0 or int(order.max()) >= n):
         raise ValueError(f"{rec}: image order out of range [0, {n})")
