@@ -161,15 +161,6 @@ def test_missing_dali_gives_clear_error(monkeypatch, lfw_rec):
         build_dali_loader(lfw_rec["rec"], lfw_rec["idx"], B, 0, 1, seed=0)
 
 
-@pytest.fixture(scope="session")
-def lfw_demo():
-    """work_dirs/lfw_demo from tools/prepare_lfw.py (built once, ~40 s; reused when up to date)."""
-    from tools.prepare_lfw import DEFAULT_OUT, main
-
-    assert main(["--out", DEFAULT_OUT, "--no-progress"]) == 0
-    return DEFAULT_OUT
-
-
 @pytest.mark.slow
 def test_dali_cpu_matches_cpu_loader_on_lfw_demo(lfw_demo):
     rec = f"{lfw_demo}/train.rec"

@@ -561,7 +561,9 @@ def epoch_perm(n, epoch):
 def _bad_configs(lfw16, tmp_path):
     ds_json = tmp_path / "fixed_batch.json"
     ds_json.write_text(json.dumps({"train_batch_size": 100, "zero_optimization": {"stage": 2}}))
-    base = [f"data.rec={lfw16}", f"data.num_classes={NUM}", "eval.val_targets=[]"]
+    # Its own output: the demo config's default (work_dirs/lfw_demo_r18) may hold the demo's run.
+    out = f"output={tmp_path / 'out'}"
+    base = [out, f"data.rec={lfw16}", f"data.num_classes={NUM}", "eval.val_targets=[]"]
     return {
         "unknown key": ([*base, "data.bogus=1"], "data.bogus"),
         "wrong type": ([*base, "data.batch_size=abc"], "data.batch_size"),
@@ -581,7 +583,8 @@ def test_config_faults_one_line_exit2(lfw16, tmp_path, capsys, monkeypatch):
         assert len(err) == 1 and err[0].startswith("arcscale: config error:"), (name, err)
         assert needle in err[0], (name, err)
     monkeypatch.setenv("ARCSCALE_FAULT_NAN_LOSS", "five")
-    good = [f"data.rec={lfw16}", f"data.num_classes={NUM}", "eval.val_targets=[]"]
+    good = [f"output={tmp_path / 'out'}", f"data.rec={lfw16}", f"data.num_classes={NUM}"]
+    good.append("eval.val_targets=[]")
     assert main([CONFIG, *good]) == 2
     assert "ARCSCALE_FAULT_NAN_LOSS" in capsys.readouterr().err
 

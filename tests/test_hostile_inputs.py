@@ -138,7 +138,7 @@ SYNTHETIC = "data: {kind: synthetic, num_image: 64, num_classes: 8}\n"
 @pytest.fixture
 def cfg_file(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text(SYNTHETIC)
+    path.write_text(SYNTHETIC + f"output: {tmp_path / 'run'}\n")  # never the default work_dirs/run
     return str(path)
 
 

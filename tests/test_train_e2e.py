@@ -36,15 +36,11 @@ NUM_SMALL = 16
 
 
 @pytest.fixture(scope="module")
-def lfw_data(lfw_root, tmp_path_factory):
+def lfw_data(lfw_root, lfw_demo, tmp_path_factory):
     """A 16-identity `.rec` of real LFW faces (people with 20-60 images: a loss that can fall in
     20 steps) and the demo's identity-disjoint `lfw_heldout.bin` for the verification callback."""
-    from tools import prepare_lfw
-
-    demo = os.path.join(REPO, "work_dirs", "lfw_demo")
-    assert prepare_lfw.main(["--lfw", lfw_root, "--out", demo, "--no-progress"]) == 0
     out = make_lfw_rec(lfw_root, str(tmp_path_factory.mktemp("lfw16")), NUM_SMALL)
-    os.symlink(os.path.join(demo, "lfw_heldout.bin"), os.path.join(out, "lfw_heldout.bin"))
+    os.symlink(os.path.join(lfw_demo, "lfw_heldout.bin"), os.path.join(out, "lfw_heldout.bin"))
     return out
 
 
