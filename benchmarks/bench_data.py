@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 
 import torch
 
@@ -28,6 +27,7 @@ from data.face_jpeg import default_workers
 from data.lfw import DEFAULT_LFW
 from data.lfw_demo import DEFAULT_OUT, build_demo_split
 from data.loader import build_cpu_loader
+from perf.loader_speed import measure
 from trainer.device_batch import DevicePrefetcher
 
 DEFAULT_REC = os.path.join(DEFAULT_OUT, "train.rec")
@@ -44,32 +44,6 @@ def ensure_rec(rec_path: str) -> None:
         )
     except (OSError, ValueError) as e:
         raise SystemExit(f"bench_data: could not build {rec_path} from {DEFAULT_LFW}: {e}") from e
-
-
-def measure(loader, batches: int) -> dict:
-    """Time ``batches`` batches after the first one; returns start-up seconds and images/s."""
-    t0 = time.perf_counter()
-    it = iter(loader)
-    images, labels = next(it)
-    startup = time.perf_counter() - t0
-    ids = [len(set(labels.tolist()))]
-    n, t1 = 0, time.perf_counter()
-    for _ in range(batches):
-        try:
-            images, labels = next(it)
-        except StopIteration:
-            break
-        n += images.shape[0]
-        ids.append(len(set(labels.tolist())))  # distinct identities in the batch
-    elapsed = time.perf_counter() - t1
-    del it
-    return {
-        "startup_s": startup,
-        "images": n,
-        "seconds": elapsed,
-        "img_per_s": n / elapsed,
-        "ids_per_batch": sum(ids) / len(ids),
-    }
 
 
 def run(args: argparse.Namespace) -> list[tuple[str, dict]]:

@@ -27,7 +27,7 @@ import types
 
 import numpy as np
 
-from benchmarks.memory_probe import status_bytes
+from perf.memory_probe import status_bytes
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINES_PER_WRITE = 1 << 20

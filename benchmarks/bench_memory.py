@@ -2,8 +2,8 @@
 
     python benchmarks/bench_memory.py
 
-Runs each case of ``VALIDATION_CASES`` for real (``benchmarks/bench_train.py``, one fresh process
-per case, world size 1) and prints a Markdown table of predicted vs measured MiB.
+Runs each case of ``VALIDATION_CASES`` for real (``perf.isolated``, bench_train's runner: one
+fresh process per case, world size 1) and prints a Markdown table of predicted vs measured MiB.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks.bench_train import Case, run_isolated
+from perf.isolated import run_isolated
+from perf.train_step import Case
 from trainer.memory_plan import plan
 
 VALIDATION_CASES = [
@@ -36,7 +37,7 @@ VALIDATION_CASES = [
 
 
 def validate(cases=VALIDATION_CASES, log=print) -> list[dict]:
-    """Runs each case for real (``benchmarks.bench_train.run_isolated``: one fresh process,
+    """Runs each case for real (``perf.isolated.run_isolated``: one fresh process,
     world size 1, 1 warm-up + 1 timed step) and compares with ``plan``.
 
     Measured = peak RSS of the timed step minus RSS before the model was built (CPU) or

@@ -356,9 +356,9 @@ def case_dali(size: dict, kwargs: dict) -> dict:
     import torch
     from PIL import Image
 
-    from benchmarks.bench_data import measure
     from data.dali_loader import build_dali_loader
     from data.pack_rec import convert
+    from perf.loader_speed import measure
 
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:

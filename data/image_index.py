@@ -20,7 +20,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from data.atomic import atomic_path, write_text_atomic
-from data.recordio import Keys, RecordIOReader, lookup_offsets, unpack
+from data.recordio import Keys, RecordIOReader, unpack
+from data.recordio_index import lookup_offsets
 
 __all__ = ["ImageIndex", "build_image_index", "image_index_of", "shared_image_index"]
 

@@ -9,19 +9,15 @@ Public interface used by the trainer::
     save_head(directory, head, head_opt); load_head(directory, head, head_opt)
 """
 
+from heads.centers import init_centers
 from heads.checkpoint import SavedCenters, centers_of, load_head, open_centers, save_head
 from heads.comm import Topology, resolve_group, shard_range
+from heads.cosine_kernel import LOGITS_DTYPES, resolve_logits_dtype
 from heads.dist_softmax import margin_softmax_cross_entropy
-from heads.losses import LOSSES, build_margin
-from heads.margin import CombinedMarginLoss, Margin
+from heads.margins import LOSSES, CombinedMarginLoss, Margin, build_margin
 from heads.optim import OPTIMIZERS, HeadOptimizer, build_head_optimizer
-from heads.partial_fc import (
-    LOGITS_DTYPES,
-    PartialFC,
-    init_centers,
-    resolve_logits_dtype,
-    sample_classes,
-)
+from heads.partial_fc import PartialFC
+from heads.sampling import sample_classes
 
 __all__ = [
     "CombinedMarginLoss",

@@ -87,7 +87,7 @@ def save_head(directory: str, head: PartialFC, head_opt: HeadOptimizer | None = 
 
 def _list_shards(folder: str) -> list[tuple[int, int, str]]:
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"heads/checkpoint.py: no head checkpoint folder {folder}")
+        raise FileNotFoundError(f"no head checkpoint folder {folder}")
     shards = []
     for name in os.listdir(folder):
         m = _SHARD_RE.match(name)
@@ -97,7 +97,7 @@ def _list_shards(folder: str) -> list[tuple[int, int, str]]:
     for (_, e0, p0), (s1, _, p1) in zip(shards, shards[1:]):
         if s1 < e0:
             raise ValueError(
-                f"heads/checkpoint.py: overlapping shards in {folder}: {os.path.basename(p0)} and "
+                f"overlapping shards in {folder}: {os.path.basename(p0)} and "
                 f"{os.path.basename(p1)} (two saves into one directory?)"
             )
     return shards
@@ -121,7 +121,7 @@ _SIZE_KEYS = ("num_classes", "embedding_size", "num_subcenters")
 def _saved_sizes(payload: dict[str, Any], path: str) -> dict[str, int]:
     """``_SIZE_KEYS`` -> value of a shard file; ValueError for a format other than ours."""
     if payload.get("format") != FORMAT:
-        raise ValueError(f"heads/checkpoint.py: {path}: format {payload.get('format')!r} unknown")
+        raise ValueError(f"{path}: format {payload.get('format')!r} unknown")
     # files older than sub-centers have one row a class
     return {key: int(payload.get(key, 1)) for key in _SIZE_KEYS}
 
@@ -133,14 +133,14 @@ def _check_meta(
     for key in _SIZE_KEYS:
         saved, want = saved_sizes[key], getattr(head, key)
         if saved != want:
-            raise ValueError(f"heads/checkpoint.py: {path}: {key}={saved} but the head has {want}")
+            raise ValueError(f"{path}: {key}={saved} but the head has {want}")
     want_margin = head.margin_loss.state_dict()
     if want_margin:
         saved_margin = payload.get("margin") or {}
         name = type(head.margin_loss).__name__
         if saved_margin.get("class") != name or set(saved_margin["state"]) != set(want_margin):
             raise ValueError(
-                f"heads/checkpoint.py: {path}: saved margin {saved_margin.get('class')!r} has "
+                f"{path}: saved margin {saved_margin.get('class')!r} has "
                 f"no state for the head's {name} (keys {sorted(want_margin)})"
             )
     if head_opt is None:
@@ -148,12 +148,12 @@ def _check_meta(
     saved = payload["optimizer"]
     if saved is None or saved["name"] != head_opt.name:
         raise ValueError(
-            f"heads/checkpoint.py: {path}: saved optimizer "
+            f"{path}: saved optimizer "
             f"{None if saved is None else saved['name']!r} but loading into {head_opt.name!r}"
         )
     missing = set(head_opt.state_keys()) - set(saved["state"])
     if missing:
-        raise ValueError(f"heads/checkpoint.py: {path}: optimizer state lacks {sorted(missing)}")
+        raise ValueError(f"{path}: optimizer state lacks {sorted(missing)}")
 
 
 @torch.no_grad()
@@ -185,8 +185,7 @@ def load_head(directory: str, head: PartialFC, head_opt: HeadOptimizer | None = 
     gaps = _gaps(shards, start, end)
     if gaps:
         raise ValueError(
-            f"heads/checkpoint.py: {folder} does not cover classes {gaps} of this rank's range "
-            f"[{start}, {end})"
+            f"{folder} does not cover classes {gaps} of this rank's range [{start}, {end})"
         )
     if head_opt is not None:
         head_opt._ensure_state()
@@ -243,28 +242,24 @@ def open_centers(directory: str) -> SavedCenters:
     folder = head_dir(directory)
     shards = _list_shards(folder)
     if not shards:
-        raise FileNotFoundError(f"heads/checkpoint.py: no shard_<start>_<end>.pt in {folder}")
+        raise FileNotFoundError(f"no shard_<start>_<end>.pt in {folder}")
     starts, weights, meta = [], [], None
     for s, e, path in shards:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         sizes = _saved_sizes(payload, path)
         if meta not in (None, sizes):
-            raise ValueError(
-                f"heads/checkpoint.py: {path}: {sizes} but other shards of {folder} have {meta}"
-            )
+            raise ValueError(f"{path}: {sizes} but other shards of {folder} have {meta}")
         meta = sizes
         weight = payload["weight"]
         rows = ((e - s) * sizes["num_subcenters"], sizes["embedding_size"])
         if tuple(weight.shape) != rows:
-            raise ValueError(
-                f"heads/checkpoint.py: {path}: weight {tuple(weight.shape)}, expected {rows}"
-            )
+            raise ValueError(f"{path}: weight {tuple(weight.shape)}, expected {rows}")
         starts.append(s)
         weights.append(weight)
     assert meta is not None
     gaps = _gaps(shards, 0, meta["num_classes"])
     if gaps:
-        raise ValueError(f"heads/checkpoint.py: {folder} does not cover classes {gaps}")
+        raise ValueError(f"{folder} does not cover classes {gaps}")
     return SavedCenters(
         meta["num_classes"], meta["num_subcenters"], meta["embedding_size"], starts, weights
     )
@@ -280,7 +275,7 @@ def centers_of(saved: SavedCenters, classes: torch.Tensor) -> torch.Tensor:
     classes = classes.long().reshape(-1)
     if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= saved.num_classes):
         raise ValueError(
-            f"heads/checkpoint.py: class ids must be in [0, {saved.num_classes}), got "
+            f"class ids must be in [0, {saved.num_classes}), got "
             f"[{int(classes.min())}, {int(classes.max())}]"
         )
     k, d = saved.num_subcenters, saved.embedding_size

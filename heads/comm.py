@@ -65,9 +65,7 @@ def resolve_group(process_group: ProcessGroup | None = None) -> Topology:
     if process_group is None and not initialized:
         return Topology(None, 0, 1)
     if not initialized:
-        raise RuntimeError(
-            "heads/comm.py: a process_group was given but torch.distributed is not initialized"
-        )
+        raise RuntimeError("a process_group was given but torch.distributed is not initialized")
     return Topology(process_group, dist.get_rank(process_group), dist.get_world_size(process_group))
 
 
@@ -81,8 +79,8 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     """
     if num_classes < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(
-            f"heads/comm.py: bad shard request num_classes={num_classes}, rank={rank}, "
-            f"world_size={world_size}"
+            "shard request needs num_classes >= 1 and 0 <= rank < world_size, got "
+            f"num_classes={num_classes}, rank={rank}, world_size={world_size}"
         )
     base, extra = divmod(num_classes, world_size)
     count = base + (rank < extra)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from heads.comm import Topology
-from heads.margin import Margin, Rows
+from heads.margins.base import Margin, Rows
 
 __all__ = ["margin_softmax_cross_entropy"]
 
@@ -196,7 +196,7 @@ class _MarginSoftmaxCE(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         if ctx.used:
             raise RuntimeError(
-                "heads/dist_softmax.py: the margin softmax CE reuses its buffer in backward; "
+                "the margin softmax CE reuses its buffer in backward; "
                 "backpropagating twice (retain_graph=True) is not supported"
             )
         ctx.used = True
@@ -251,7 +251,7 @@ def margin_softmax_cross_entropy(
         labels: ``(N,)`` int64 column of each row's target among the ``K`` local columns, or -1
             when the target class lives on another rank. Every row must have its target on
             exactly one rank (not checked across ranks: that would cost a collective).
-        margin: a ``heads.margin.Margin`` (``CombinedMarginLoss``, ``AdaFace``, ...).
+        margin: a ``heads.margins.Margin`` (``CombinedMarginLoss``, ``AdaFace``, ...).
         topo: the head's ``Topology``; all its ranks must call this with the same ``N``.
         validate: check the label range (reads two values back from the device: skip it on a
             hot path whose labels are correct by construction, as ``PartialFC``'s are).
@@ -268,13 +268,10 @@ def margin_softmax_cross_entropy(
             (``validate``) a label outside ``[-1, K)``.
     """
     if cos.dim() != 2 or cos.dtype != torch.float32:
-        raise ValueError(
-            f"heads/dist_softmax.py: cos must be a 2-D fp32 tensor, got {tuple(cos.shape)} "
-            f"{cos.dtype}"
-        )
+        raise ValueError(f"cos must be a 2-D fp32 tensor, got {tuple(cos.shape)} {cos.dtype}")
     if labels.shape != (cos.shape[0],) or labels.dtype != torch.int64:
         raise ValueError(
-            f"heads/dist_softmax.py: labels must be int64 of shape ({cos.shape[0]},), got "
+            f"labels must be int64 of shape ({cos.shape[0]},), got "
             f"{tuple(labels.shape)} {labels.dtype}"
         )
     if (
@@ -283,14 +280,11 @@ def margin_softmax_cross_entropy(
         and (int(labels.min()) < -1 or int(labels.max()) >= cos.shape[1])
     ):
         raise ValueError(
-            f"heads/dist_softmax.py: labels must be in [-1, {cos.shape[1]}), got "
+            f"labels must be in [-1, {cos.shape[1]}), got "
             f"[{int(labels.min())}, {int(labels.max())}]"
         )
     if margin.needs_norms and (norms is None or norms.shape != (cos.shape[0],)):
-        raise ValueError(
-            f"heads/dist_softmax.py: {type(margin).__name__} needs the ({cos.shape[0]},) "
-            "embedding norms"
-        )
+        raise ValueError(f"{type(margin).__name__} needs the ({cos.shape[0]},) embedding norms")
     has = labels >= 0
     cols = labels.clamp_min(0)
     loss: torch.Tensor = _MarginSoftmaxCE.apply(cos, norms, cols, has, margin, topo, update)

@@ -39,7 +39,7 @@ def resolve_fused(mode: str, device: torch.device | str) -> bool:
         ValueError: a value outside ``FUSED_MODES``.
     """
     if mode not in FUSED_MODES:
-        raise ValueError(f"heads/fused.py: kernels must be one of {FUSED_MODES}, got {mode!r}")
+        raise ValueError(f"kernels must be one of {FUSED_MODES}, got {mode!r}")
     if mode == "auto":
         return torch.device(device).type == "cuda"
     return mode == "compiled"
@@ -90,7 +90,7 @@ class _Kernel:
         except Exception as e:  # compile errors surface at the first call
             self.failed = True
             warnings.warn(
-                f"heads/fused.py: torch.compile of {self.fn.__name__} failed, the head runs "
+                f"torch.compile of {self.fn.__name__} failed, the head runs "
                 f"its eager path (slower, same result): {type(e).__name__}: {e}",
                 RuntimeWarning,
                 stacklevel=2,
@@ -108,7 +108,7 @@ def radial_coef(
     """``coef_j = (grad_j . rows_j) * inv_j**2`` and ``coef.sum()``, one read of each array.
 
     The radial part of center j's gradient through ``cos = e . w_j / |w_j|`` is
-    ``coef_j * w_j`` (``heads/partial_fc.py`` ``_CosineLinear``).
+    ``coef_j * w_j`` (``heads/cosine_kernel.py`` ``_CosineLinear``).
 
     Args:
         grad: ``(K, D)`` fp32 gradient of the cosines w.r.t. the centers before the radial

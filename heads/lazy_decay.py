@@ -73,8 +73,8 @@ class LazyDenseDecay:
     def __init__(self, num_rows: int, device: torch.device, flush_every: int = 256):
         if num_rows < 0 or flush_every < 1:
             raise ValueError(
-                f"heads/lazy_decay.py: need num_rows >= 0 and flush_every >= 1, got "
-                f"{num_rows}, {flush_every}"
+                f"num_rows must be >= 0 and flush_every >= 1, got num_rows={num_rows}, "
+                f"flush_every={flush_every}"
             )
         self.flush_every = int(flush_every)
         self.slot = torch.zeros(num_rows, dtype=torch.int64, device=device)

@@ -69,16 +69,14 @@ class HeadOptimizer:
         dense_decay: bool = False,
     ):
         if name not in OPTIMIZERS:
-            raise ValueError(
-                f"heads/optim.py: unknown head optimizer '{name}', choose from {sorted(OPTIMIZERS)}"
-            )
+            raise ValueError(f"unknown head optimizer '{name}', choose from {sorted(OPTIMIZERS)}")
         if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1 or eps <= 0:
             raise ValueError(
-                f"heads/optim.py: bad hyper-parameters lr={lr}, momentum={momentum}, "
-                f"weight_decay={weight_decay}, eps={eps}"
+                "head optimizer needs lr >= 0, 0 <= momentum < 1, weight_decay >= 0, eps > 0; "
+                f"got lr={lr}, momentum={momentum}, weight_decay={weight_decay}, eps={eps}"
             )
         if not all(0 <= b < 1 for b in betas) or len(betas) != 2:
-            raise ValueError(f"heads/optim.py: betas must be two values in [0, 1), got {betas}")
+            raise ValueError(f"betas must be two values in [0, 1), got {betas}")
         self.head = head
         self.name = name
         self.lr = float(lr)
@@ -95,7 +93,7 @@ class HeadOptimizer:
         self._lazy: tuple[torch.Tensor, torch.Tensor] | None = None
         if dense_decay and name != "sgd":
             raise ValueError(
-                "heads/optim.py: dense_decay is SGD-only (AdamW's zero-gradient steps have no "
+                "dense_decay is SGD-only (AdamW's zero-gradient steps have no "
                 "closed form; see heads/lazy_decay.py)"
             )
         self.dense_decay = bool(dense_decay)
@@ -148,7 +146,7 @@ class HeadOptimizer:
     def set_lr(self, lr: float) -> None:
         """Set the learning rate (the trainer's schedule drives it)."""
         if lr < 0:
-            raise ValueError(f"heads/optim.py: lr must be >= 0, got {lr}")
+            raise ValueError(f"lr must be >= 0, got {lr}")
         self.lr = float(lr)
 
     def state_dict(self) -> dict[str, Any]:
@@ -174,15 +172,14 @@ class HeadOptimizer:
         """
         if sd.get("name") != self.name:
             raise ValueError(
-                f"heads/optim.py: state_dict is for optimizer '{sd.get('name')}', this is "
-                f"'{self.name}'"
+                f"state_dict is for optimizer '{sd.get('name')}', this is '{self.name}'"
             )
         self._ensure_state()
         for key in self.state_keys():
             src = sd.get("state", {}).get(key)
             if src is None or src.shape != self.state[key].shape:
                 raise ValueError(
-                    f"heads/optim.py: state '{key}' missing or shaped "
+                    f"state '{key}' missing or shaped "
                     f"{None if src is None else tuple(src.shape)}, want "
                     f"{tuple(self.state[key].shape)}"
                 )
@@ -238,9 +235,9 @@ class HeadOptimizer:
             ValueError: ``loss_scale`` <= 0.
         """
         if self._grad is not None:
-            raise RuntimeError("heads/optim.py: unscale_() called twice since zero_grad()")
+            raise RuntimeError("unscale_() called twice since zero_grad()")
         if not loss_scale > 0:
-            raise ValueError(f"heads/optim.py: loss_scale must be > 0, got {loss_scale}")
+            raise ValueError(f"loss_scale must be > 0, got {loss_scale}")
         parts = self.head.sparse_grad_parts() if self.name == "sgd" else None
         if parts is not None:  # grad = a - coef * w: SGD forms it inside its update pass
             rows, grad, coef, w = parts

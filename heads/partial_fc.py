@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from heads.centers import init_centers
 from heads.comm import (
     Topology,
     all_gather_rows,
@@ -35,306 +36,13 @@ from heads.comm import (
     resolve_group,
     shard_range,
 )
+from heads.cosine_kernel import LOGITS_DTYPES, CosineWorkspace, cosine_logits, normalize_rows
 from heads.dist_softmax import margin_softmax_cross_entropy
-from heads.fused import radial_coef
-from heads.margin import CombinedMarginLoss, Margin
+from heads.margins import CombinedMarginLoss, Margin
+from heads.sampling import sample_classes
 from heads.subcenter import check_num_subcenters, expand_classes, subcenter_max
 
-__all__ = [
-    "PartialFC",
-    "sample_classes",
-    "normalize_rows",
-    "init_centers",
-    "cosine_logits",
-    "LOGITS_DTYPES",
-    "resolve_logits_dtype",
-]
-
-INIT_BLOCK = 65536  # classes per independently seeded block of initial centers
-
-
-def init_centers(
-    num_classes: int, start: int, count: int, dim: int, seed: int, block: int = INIT_BLOCK
-) -> torch.Tensor:
-    """Initial centers of classes ``[start, start + count)``, N(0, 0.01) as arcface_torch.
-
-    Class c's row depends only on ``(seed, num_classes, c)``, never on the world size: rows are
-    drawn in blocks of ``block`` classes, each from its own seeded generator, and a rank draws
-    only the blocks its range touches. (arcface_torch draws every shard from the global RNG,
-    which gives identical centers to classes ``c`` and ``c + n_r`` when ranks share a seed.)
-
-    Returns:
-        ``(count, dim)`` fp32 CPU tensor.
-    """
-    out = torch.empty(count, dim)
-    if count == 0:
-        return out
-    g = torch.Generator()
-    for b in range(start // block, (start + count - 1) // block + 1):
-        lo, hi = b * block, min((b + 1) * block, num_classes)
-        # torch's CPU generator keeps only 32 seed bits: mix seed and block into them (the odd
-        # multiplier makes blocks of one seed distinct).
-        g.manual_seed(((seed * 1_000_003) ^ (b * 2_654_435_761) ^ 0x5EED) & 0xFFFFFFFF)
-        rows = torch.normal(0.0, 0.01, (hi - lo, dim), generator=g)
-        a, z = max(lo, start), min(hi, start + count)
-        out[a - start : z - start] = rows[a - lo : z - lo]
-    return out
-
-
-class _NormalizeRows(torch.autograd.Function):
-    """``x / ||x||`` per row with a fused backward (autograd's ``F.normalize`` graph makes ~5
-    temporaries of the input's size; this makes one)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, eps: float) -> torch.Tensor:
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(eps)
-        y: torch.Tensor = x / norm
-        ctx.save_for_backward(y, norm)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        y, norm = ctx.saved_tensors
-        # d(x/|x|) = (g - y <y, g>) / |x|
-        dot = torch.linalg.vecdot(y, grad, dim=1).unsqueeze(1)
-        return torch.addcmul(grad, y, dot, value=-1.0).div_(norm), None
-
-
-def normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Row-wise L2 normalization, same values as ``F.normalize(x, dim=1, eps=eps)``.
-
-    Args:
-        x: ``(R, D)`` float tensor.
-        eps: lower bound of the norm (the gradient assumes norms above it).
-
-    Returns:
-        ``(R, D)`` unit rows, same dtype.
-    """
-    out: torch.Tensor = _NormalizeRows.apply(x, eps)
-    return out
-
-
-LOGITS_DTYPES = ("fp32", "tf32", "bf16")
-
-
-def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` as fp32: bf16 operands accumulate in fp32 (CUDA returns fp32 directly; other
-    devices round the product to bf16 first, then widen)."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return (a @ b).float()
-
-
-class _CosineLinear(torch.autograd.Function):
-    """``cos[i, j] = e_i . w_j / |w_j|`` for unit rows ``e`` without materializing the
-    normalized centers: the ``(K, D)`` division is replaced by scaling the ``(N, K)`` product,
-    and the backward projects out the radial part with one dot product per center.
-    With ``dtype`` bf16 the three GEMMs take bf16 operands and return fp32."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        emb_n: torch.Tensor,
-        rows: torch.Tensor,
-        eps: float,
-        mode: str,
-        workspace: _Workspace | None,
-    ) -> torch.Tensor:
-        inv = torch.linalg.vector_norm(rows, dim=1).clamp_min_(eps).reciprocal_()
-        dtype = torch.bfloat16 if mode == "bf16" else torch.float32
-        e_op, w_op = emb_n.to(dtype), rows.to(dtype)
-        with _tf32(mode == "tf32"):
-            if workspace is not None and dtype == torch.float32:
-                # A kept (N, K) buffer: a fresh one is page-faulted in on every step (~1/3 of
-                # the forward GEMM's time on CPU). The CE turns it into the gradient, consumed
-                # by this backward before the next forward writes it again.
-                out = workspace.buffer("cos", (e_op.shape[0], w_op.shape[0]), e_op)
-                cos = torch.mm(e_op, w_op.t(), out=out).mul_(inv)
-            else:
-                cos = _mm(e_op, w_op.t()).mul_(inv)
-        ctx.save_for_backward(e_op, w_op, rows, inv)
-        ctx.mode = mode
-        ctx.workspace = workspace
-        return cos
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        e_op, w_op, rows, inv = ctx.saved_tensors
-        # g = G / |w| per column, so grad_e = g @ w and a = g^T e need no normalized centers.
-        # The CE hands over its own buffer: scale it in place (no third (N, K) tensor).
-        g = grad.mul_(inv).to(e_op.dtype)
-        grad_e = grad_w = None
-        with _tf32(ctx.mode == "tf32"):
-            if ctx.needs_input_grad[0]:
-                grad_e = _mm(g, w_op)
-            if ctx.needs_input_grad[1]:
-                ws = ctx.workspace
-                if ws is not None and g.dtype == torch.float32:
-                    grad_w = torch.mm(g.t(), e_op, out=ws.get("grad", rows))
-                else:
-                    grad_w = _mm(g.t(), e_op)
-        if grad_w is not None:
-            # dL/dw_j = a_j - (a_j . w_j) w_j / |w_j|^2: drop the radial part of a_j.
-            ws = ctx.workspace
-            if ws is not None and ws.fused:  # one read of each array, no (K, D) product
-                coef, probe = radial_coef(grad_w, rows, inv)
-            else:  # (vecdot would allocate a (K, D) product each call: reuse a scratch buffer)
-                prod = torch.mul(grad_w, rows, out=None if ws is None else ws.get("scratch", rows))
-                coef = prod.sum(dim=1).mul_(inv).mul_(inv)
-                probe = None
-            if ctx.workspace is None:
-                grad_w.addcmul_(rows, coef.unsqueeze(1), value=-1.0)
-            else:  # hand the gradient to the head, not to autograd
-                # Kept as (a, coef): the optimizer folds "- coef * w" into its own pass over
-                # the rows; PartialFC.sparse_grad applies it for every other reader.
-                ws = ctx.workspace
-                ws.leaf.grad, ws.coef = grad_w, coef
-                # Non-finite iff some grad_w entry was (each enters a product with finite w):
-                # the optimizer's finiteness check reads K values instead of K * D.
-                ws.probe = coef.sum() if probe is None else probe
-                grad_w = None
-        return grad_e, grad_w, None, None, None
-
-
-def resolve_logits_dtype(name: str, device: torch.device, precision: str) -> str:
-    """The head's GEMM precision for a config value (``head.logits_dtype``).
-
-    ``auto``: on CUDA ``bf16`` when the engine trains in bf16, ``tf32`` otherwise (fast either
-    way; the softmax stays fp32); ``fp32`` elsewhere (CPUs gain nothing from bf16 GEMMs here).
-    Other values are returned as given.
-
-    Raises:
-        ValueError: a name outside ``auto`` and ``LOGITS_DTYPES``.
-    """
-    if name == "auto":
-        if torch.device(device).type != "cuda":
-            return "fp32"
-        return "bf16" if precision == "bf16" else "tf32"
-    if name not in LOGITS_DTYPES:
-        raise ValueError(
-            f"heads/partial_fc.py: logits dtype must be auto or one of {LOGITS_DTYPES}, got "
-            f"{name!r}"
-        )
-    return name
-
-
-class _tf32:
-    """Let CUDA fp32 GEMMs use TF32 inside the block (restores the global setting after)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __enter__(self) -> None:
-        if self.enabled:
-            self.saved = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            torch.backends.cuda.matmul.allow_tf32 = self.saved
-
-
-class _Workspace:
-    """Buffers of one recorded forward, kept across steps so that large CPU tensors are not
-    re-allocated (and page-faulted) every step; ``leaf`` receives the centers' gradient."""
-
-    def __init__(self, fused: bool = False) -> None:
-        self.fused = fused  # compiled kernels (heads/fused.py) for the backward's row pass
-        self.buffers: dict[str, torch.Tensor] = {}
-        self.leaf: torch.Tensor | None = None
-        self.probe: torch.Tensor | None = None
-        self.coef: torch.Tensor | None = None  # radial part still to remove from leaf.grad
-
-    def materialize(self) -> None:
-        """Apply the pending radial correction: ``leaf.grad -= coef * leaf`` (once)."""
-        if self.coef is not None and self.leaf is not None and self.leaf.grad is not None:
-            self.leaf.grad.addcmul_(self.leaf.detach(), self.coef.unsqueeze(1), value=-1.0)
-        self.coef = None
-
-    def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        return self.buffer(name, tuple(like.shape), like)
-
-    def buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """The kept buffer ``name`` of ``shape`` with ``like``'s dtype and device."""
-        t = self.buffers.get(name)
-        if t is None or t.shape != shape or t.dtype != like.dtype or t.device != like.device:
-            t = self.buffers[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return t
-
-
-def cosine_logits(
-    emb_n: torch.Tensor,
-    rows: torch.Tensor,
-    mode: str = "fp32",
-    workspace: _Workspace | None = None,
-) -> torch.Tensor:
-    """Cosines of unit embeddings with (unnormalized) centers: ``emb_n @ (rows / |rows|)^T``.
-
-    Args:
-        emb_n: ``(N, D)`` fp32 unit rows (``normalize_rows`` output).
-        rows: ``(K, D)`` fp32 centers.
-        mode: GEMM precision, one of ``LOGITS_DTYPES``: ``fp32``; ``tf32`` (TF32 tensor cores
-            on CUDA, plain fp32 elsewhere); ``bf16`` (bf16 operands, fp32 accumulation, fp32
-            result; the backward GEMMs likewise).
-
-    Returns:
-        ``(N, K)`` fp32, equal to ``F.linear(emb_n, normalize_rows(rows))`` up to rounding.
-        With a ``workspace`` (``PartialFC``'s), the centers' gradient is stored in
-        ``workspace.leaf.grad`` (a reused buffer) instead of flowing through autograd.
-    """
-    if mode not in LOGITS_DTYPES:
-        raise ValueError(f"heads/partial_fc.py: logits dtype must be one of {LOGITS_DTYPES}")
-    out: torch.Tensor = _CosineLinear.apply(emb_n, rows, 1e-12, mode, workspace)
-    return out
-
-
-def sample_classes(
-    labels: torch.Tensor,
-    start: int,
-    count: int,
-    num_sample: int,
-    generator: torch.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial FC sampling of one rank's class shard, with shapes that depend on sizes only.
-
-    Every class of ``[start, start + count)`` that appears in ``labels`` is kept; the other
-    kept classes are negatives drawn uniformly without replacement, so exactly
-    ``min(num_sample, count)`` classes are kept. No ``unique``, boolean-mask indexing or
-    data-dependent shape: nothing here waits for the device (random scores with the positives
-    forced above every draw, then ``topk``).
-
-    Args:
-        labels: ``(N,)`` int64 global class ids of the gathered batch.
-        start, count: this rank's shard.
-        num_sample: number of kept classes; ``>= count`` keeps the whole shard. It must be at
-            least the number of distinct positives in the shard (``PartialFC`` uses
-            ``max(int(sample_rate * count), N)``), else some positives are dropped.
-        generator: RNG for the negatives (on ``labels.device``).
-
-    Returns:
-        ``(index, local_labels)``: ``index`` ``(K,)`` int64 sorted shard-local rows kept;
-        ``local_labels`` ``(N,)`` int64 position in ``index`` of each row's class, -1 when the
-        class is not in this shard.
-    """
-    local = labels - start
-    in_shard = (local >= 0) & (local < count)
-    device = labels.device
-    minus_one = torch.full_like(local, -1)
-    if num_sample >= count:
-        index = torch.arange(count, device=device)
-        return index, torch.where(in_shard, local, minus_one)
-    # Slot ``count`` is a sink for labels of other shards, so the scatter needs no mask.
-    slot = torch.where(in_shard, local, count)
-    score = torch.rand(count + 1, generator=generator, device=device)
-    score.index_fill_(0, slot, 2.0)  # above every uniform draw: positives always kept
-    index = torch.topk(score[:count], num_sample, sorted=False).indices
-    # Sorted rows gather faster; float64 holds these ids exactly and sorts ~4x faster than int64
-    # on CPU (same cost class on CUDA).
-    index = index.double().sort().values.long()
-    pos = torch.searchsorted(index, slot.clamp_max(count - 1))
-    return index, torch.where(in_shard, pos, minus_one)
+__all__ = ["PartialFC"]
 
 
 class PartialFC(nn.Module):
@@ -344,8 +52,8 @@ class PartialFC(nn.Module):
         embedding_size: D.
         num_classes: C, total over all ranks.
         sample_rate: in ``(0, 1]``; 1 is exact model-parallel full softmax.
-        margin_loss: a ``heads.margin.Margin`` (``CombinedMarginLoss`` when ``None``; others
-            from ``heads.losses.build_margin``). Norm-aware margins get the norms of the gathered
+        margin_loss: a ``heads.margins.Margin`` (``CombinedMarginLoss`` when ``None``; others
+            from ``heads.margins.build_margin``). Norm-aware margins get the norms of the gathered
             un-normalized embeddings; their state (EMA, t, RNG) is updated by training forwards.
         process_group: group to shard over; ``None`` = default group if ``torch.distributed``
             is initialized, else a single process.
@@ -394,25 +102,18 @@ class PartialFC(nn.Module):
         super().__init__()
         if embedding_size < 1 or num_classes < 1:
             raise ValueError(
-                f"heads/partial_fc.py: embedding_size and num_classes must be >= 1, got "
-                f"{embedding_size}, {num_classes}"
+                f"embedding_size and num_classes must be >= 1, got {embedding_size}, {num_classes}"
             )
         if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(
-                f"heads/partial_fc.py: sample_rate must be in (0, 1], got {sample_rate}"
-            )
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if margin_loss is None:
             margin_loss = CombinedMarginLoss()
         if not isinstance(margin_loss, Margin):
             raise ValueError(
-                "heads/partial_fc.py: margin_loss must be a heads.margin.Margin, got "
-                f"{type(margin_loss).__name__}"
+                f"margin_loss must be a heads.margins.Margin, got {type(margin_loss).__name__}"
             )
         if logits_dtype not in LOGITS_DTYPES:
-            raise ValueError(
-                f"heads/partial_fc.py: logits_dtype must be one of {LOGITS_DTYPES}, got "
-                f"{logits_dtype!r}"
-            )
+            raise ValueError(f"logits_dtype must be one of {LOGITS_DTYPES}, got {logits_dtype!r}")
         self.logits_dtype = logits_dtype
         self.fused = bool(fused)
         self.num_subcenters = check_num_subcenters(num_subcenters)
@@ -444,7 +145,7 @@ class PartialFC(nn.Module):
         self.before_gather: Callable[[torch.Tensor], None] | None = None
         # (index (K,), leaf (K, D)) of every training forward since the last zero_grad().
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._workspaces: list[_Workspace] = []
+        self._workspaces: list[CosineWorkspace] = []
 
     def extra_repr(self) -> str:
         return (
@@ -484,7 +185,7 @@ class PartialFC(nn.Module):
         sizes = all_gather_sizes(int(batch_size), self.topo, self.weight.device)
         if len(set(sizes)) != 1:
             raise ValueError(
-                f"heads/partial_fc.py: per-rank batch sizes differ: {sizes}; the training "
+                f"per-rank batch sizes differ: {sizes}; the training "
                 "loader must give every rank the same batch size (drop_last)"
             )
         self.fixed_batch = int(batch_size)
@@ -557,13 +258,13 @@ class PartialFC(nn.Module):
 
     def _sampled_rows(
         self, index: torch.Tensor, track: bool
-    ) -> tuple[torch.Tensor, _Workspace | None]:
+    ) -> tuple[torch.Tensor, CosineWorkspace | None]:
         """The centers of ``index`` ``(K, D)`` and, when ``track``, the workspace of this forward
         (the rows become the leaf whose gradient ``HeadOptimizer`` reads)."""
         ws = None
         if track:  # one workspace per outstanding forward (gradient accumulation)
             while len(self._workspaces) <= len(self._pending):
-                self._workspaces.append(_Workspace(self.fused))
+                self._workspaces.append(CosineWorkspace(self.fused))
             ws = self._workspaces[len(self._pending)]
         if index.numel() == self.weight.shape[0]:  # the full shard shares storage, no copy
             rows = self.weight.detach()
@@ -583,24 +284,23 @@ class PartialFC(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if emb.dim() != 2 or emb.shape[1] != self.embedding_size:
             raise ValueError(
-                f"heads/partial_fc.py: local_embeddings must be (B, {self.embedding_size}), got "
-                f"{tuple(emb.shape)}"
+                f"local_embeddings must be (B, {self.embedding_size}), got {tuple(emb.shape)}"
             )
         if not emb.is_floating_point():
-            raise ValueError(f"heads/partial_fc.py: local_embeddings dtype {emb.dtype} not float")
+            raise ValueError(f"local_embeddings dtype {emb.dtype} not float")
         if labels.shape != (emb.shape[0],) or labels.dtype != torch.int64:
             raise ValueError(
-                f"heads/partial_fc.py: local_labels must be int64 ({emb.shape[0]},), got "
+                f"local_labels must be int64 ({emb.shape[0]},), got "
                 f"{labels.dtype} {tuple(labels.shape)}"
             )
         if emb.device != self.weight.device or labels.device != self.weight.device:
             raise ValueError(
-                f"heads/partial_fc.py: inputs on {emb.device}/{labels.device} but centers on "
+                f"inputs on {emb.device}/{labels.device} but centers on "
                 f"{self.weight.device}; move the head with .to(device)"
             )
         if self.fixed_batch is not None and emb.shape[0] != self.fixed_batch:
             raise ValueError(
-                f"heads/partial_fc.py: this rank's batch has {emb.shape[0]} rows but "
+                f"this rank's batch has {emb.shape[0]} rows but "
                 f"fix_batch_size agreed on {self.fixed_batch} for every rank"
             )
         if (
@@ -609,7 +309,7 @@ class PartialFC(nn.Module):
             and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes)
         ):
             raise ValueError(
-                f"heads/partial_fc.py: local_labels must be in [0, {self.num_classes}), got "
+                f"local_labels must be in [0, {self.num_classes}), got "
                 f"[{int(labels.min())}, {int(labels.max())}]"
             )
         return emb, labels
@@ -633,7 +333,7 @@ class PartialFC(nn.Module):
         for i, (_, leaf) in enumerate(self._pending):
             if leaf.grad is None:
                 raise RuntimeError(
-                    f"heads/partial_fc.py: training forward #{i} since zero_grad() has no "
+                    f"training forward #{i} since zero_grad() has no "
                     "gradient; call backward on its loss, or run it in eval()/no_grad()"
                 )
         for ws in self._workspaces[: len(self._pending)]:

@@ -2,7 +2,7 @@
 
 Reference: Deng et al., "Sub-center ArcFace: Boosting Face Recognition by Large-scale Noisy Web
 Faces", ECCV 2020, Eq. 2: ``cos theta_j = max_k (x . W_jk) / (|x| |W_jk|)``; the margin (ArcFace
-in the paper, any ``heads.margin.Margin`` here) and the softmax CE then act on these per-class
+in the paper, any ``heads.margins.Margin`` here) and the softmax CE then act on these per-class
 cosines. The paper's optional second stage (drop the non-dominant sub-centers and the samples
 far from the dominant one, then retrain) is not done here.
 
@@ -40,10 +40,7 @@ def check_num_subcenters(k: object) -> int:
             ``[1, MAX_SUBCENTERS]``.
     """
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SUBCENTERS:
-        raise ValueError(
-            f"heads/subcenter.py: num_subcenters must be an integer in [1, {MAX_SUBCENTERS}], "
-            f"got {k!r}"
-        )
+        raise ValueError(f"num_subcenters must be an integer in [1, {MAX_SUBCENTERS}], got {k!r}")
     return k
 
 
@@ -120,7 +117,7 @@ def subcenter_max(cos: torch.Tensor, k: int) -> torch.Tensor:
     """
     check_num_subcenters(k)
     if cos.dim() != 2 or cos.shape[1] % k:
-        raise ValueError(f"heads/subcenter.py: cos must be (N, M * {k}), got {tuple(cos.shape)}")
+        raise ValueError(f"cos must be (N, M * {k}), got {tuple(cos.shape)}")
     if k == 1:
         return cos
     out: torch.Tensor = _SubcenterMax.apply(cos, k)

@@ -12,13 +12,31 @@ random numbers on recompute because `preserve_rng_state=True`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["checkpoint_module"]
+__all__ = ["checkpoint_module", "units_run_by"]
+
+# (module, x) -> module(x): how checkpointed units run (None: torch.utils.checkpoint).
+UnitRunner = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+_unit_runner: UnitRunner | None = None
+
+
+@contextlib.contextmanager
+def units_run_by(runner: UnitRunner) -> Iterator[None]:
+    """Within the context every ``checkpoint_module(module, x)`` call returns
+    ``runner(module, x)`` instead: a planner measuring what each checkpointed unit saves (e.g.
+    ``trainer/memory_plan.py``) sees the units without the recompute machinery. Not thread-safe;
+    contexts do not nest (the inner one wins until it exits)."""
+    global _unit_runner
+    previous, _unit_runner = _unit_runner, runner
+    try:
+        yield
+    finally:
+        _unit_runner = previous
 
 
 @contextlib.contextmanager
@@ -57,6 +75,9 @@ def checkpoint_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     Reference: Chen et al., "Training Deep Nets with Sublinear Memory Cost", 2016.
     """
+
+    if _unit_runner is not None:
+        return _unit_runner(module, x)
 
     def contexts() -> tuple[
         contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]

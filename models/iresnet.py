@@ -96,14 +96,13 @@ class IResNet(Backbone):
     ):
         super().__init__()
         if len(layers) != 4 or any(int(n) < 1 for n in layers):
-            raise ValueError(f"models/iresnet.py: layers must be 4 positive ints, got {layers}")
+            raise ValueError(f"layers must be 4 positive ints, got {layers}")
         if embedding_size < 1 or base_width < 1:
             raise ValueError(
-                f"models/iresnet.py: embedding_size ({embedding_size}) and base_width "
-                f"({base_width}) must be positive"
+                f"embedding_size ({embedding_size}) and base_width ({base_width}) must be positive"
             )
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"models/iresnet.py: dropout must be in [0, 1), got {dropout}")
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         widths = [base_width * k for k in (1, 2, 4, 8)]
         self.embedding_size = embedding_size
         self.grad_checkpointing = False

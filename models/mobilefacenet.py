@@ -117,13 +117,10 @@ class MobileFaceNet(Backbone):
     ) -> None:
         super().__init__()
         if len(blocks) != 4 or any(int(b) < 1 for b in blocks):
-            raise ValueError(
-                f"models/mobilefacenet.py: blocks must be 4 positive ints, got {blocks}"
-            )
+            raise ValueError(f"blocks must be 4 positive ints, got {blocks}")
         if int(scale) != scale or scale < 1 or embedding_size < 1:
             raise ValueError(
-                f"models/mobilefacenet.py: scale ({scale}) and embedding_size ({embedding_size}) "
-                "must be positive integers"
+                f"scale ({scale}) and embedding_size ({embedding_size}) must be positive integers"
             )
         c1, c2 = 64 * int(scale), 128 * int(scale)
         self.embedding_size = embedding_size

@@ -48,9 +48,7 @@ def list_models() -> list[str]:
 
 def _builder(name: str) -> Callable[..., Backbone]:
     if name not in MODELS:
-        raise UnknownModelError(
-            f"models/registry.py: unknown network {name!r}; valid names: {', '.join(MODELS)}"
-        )
+        raise UnknownModelError(f"unknown network {name!r}; valid names: {', '.join(MODELS)}")
     return MODELS[name]
 
 
@@ -85,7 +83,6 @@ def create(name: str, embedding_size: int = 512, **kwargs: Any) -> Backbone:
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise TypeError(
-            f"models/registry.py: network {name!r} does not accept {unknown}; "
-            f"accepted keywords: {sorted(accepted)}"
+            f"network {name!r} does not accept {unknown}; accepted keywords: {sorted(accepted)}"
         )
     return builder(embedding_size=embedding_size, **kwargs)

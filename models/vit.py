@@ -62,13 +62,13 @@ class FaceViT(Backbone):
         super().__init__()
         if min(embedding_size, embed_dim, depth, num_heads) < 1 or embed_dim % num_heads:
             raise ValueError(
-                f"models/vit.py: need positive sizes and embed_dim % num_heads == 0, got "
+                f"sizes must be positive and embed_dim a multiple of num_heads, got "
                 f"embedding_size={embedding_size} embed_dim={embed_dim} depth={depth} "
                 f"num_heads={num_heads}"
             )
         for key, rate in (("drop_path_rate", drop_path_rate), ("mask_ratio", mask_ratio)):
             if not 0.0 <= rate < 1.0:
-                raise ValueError(f"models/vit.py: {key} must be in [0, 1), got {rate}")
+                raise ValueError(f"{key} must be in [0, 1), got {rate}")
         self.embedding_size = embedding_size
         self.embed_dim = embed_dim
         self.mask_ratio = float(mask_ratio)

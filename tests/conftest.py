@@ -21,7 +21,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # checkout, whose work_dirs/ belong to the user's own runs (README's command 1).
 TEST_CACHE = os.environ.get("ARCSCALE_TEST_CACHE", os.path.expanduser("~/.cache/arcscale/tests"))
 # Caches that tools write into the working directory by design, never a test's output.
-_TREE_IGNORED = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis"}
+_TREE_IGNORED = {
+    ".git",
+    ".venv",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    ".hypothesis",
+}
 
 
 def tree_snapshot(root=REPO):

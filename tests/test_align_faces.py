@@ -92,3 +92,27 @@ def test_report_elsewhere(photos, tmp_path):
     assert align_faces.main([*argv, "--workers", "1", "--no-progress"]) == 0
     assert len(report.read_text().splitlines()) == 1 + 4  # no --images: no 'no landmarks' entry
     assert not (tmp_path / "a" / "align_report.tsv").exists()
+
+
+def test_colliding_output_names_get_distinct_files(photos, tmp_path, capsys):
+    """`a.png` twice and `a_2.png` used to map two faces onto `a_2.jpg` ("aligned 3 faces, skipped
+    0", two files written): every face gets its own file."""
+    import shutil
+
+    root, crops = photos
+    rel = next(iter(crops))
+    line = next(x for x in (root / "landmarks.tsv").read_text().splitlines() if x.startswith(rel))
+    coords = line.split("\t")[1:]
+    stem, ext = os.path.splitext(rel)
+    src = tmp_path / "src"  # the module's photos stay as they are
+    (src / rel).parent.mkdir(parents=True)
+    shutil.copyfile(root / rel, src / rel)
+    shutil.copyfile(root / rel, src / f"{stem}_2{ext}")
+    lines = [line, line, "\t".join([f"{stem}_2{ext}", *coords])]
+    (src / "collide.tsv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "o"
+    assert align_faces.main([str(src / "collide.tsv"), str(out), "--no-progress"]) == 0
+    written = sorted(p.name for p in out.rglob("*.jpg"))
+    base = os.path.basename(stem)
+    assert written == [f"{base}.jpg", f"{base}_2.jpg", f"{base}_2_2.jpg"]
+    assert capsys.readouterr().out.startswith(f"aligned 3 faces into {out}")

@@ -12,10 +12,10 @@ import torch
 
 from data.datasets import RecordDataset
 from data.recordio import RecordIOReader, unpack
+from evaluation.embedders import build_untrained, embed_images, load_embedder
 from heads import PartialFC, save_head
 from tests.test_datasets import lfw_faces, write_lfw_rec
 from tools import clean_subcenters
-from trainer.embedders import build_untrained, embed_images, load_embedder
 
 PEOPLE, PER, D = 6, 3, 32
 

@@ -11,9 +11,9 @@ import simplejpeg
 import torch
 
 import models
+from evaluation.embedders import embed_images, load_embedder
 from tests.synthetic_faces import lfw_crop
 from tools import embed
-from trainer.embedders import embed_images, load_embedder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,12 +16,13 @@ from sklearn.model_selection import KFold
 from torch.utils.tensorboard import SummaryWriter
 
 from data.verification_bin import load_bin, read_bin_raw
+from evaluation.embedders import embed_views
+from evaluation.runs import read_scalars
+from evaluation.verification import evaluate_views
 from tests.ijb_release import lfw_people
 from tests.synthetic_faces import lfw_crop
 from tests.test_verification import tiny_net, write_tiny_bin
 from tools import compare_runs, eval_verification, plot_curves
-from trainer.embedders import embed_views
-from trainer.verification import evaluate_views
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -152,7 +153,7 @@ def test_plot_curves(tmp_path):
     run = tmp_path / "run"
     write_events(str(run / "tensorboard"), range(0, 20))
     write_events(str(run / "tensorboard_resumed"), range(15, 30), offset=1.0)  # a resume
-    series = plot_curves.read_scalars(str(run))
+    series = read_scalars(str(run))
     steps, values = series["train/loss"]
     assert steps == list(range(30))  # merged, sorted, repeated steps once
     assert values[16] == pytest.approx(10.0 - 1.6 + 1.0)  # the resumed run wins
@@ -309,7 +310,7 @@ def test_make_bin_agedb_30(lfw_root, tmp_path, capsys):
     order = [name for split in splits for pair in split for name in (pair[0], pair[2])]
     assert jpegs == [(images / f"{name}.jpg").read_bytes() for name in order]
     assert issame.tolist() == [pair[4] == 1 for split in splits for pair in split]
-    # the evaluation's 10 contiguous folds (trainer.verification.kfold_accuracy) are the splits
+    # the evaluation's 10 contiguous folds (evaluation.verification.kfold_accuracy) are the splits
     folds = [test for _, test in KFold(n_splits=10, shuffle=False).split(issame)]
     for k, test in enumerate(folds):
         assert test.tolist() == list(range(4 * k, 4 * k + 4))

@@ -270,7 +270,7 @@ def test_resume_other_world_size_restores_state_exactly(lfw16, tmp_path):
 
 
 def _tb_loss(run_dir, step):
-    from tools.plot_curves import read_scalars
+    from evaluation.runs import read_scalars
 
     steps, values = read_scalars(os.path.join(run_dir, "tensorboard"))["train/loss"]
     return values[steps.index(step)]
@@ -382,8 +382,8 @@ def test_fp16_overflow_skips_engine_and_head_together(lfw16, tmp_path):
     overflow; each is skipped by the engine and the head together (their weights equal the
     previous checkpoint's, the head's the seeded initial centers), counted in skipped_steps,
     and halves S; once S fits, steps apply, the loss is finite and the run finishes."""
+    from evaluation.runs import read_scalars
     from heads import init_centers
-    from tools.plot_curves import read_scalars
 
     with open(os.path.join(REPO, "ds_configs", "zero1_fp16.json")) as f:
         ds = json.load(f)

@@ -127,7 +127,7 @@ def test_load_errors_name_the_directory(saved_on_two_ranks, tmp_path):
     adam_head, adam_opt = make("adamw")
     with pytest.raises(ValueError, match="saved optimizer 'sgd' but loading into 'adamw'"):
         load_head(src, adam_head, adam_opt)
-    with pytest.raises(FileNotFoundError, match="checkpoint.py.*no head checkpoint folder"):
+    with pytest.raises(FileNotFoundError, match="no head checkpoint folder .*nowhere"):
         load_head(str(tmp_path / "nowhere"), head, opt)
     partial = tmp_path / "partial"
     shutil.copytree(src, partial)

@@ -145,7 +145,7 @@ def test_unscale_reports_overflow_and_guards_misuse():
     opt.step()  # nothing recorded: no-op
     assert torch.equal(head.weight, before)
     head(x, y)  # a training forward that is never backpropagated
-    with pytest.raises(RuntimeError, match="partial_fc.py.*no gradient"):
+    with pytest.raises(RuntimeError, match="has no gradient"):
         opt.step()
     opt.zero_grad()
 
@@ -164,9 +164,9 @@ def test_lr_state_dict_roundtrip_and_errors():
     assert other.lr == 5e-4
     for key in ("exp_avg", "exp_avg_sq", "step"):
         assert torch.equal(other.state[key], opt.state[key])
-    with pytest.raises(ValueError, match="optim.py.*'adamw'.*'sgd'"):
+    with pytest.raises(ValueError, match="state_dict is for optimizer 'adamw'.*'sgd'"):
         build_head_optimizer(make_head(1.0), "sgd").load_state_dict(sd)
-    with pytest.raises(ValueError, match="optim.py.*unknown head optimizer 'lamb'"):
+    with pytest.raises(ValueError, match="unknown head optimizer 'lamb'"):
         build_head_optimizer(head, "lamb")
 
 

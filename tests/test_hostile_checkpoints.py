@@ -211,5 +211,5 @@ def test_latest_is_confined_to_the_runs_checkpoints(tmp_path):
     for name in (str(elsewhere), "../../elsewhere/step_9"):
         (root / "latest").write_text(name + "\n")
         assert ckpt.latest_checkpoint(str(tmp_path / "run")) is None
-        with pytest.raises(ValueError, match="must name a step_<N> folder"):
+        with pytest.raises(FileNotFoundError, match="which is no complete step_<N> folder"):
             resolve_checkpoint(tmp_path / "run")

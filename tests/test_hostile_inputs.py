@@ -469,6 +469,33 @@ def test_inspect_rec_bounds_a_lying_header(tmp_path, capsys):
     assert "but the index lists 9 records" in capsys.readouterr().err
 
 
+def test_inspect_rec_bounds_identity_ranges_and_non_finite_labels(tmp_path, capsys):
+    """An identity record claiming [1, 3e9) took 2 minutes of CPU; NaN/inf ranges and labels gave
+    tracebacks. Now each is a listed bad record (exit 1), found without walking the range."""
+    from data.recordio import IRHeader, RecordIOWriter, pack, write_property
+    from tools import inspect_rec
+
+    def write(folder, identity_range, labels):
+        os.makedirs(folder)
+        n = len(labels)
+        with RecordIOWriter(f"{folder}/train.rec", f"{folder}/train.idx") as w:
+            w.write(0, pack(IRHeader(2, [n + 1, n + 2], 0, 0), b""))
+            for i, label in enumerate(labels):
+                w.write(1 + i, pack(IRHeader(0, label, 1 + i, 0), flat_jpeg(112)))
+            w.write(n + 1, pack(IRHeader(2, identity_range, 0, 0), b""))
+        write_property(folder, 1, 112, 112)
+        return f"{folder}/train.rec"
+
+    assert inspect_rec.main([write(tmp_path / "wide", [1, 3e9], [0.0, 0.0])]) == 1
+    assert "identity record range [1.0, 3000000000.0]" in capsys.readouterr().err
+    assert inspect_rec.main([write(tmp_path / "nan", [float("nan"), 2], [0.0, 0.0])]) == 1
+    assert "identity record range [nan, 2.0]" in capsys.readouterr().err
+    bad_labels = write(tmp_path / "labels", [1, 3], [float("nan"), float("inf")])
+    assert inspect_rec.main([bad_labels]) == 1
+    err = capsys.readouterr().err
+    assert "label nan is not a finite number" in err and "label inf is not a finite" in err
+
+
 def test_bin_image_declaring_a_huge_size_is_refused_before_decoding(tmp_path):
     big = simplejpeg.encode_jpeg(np.zeros((4200, 4200, 3), np.uint8), colorspace="RGB")
     assert len(big) < 2**20  # under 1 MiB on disk, 50 MiB decoded, per reference

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from data.ijb import AlignedFaces, load_1n, load_meta, read_template_pairs
-from tests.ijb_release import build_release
-from tests.synthetic_faces import best_shift
-from trainer.ijb_metrics import (
+from evaluation.ijb_metrics import (
     identification,
     identify_gallery,
     pool_templates,
     score_pairs,
     tar_at_far,
 )
+from tests.ijb_release import build_release
+from tests.synthetic_faces import best_shift
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -260,8 +260,8 @@ def test_eval_ijb_tool_end_to_end(release, step_dir, one_process_run, tmp_path):
     import cv2
 
     from data.align import align_face
+    from evaluation.embedders import embed_images, load_embedder
     from tools.convert_to_onnx import export_onnx
-    from trainer.embedders import embed_images, load_embedder
 
     root, truth = release
     res, out = one_process_run
@@ -312,7 +312,7 @@ def test_eval_ijb_tool_end_to_end(release, step_dir, one_process_run, tmp_path):
 
 
 def _net(step_dir):
-    from trainer.saved_backbone import load_backbone
+    from models.weights import load_backbone
 
     return load_backbone(step_dir)
 

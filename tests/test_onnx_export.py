@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import models
+from models.weights import load_backbone, resolve_checkpoint
 from tools import convert_to_onnx as conv
-from trainer.saved_backbone import load_backbone, resolve_checkpoint
 
 FULL = {"r18": 512, "mbf": 128, "vit_t": 512}  # network -> embedding size exported
 TINY_KWARGS = {"base_width": 8}  # a tiny r18 for the checkpoint-layout and bad-input tests
@@ -121,6 +121,12 @@ def test_arcface_style_pth_loads(tmp_path):
     with pytest.raises(ValueError, match="--network"):
         load_backbone(path)
     model = load_backbone(path, "r18", embedding_size=16, **TINY_KWARGS)
+    assert torch.equal(model.fc.weight, torch.load(path)["fc.weight"])
+    # A DistributedDataParallel state dict (every key `module.`-prefixed) loads the same way
+    # for evaluation and export as it does for `model.pretrained` (models/weights.py).
+    ddp = tmp_path / "ddp.pth"
+    torch.save({f"module.{k}": v for k, v in torch.load(path).items()}, ddp)
+    model = load_backbone(ddp, "r18", embedding_size=16, **TINY_KWARGS)
     assert torch.equal(model.fc.weight, torch.load(path)["fc.weight"])
 
 

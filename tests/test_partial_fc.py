@@ -278,13 +278,13 @@ def test_single_process_without_group_low_precision_and_stats():
     assert head.num_recorded == 1
 
 
-def test_input_errors_name_the_file():
+def test_input_errors_name_the_field():
     head = PartialFC(D, 10, 1.0, CombinedMarginLoss())
-    with pytest.raises(ValueError, match="partial_fc.py.*local_labels must be in"):
+    with pytest.raises(ValueError, match="local_labels must be in"):
         head(torch.randn(2, D), torch.tensor([0, 10]))
-    with pytest.raises(ValueError, match=r"partial_fc.py.*\(B, 32\)"):
+    with pytest.raises(ValueError, match=r"local_embeddings must be \(B, 32\)"):
         head(torch.randn(2, D + 1), torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="partial_fc.py.*int64"):
+    with pytest.raises(ValueError, match="local_labels must be int64"):
         head(torch.randn(2, D), torch.tensor([0, 1], dtype=torch.int32))
     with pytest.raises(ValueError, match="sample_rate"):
         PartialFC(D, 10, 0.0, CombinedMarginLoss())
@@ -331,7 +331,7 @@ def test_unvalidated_labels_poison_the_loss_and_shapes_are_fixed():
     loss, stats = head(x, torch.tensor([1, 1, 3, 99]), validate=False)
     assert torch.isfinite(loss) and stats["num_sampled"] == 30 and int(stats["num_positive"]) == 3
     head.fix_batch_size(4)
-    with pytest.raises(ValueError, match="partial_fc.py.*fix_batch_size agreed on 4"):
+    with pytest.raises(ValueError, match="fix_batch_size agreed on 4"):
         head(torch.randn(3, D), torch.tensor([1, 2, 3]))
 
 

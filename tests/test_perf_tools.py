@@ -1,6 +1,6 @@
-"""Performance tools: the training benchmark (benchmarks/bench_train.py) and the memory planner
-(trainer/memory_plan.py, tools/plan_memory.py). Smoke runs at tiny sizes, and the planner's
-scaling laws."""
+"""Performance tools: the training benchmark (benchmarks/bench_train.py on perf/) and the memory
+planner (trainer/memory_plan.py, tools/plan_memory.py). Smoke runs at tiny sizes, and the
+planner's scaling laws."""
 
 import os
 import re
@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from benchmarks import bench_train
+from perf.train_step import PHASES, Case
 from tools import plan_memory
 from trainer import memory_plan
 
@@ -44,6 +45,8 @@ def _head_bytes(result):
 def test_bench_smoke_prints_positive_throughput(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+    # a script run by path imports this checkout's library packages (perf/, evaluation/ ...)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "benchmarks/bench_train.py", "--smoke", "--in-process", "--json", out],
         cwd=REPO_ROOT,
@@ -83,8 +86,8 @@ def test_bench_default_sweep_and_smoke_case():
 
 
 def test_bench_table_keeps_failed_cases_and_labels_published():
-    case = bench_train.Case("r18", "fp32", 2)
-    ok = {f"{p}_ms": 1.0 for p in bench_train.PHASES}
+    case = Case("r18", "fp32", 2)
+    ok = {f"{p}_ms": 1.0 for p in PHASES}
     ok.update(samples_per_s=10.0, step_ms=5.0, peak_mb=1.0, steady_peak_mb=1.0)
     table = bench_train.format_table([(case, ok), (case, {"error": "boom"})])
     assert "failed: boom" in table and "10.00" in table

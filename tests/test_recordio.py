@@ -284,9 +284,9 @@ def _reference_index(idx_path):
 
 @pytest.mark.parametrize("consecutive", [True, False])
 def test_numpy_index_matches_line_parse(tmp_path, monkeypatch, consecutive):
-    import data.recordio as recordio
+    import data.recordio_index as recordio_index
 
-    monkeypatch.setattr(recordio, "_CHUNK_BYTES", 64)  # many chunks, lines cut at boundaries
+    monkeypatch.setattr(recordio_index, "_CHUNK_BYTES", 64)  # many chunks, lines cut at boundaries
     rng = np.random.default_rng(0)
     n = 500
     keys = np.arange(7, 7 + n) if consecutive else rng.permutation(10 * n)[:n] + 2**40

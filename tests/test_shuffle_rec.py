@@ -1,4 +1,5 @@
-"""tools/shuffle_rec.py and folder2rec --shuffle on real LFW faces: record-for-record copies."""
+"""data/rec_copy.py (tools/shuffle_rec.py) and folder2rec --shuffle on real LFW faces:
+record-for-record copies."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from data import rec_copy
 from data.datasets import RecordDataset
 from data.image_index import build_image_index
 from data.recordio import RecordIOReader, unpack
@@ -28,7 +30,7 @@ def src(lfw_root, tmp_path_factory):
 
 
 def test_shuffle_copies_every_record_in_seeded_order(src, tmp_path, monkeypatch):
-    monkeypatch.setattr(shuffle_rec, "WINDOW", 5)  # several read-ahead windows, a partial last
+    monkeypatch.setattr(rec_copy, "WINDOW", 5)  # several read-ahead windows, a partial last
     out = tmp_path / "out"
     assert shuffle_rec.main([str(src), str(out), "--seed", "5", "--no-progress"]) == 0
     perm = np.random.default_rng(5).permutation(24)
@@ -60,7 +62,7 @@ def test_shuffle_copies_every_record_in_seeded_order(src, tmp_path, monkeypatch)
 def test_shuffle_is_reproducible_and_seeded(src, tmp_path):
     runs = {}
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        shuffle_rec.shuffle_rec(str(src / "train.rec"), str(tmp_path / name), seed, 2, False)
+        rec_copy.shuffle_rec(str(src / "train.rec"), str(tmp_path / name), seed, 2, False)
         runs[name] = (tmp_path / name / "train.rec").read_bytes()
     assert runs["a"] == runs["b"] and runs["a"] != runs["c"]
 
@@ -68,7 +70,7 @@ def test_shuffle_is_reproducible_and_seeded(src, tmp_path):
 def test_shuffle_without_header(lfw_root, tmp_path):
     faces = lfw_faces(lfw_root, 2, 3)
     write_lfw_rec(str(tmp_path / "s"), faces, with_header=False, property_file=False)
-    summary = shuffle_rec.shuffle_rec(str(tmp_path / "s"), str(tmp_path / "o"), 3, 1, False)
+    summary = rec_copy.shuffle_rec(str(tmp_path / "s"), str(tmp_path / "o"), 3, 1, False)
     assert summary.num_images == 6 and summary.identity_records == 0 and summary.copied == []
     old = RecordIOReader(tmp_path / "s" / "train.rec", tmp_path / "s" / "train.idx")
     new = RecordIOReader(tmp_path / "o" / "train.rec", tmp_path / "o" / "train.idx")

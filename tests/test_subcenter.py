@@ -350,9 +350,9 @@ CONFIG = "configs/synthetic_tiny.yaml"
 @pytest.mark.parametrize(
     ("value", "why"),
     [
-        ("0", r"must be an integer in \[1, 255\], got 0"),
-        ("-2", r"must be an integer in \[1, 255\], got -2"),
-        ("256", r"must be an integer in \[1, 255\], got 256"),
+        ("0", r"num_subcenters must be an integer in \[1, 255\], got 0"),
+        ("-2", r"num_subcenters must be an integer in \[1, 255\], got -2"),
+        ("256", r"num_subcenters must be an integer in \[1, 255\], got 256"),
         ("2.5", "expected an integer, got 2.5"),
         ("true", "expected an integer, got True"),
         ("three", "expected an integer"),

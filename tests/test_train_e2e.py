@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import models
+from evaluation.runs import read_scalars
 from tests.launch import (
     BIN,
     REPO,
@@ -26,7 +27,6 @@ from tests.launch import (
     make_lfw_rec,
     tiny_overrides,
 )
-from tools.plot_curves import read_scalars
 
 pytestmark = pytest.mark.slow
 CONFIG = os.path.join(REPO, "configs", "lfw_demo_r18.yaml")

@@ -15,9 +15,10 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from data.verification_bin import write_bin
-from trainer.embedders import Embedder, embed_images, embed_views
-from trainer.evaluation import VerificationCallback, slice_bounds
-from trainer.verification import (
+from evaluation.callback import VerificationCallback
+from evaluation.embedders import Embedder, embed_images, embed_views
+from evaluation.sharded import slice_bounds
+from evaluation.verification import (
     evaluate,
     evaluate_views,
     format_results,

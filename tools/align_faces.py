@@ -118,16 +118,21 @@ def _is_number(text: str) -> bool:
 
 
 def _output_paths(faces: list[tuple[str, np.ndarray]], root: str, out_dir: str) -> list[str]:
-    """``OUT_DIR/<path relative to root, .jpg>``, ``_2``, ``_3``... for repeated images."""
+    """``OUT_DIR/<path relative to root, .jpg>``, ``_2``, ``_3``... for repeated images; never
+    one name twice (``a.png`` twice and ``a_2.png`` give ``a``, ``a_2`` and ``a_2_2``)."""
     seen: dict[str, int] = {}
+    taken: set[str] = set()
     out = []
     for image, _ in faces:
         rel = os.path.splitext(os.path.relpath(image, root))[0]
         if rel.startswith(".."):  # outside the root: keep the name only
             rel = os.path.basename(rel)
-        seen[rel] = seen.get(rel, 0) + 1
-        suffix = f"_{seen[rel]}" if seen[rel] > 1 else ""
-        out.append(os.path.join(out_dir, f"{rel}{suffix}.jpg"))
+        n = seen.get(rel, 0) + 1
+        while (name := f"{rel}_{n}" if n > 1 else rel) in taken:
+            n += 1
+        seen[rel] = n
+        taken.add(name)
+        out.append(os.path.join(out_dir, f"{name}.jpg"))
     return out
 
 

@@ -44,9 +44,9 @@ from data.atomic import atomic_path, write_text_atomic
 from data.datasets import RecordDataset
 from data.face_jpeg import progress_bar
 from data.image_index import image_index_of
+from data.rec_copy import check_output_folder, copy_records, source_paths
 from data.recordio import RecordIOReader
 from heads.checkpoint import SavedCenters, centers_of, open_centers
-from tools.shuffle_rec import check_output_folder, copy_records, source_paths
 
 __all__ = ["CleanSummary", "nearest_subcenters", "choose_kept", "clean", "main"]
 
@@ -153,7 +153,7 @@ def _plot_angles(angle: np.ndarray, threshold_deg: float, path: str) -> None:
 
 
 def _step_dir(checkpoint: str) -> str:
-    from trainer.saved_backbone import resolve_checkpoint
+    from models.weights import resolve_checkpoint
 
     weights, _ = resolve_checkpoint(checkpoint)
     return str(weights.parent)
@@ -185,7 +185,7 @@ def clean(
         ValueError: a bad threshold, data whose classes or labels do not fit the head, the
             output folder is the source folder, a corrupt record (named), unloadable weights.
     """
-    from trainer.embedders import embed_images, load_embedder
+    from evaluation.embedders import embed_images, load_embedder
 
     if not 0.0 < threshold_deg <= 180.0:
         raise ValueError(f"--threshold-deg must be in (0, 180], got {threshold_deg}")

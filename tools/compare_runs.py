@@ -17,7 +17,7 @@ import re
 import statistics
 import sys
 
-from tools.plot_curves import read_scalars
+from evaluation.runs import read_scalars
 
 _RUN_NAME = re.compile(r"^(?P<arm>.+)_(?P<seed>\d+)$")
 

@@ -33,8 +33,8 @@ import models
 from data.atomic import atomic_path
 from data.decode import decode_image, normalize
 from data.lfw import DEFAULT_LFW, LFW_CROP
-from trainer.embedders import Embedder, onnx_embedder
-from trainer.saved_backbone import load_backbone, resolve_checkpoint
+from evaluation.embedders import Embedder, onnx_embedder
+from models.weights import load_backbone, resolve_checkpoint
 
 __all__ = ["load_faces", "export_onnx", "main"]
 
@@ -130,7 +130,7 @@ def compare(model: nn.Module, embedder: Embedder, batches: dict[str, np.ndarray]
     """Max |onnxruntime - PyTorch| over named input batches; prints one line per batch.
 
     ``embedder`` is the exported file loaded the way every evaluation tool loads it
-    (``trainer.embedders.onnx_embedder``), so the parity checked is the one they see.
+    (``evaluation.embedders.onnx_embedder``), so the parity checked is the one they see.
     """
     worst = 0.0
     for label, batch in batches.items():

@@ -5,7 +5,7 @@
     python tools/embed.py MODEL --compare A.jpg B.jpg [--results results.json [--target NAME]
         | --threshold COS]
 
-MODEL is anything ``trainer/embedders.py`` loads: a run directory, a step directory, a
+MODEL is anything ``evaluation/embedders.py`` loads: a run directory, a step directory, a
 ``backbone.pt``, an arcface_torch ``backbone.pth`` (with ``--network``, and ``--embedding-size``
 when not 512) or an ``.onnx`` file. IMAGES is a folder (every image file below it, sorted) or,
 with ``--list``, a text file of image paths (one a line, relative to the file's folder). Faces
@@ -42,7 +42,7 @@ from data.decode import decode_image
 from data.face_jpeg import progress_bar
 
 if TYPE_CHECKING:
-    from trainer.embedders import Embedder
+    from evaluation.embedders import Embedder
 
 SIZE = 112
 
@@ -126,7 +126,7 @@ def embed_folder(
     """Embed ``paths`` and write ``embeddings.npy``, ``index.tsv``, ``skipped.tsv``.
 
     Args:
-        embedder: a ``trainer.embedders.Embedder``. paths: image files.
+        embedder: a ``evaluation.embedders.Embedder``. paths: image files.
         flip: add the mirrored image's embedding. normalize: L2-normalize the rows.
 
     Returns:
@@ -135,7 +135,7 @@ def embed_folder(
     Raises:
         ValueError: no image could be read (the first reason is named).
     """
-    from trainer.embedders import embed_images
+    from evaluation.embedders import embed_images
 
     skipped: list[tuple[str, str]] = []
     rows: list[np.ndarray] = []
@@ -199,7 +199,7 @@ def compare(embedder: Embedder, a: str, b: str, flip: bool = True) -> float:
     Raises:
         FileNotFoundError / ValueError: a file missing, undecodable or not 112x112 (named).
     """
-    from trainer.embedders import embed_images
+    from evaluation.embedders import embed_images
 
     faces = []
     for path in (a, b):
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_usage(parser, args)
-    from trainer.embedders import load_embedder
+    from evaluation.embedders import load_embedder
 
     t0 = time.perf_counter()
     flip = not args.no_flip

@@ -8,9 +8,9 @@
         --no-detector-score                                      # re-score without re-embedding
 
 Faces are decoded and aligned (5-point similarity to the ArcFace template, ``data.align``) in
-DataLoader workers, embedded with their horizontal mirror (``trainer.embedders``) and, under
+DataLoader workers, embedded with their horizontal mirror (``evaluation.embedders``) and, under
 ``accelerate launch``/``torchrun``, sharded over the processes and gathered on rank 0, which pools
-templates and scores (``trainer.ijb_metrics``; protocol in docs/eval.md). Writes to ``--out``:
+templates and scores (``evaluation.ijb_metrics``; protocol in docs/eval.md). Writes to ``--out``:
 ``results.json``, ``roc.png``, ``image_features.npy`` (N, D) float32 (flip-summed unless
 ``--no-flip``, before score weighting), ``template_features.npz`` (``ids``, ``features``),
 ``scores.npy`` (P,) float32 and ``labels.npy`` (P,) bool. Bad input: one line
@@ -31,9 +31,8 @@ import torch
 
 from data.atomic import atomic_path, write_text_atomic
 from data.ijb import AlignedFaces, IJBMeta, load_1n, load_meta
-from trainer.embedders import Embedder, embed_batch, load_embedder
-from trainer.evaluation import gather_slices, slice_bounds
-from trainer.ijb_metrics import (
+from evaluation.embedders import Embedder, embed_batch, load_embedder
+from evaluation.ijb_metrics import (
     FAR_TARGETS,
     RULES,
     far_key,
@@ -42,7 +41,8 @@ from trainer.ijb_metrics import (
     score_pairs,
     tar_at_far,
 )
-from trainer.verification import plot_roc
+from evaluation.sharded import embed_sharded
+from evaluation.verification import plot_roc
 
 _PROG = "eval_ijb"
 
@@ -126,50 +126,36 @@ def embed_release(
 ) -> np.ndarray:
     """Image features (N, D) float32 of every face, in meta order, on every rank.
 
-    Rank r embeds its contiguous ``slice_bounds`` share (decoded and aligned by ``workers``
-    DataLoader processes), the shares are all-gathered (``gather_slices``).
+    Rank r embeds its contiguous share (decoded and aligned by ``workers`` DataLoader
+    processes); ``evaluation.sharded.embed_sharded`` pads and all-gathers the shares.
 
     Raises:
         FileNotFoundError / ValueError: a missing or undecodable image, degenerate landmarks.
     """
-    n = len(meta.images)
-    start, stop, per = slice_bounds(n, rank, world_size)
-    faces = AlignedFaces(meta.root, meta.images, meta.landmarks, np.arange(start, stop))
-    loader = torch.utils.data.DataLoader(
-        faces, batch_size=embedder.batch_size, num_workers=workers, shuffle=False
-    )
     from data.decode import normalize
 
-    chunks: list[np.ndarray] = []
-    t0 = time.perf_counter()
-    with _progress(progress and rank == 0) as bar:
-        task = bar.add_task(
-            f"embed {meta.prefix} (rank 0 of {world_size})", total=len(faces), rate=""
+    def embed_rows(start: int, stop: int, per: int) -> np.ndarray:
+        faces = AlignedFaces(meta.root, meta.images, meta.landmarks, np.arange(start, stop))
+        loader = torch.utils.data.DataLoader(
+            faces, batch_size=embedder.batch_size, num_workers=workers, shuffle=False
         )
-        done = 0
-        for images, _ in loader:
-            x = normalize(images)
-            assert isinstance(x, torch.Tensor)
-            chunks.append(embed_batch(embedder, x, flip).numpy())
-            done += images.shape[0]
-            rate = done / max(time.perf_counter() - t0, 1e-9)
-            bar.update(task, advance=images.shape[0], rate=f"{rate:.0f} img/s")
-    local = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
-    d = _feature_dim(local, world_size)
-    padded = np.zeros((per, d), np.float32)
-    padded[: local.shape[0]] = local
-    return gather_slices(padded, n, rank, world_size)
+        chunks: list[np.ndarray] = []
+        t0 = time.perf_counter()
+        with _progress(progress and rank == 0) as bar:
+            task = bar.add_task(
+                f"embed {meta.prefix} (rank 0 of {world_size})", total=len(faces), rate=""
+            )
+            done = 0
+            for images, _ in loader:
+                x = normalize(images)
+                assert isinstance(x, torch.Tensor)
+                chunks.append(embed_batch(embedder, x, flip).numpy())
+                done += images.shape[0]
+                rate = done / max(time.perf_counter() - t0, 1e-9)
+                bar.update(task, advance=images.shape[0], rate=f"{rate:.0f} img/s")
+        return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
-
-def _feature_dim(local: np.ndarray, world_size: int) -> int:
-    """D, agreed by every rank (a rank with an empty share has none of its own)."""
-    if world_size == 1:
-        return int(local.shape[1])
-    import torch.distributed as dist
-
-    d = torch.tensor([local.shape[1] if local.shape[0] else 0])
-    dist.all_reduce(d, op=dist.ReduceOp.MAX)
-    return int(d.item())
+    return embed_sharded(len(meta.images), embed_rows, rank, world_size)
 
 
 def score_release(

@@ -5,7 +5,7 @@
     python tools/eval_verification.py --untrained --network mbf --bin ...   # random-init baseline
 
 The model is an ONNX file (run with onnxruntime on CPU), PyTorch weights or a checkpoint folder
-(loaded by ``trainer.saved_backbone.load_backbone``), or with ``--untrained`` a freshly initialized
+(loaded by ``models.weights.load_backbone``), or with ``--untrained`` a freshly initialized
 network of the registry. Prints XNorm, flip-test accuracy (mean+-std over 10 folds) and TAR@FAR per
 target; writes ``results.json`` and ``roc.png`` to ``--out``.
 """
@@ -23,7 +23,7 @@ import torch
 
 from data.atomic import write_text_atomic
 from data.verification_bin import load_bin
-from trainer.embedders import (
+from evaluation.embedders import (
     Embedder,
     build_untrained,
     check_input_size,
@@ -31,7 +31,7 @@ from trainer.embedders import (
     load_embedder,
     torch_embedder,
 )
-from trainer.verification import evaluate_views, format_results, plot_roc
+from evaluation.verification import evaluate_views, format_results, plot_roc
 
 
 def untrained_spec(args: argparse.Namespace) -> tuple[str, int, dict]:
@@ -49,7 +49,7 @@ def untrained_spec(args: argparse.Namespace) -> tuple[str, int, dict]:
 
 
 def make_embedder(args: argparse.Namespace) -> Embedder:
-    """The model named on the command line (``trainer.embedders``), or the untrained baseline."""
+    """The model named on the command line (``evaluation.embedders``), or the untrained baseline."""
     if args.untrained:
         network, embedding_size, kwargs = untrained_spec(args)
         model = build_untrained(network, embedding_size, args.seed, kwargs)

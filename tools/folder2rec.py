@@ -23,7 +23,7 @@ import sys
 
 from data.face_jpeg import add_encoding_arguments, encoding_options
 from data.pack_rec import convert, scan_folder
-from tools.shuffle_rec import shuffle_rec
+from data.rec_copy import shuffle_rec
 
 
 def build_parser() -> argparse.ArgumentParser:

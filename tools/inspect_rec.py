@@ -18,6 +18,8 @@ import multiprocessing as mp
 import os
 import sys
 
+import numpy as np
+
 from data.decode import decode_image
 from data.recordio import RecordIOError, RecordIOReader, read_property, record_label, unpack
 
@@ -80,14 +82,26 @@ def _iter_results(reader, image_keys, num_classes, workers):
             yield from part
 
 
+def _key_range(header, limit=None):
+    """``[start, end)`` keys a header or identity record declares (its two float labels), or
+    None when they are not finite integers with ``0 <= start <= end`` (``<= limit`` when given):
+    a record that lies must not make us walk 3e9 keys."""
+    values = np.asarray(header.label, dtype=np.float64).ravel()[:2]
+    if values.shape != (2,) or not np.isfinite(values).all() or (values != values.round()).any():
+        return None
+    start, end = int(values[0]), int(values[1])
+    ok = 0 <= start <= end and (limit is None or end <= limit)
+    return (start, end) if ok else None
+
+
 def _header_ranges(reader, header):
     """(image keys, identity keys) an insightface header record declares, or None with the
     reason when they cannot be right: a header that lies must not make us list 2**31 keys."""
-    try:
-        first_id, end_id = int(header.label[0]), int(header.label[1])
-    except (ValueError, OverflowError):  # NaN/inf labels
-        return None, f"header record label {header.label.tolist()} is not two key numbers"
     n = len(reader)
+    bounds = _key_range(header)
+    if bounds is None:  # NaN/inf/fractional labels
+        return None, f"header record label {header.label.tolist()} is not two key numbers"
+    first_id, end_id = bounds
     if not 1 <= first_id <= end_id or end_id > 2 * n + 2:  # a few missing keys are listed
         return None, (
             f"header record declares images 1..{first_id - 1} and identities "
@@ -140,7 +154,17 @@ def inspect(rec_path, idx_path=None, num_classes=None, workers=1, image_size=Non
         if header.flag < 2:
             bad.append((key, f"identity record has flag {header.flag}, expected a [start, end)"))
             continue
-        start, end = int(header.label[0]), int(header.label[1])
+        bounds = _key_range(header, max(image_keys, default=0) + 1)
+        if bounds is None:
+            bad.append(
+                (
+                    key,
+                    f"identity record range {header.label.tolist()} is not within the "
+                    f"image keys 1..{max(image_keys, default=0)}",
+                )
+            )
+            continue
+        start, end = bounds
         wrong = [k for k in range(start, end) if k in labels and labels[k] != c]
         if wrong:
             bad.append(

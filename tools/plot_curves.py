@@ -4,8 +4,8 @@
     python tools/plot_curves.py work_dirs/my_run/tensorboard --tags train/loss,val/lfw/accuracy
 
 Reads every event file under the folder (one run may hold several, e.g. after a resume) with
-TensorBoard's ``event_accumulator``; points of one tag from several files are merged by step,
-a later file winning on a repeated step (the resumed run).
+``evaluation.runs.read_scalars``: points of one tag from several files are merged by step, a
+later file winning on a repeated step (the resumed run).
 """
 
 from __future__ import annotations
@@ -15,44 +15,10 @@ import math
 import os
 import sys
 
-from tensorboard.backend.event_processing import event_accumulator
+from evaluation.runs import read_scalars
 
 # Shown first, in this order, when present; any other scalar tags follow alphabetically.
 PREFERRED = ("train/loss", "train/lr", "train/samples_per_sec")
-
-
-def find_event_dirs(root: str) -> list[str]:
-    """Folders under ``root`` (itself included) holding ``events.out.tfevents*`` files, sorted.
-
-    Raises:
-        FileNotFoundError: ``root`` is missing or holds no event file.
-    """
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"plot_curves: no folder {root}")
-    found = sorted(
-        d
-        for d, _, files in os.walk(root)
-        if any(f.startswith("events.out.tfevents") for f in files)
-    )
-    if not found:
-        raise FileNotFoundError(f"plot_curves: no events.out.tfevents* file under {root}")
-    return found
-
-
-def read_scalars(root: str) -> dict[str, tuple[list[int], list[float]]]:
-    """All scalar series under ``root``: tag -> (steps, values), sorted by step."""
-    merged: dict[str, dict[int, float]] = {}
-    for d in find_event_dirs(root):
-        for fname in sorted(f for f in os.listdir(d) if f.startswith("events.out.tfevents")):
-            acc = event_accumulator.EventAccumulator(
-                os.path.join(d, fname), size_guidance={event_accumulator.SCALARS: 0}
-            )
-            acc.Reload()
-            for tag in acc.Tags()["scalars"]:
-                series = merged.setdefault(tag, {})
-                for ev in acc.Scalars(tag):
-                    series[ev.step] = ev.value
-    return {tag: (sorted(s), [s[k] for k in sorted(s)]) for tag, s in merged.items()}
 
 
 def choose_tags(available: list[str], wanted: list[str] | None) -> list[str]:

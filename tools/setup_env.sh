@@ -34,9 +34,12 @@ fi
 
 # The project itself, editable (scripts import trainer/, data/, ... with no sys.path edits). Also
 # when a cached venv still points at another checkout that made it.
+# Again when pyproject.toml changed (a new top-level package must be found by `python tools/x.py`).
 where='import os, trainer; print(os.path.dirname(os.path.dirname(os.path.realpath(trainer.__file__))))'
-if [ "$(cd / && "$venv/bin/python" -c "$where" 2>/dev/null)" != "$(pwd -P)" ]; then
+project="$venv/.project-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ "$(cd / && "$venv/bin/python" -c "$where" 2>/dev/null)" != "$(pwd -P)" ] || [ ! -f "$project" ]; then
     "$venv/bin/pip" install -q --no-deps --no-build-isolation -e .
+    rm -f "$venv"/.project-* && touch "$project"
 fi
 
 # DeepSpeed JIT-builds its CPU ops (shm_comm, cpu_adam) on first use: keep them in a cached folder.

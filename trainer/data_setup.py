@@ -53,12 +53,10 @@ def val_bin_paths(cfg: Config) -> dict[str, str]:
 def _check_val_bins(cfg: Config) -> None:
     """Each `.bin` exists, parses (restricted unpickler, no image decode) and has at least as
     many pairs as the evaluation has folds, so it cannot fail at the first evaluation."""
-    import inspect
-
     from data.verification_bin import read_bin_raw
-    from trainer.evaluation import VerificationCallback
+    from evaluation.verification import NROF_FOLDS
 
-    folds = inspect.signature(VerificationCallback).parameters["nrof_folds"].default
+    folds = NROF_FOLDS  # the callback's (evaluation/callback.py)
     for name, path in val_bin_paths(cfg).items():
         if not os.path.isfile(path):
             raise ConfigError(f"eval.val_targets: '{name}': file not found: {path}")

@@ -43,12 +43,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypedDict
-from unittest import mock
 
 import torch
 from torch import nn
 
-from trainer.step import DTYPES
+from trainer.precision import DTYPES
 
 __all__ = ["PRECISION_BYTES", "OPTIMIZER_STATES", "measure_activations", "plan",
            "max_num_classes"]  # fmt: skip
@@ -158,7 +157,7 @@ def measure_activations(
         models.UnknownModelError: unknown network. ValueError: batch < 2 (BatchNorm needs 2).
     """
     import models
-    import models.checkpointing as ckpt_mod
+    from models.checkpointing import units_run_by
 
     if batch < 2:
         raise ValueError(f"memory plan: activation batch must be >= 2, got {batch}")
@@ -184,7 +183,7 @@ def measure_activations(
 
     images = torch.randn(batch, 3, 112, 112)
     with (
-        mock.patch.object(ckpt_mod, "checkpoint", plain_checkpoint),
+        units_run_by(plain_checkpoint),
         torch.autograd.graph.saved_tensors_hooks(outer.pack, outer.unpack),
     ):
         out = model(images)

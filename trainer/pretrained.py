@@ -1,6 +1,6 @@
 """Fine-tuning: the backbone starts from saved weights (`model.pretrained`) before DeepSpeed.
 
-Accepted (trainer/saved_backbone.py finds the file): our `backbone.pt`, a step dir, a run dir, or
+Accepted (models/weights.py finds the file): our `backbone.pt`, a step dir, a run dir, or
 an arcface_torch `backbone.pth` (`torch.save(backbone.module.state_dict())` in its train_v2.py:
 the insightface key names our networks use). The weights load into the bare module on every rank
 before `accelerator.prepare`, so ZeRO-3 partitions the loaded values. The Partial FC head is not
@@ -15,15 +15,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from trainer.config import Config, ConfigError
-from trainer.saved_backbone import (
+from models.weights import (
     describe_mismatches,
     key_mismatches,
     read_state_dict,
     resolve_checkpoint,
 )
-
-_DDP_PREFIX = "module."  # a DistributedDataParallel state dict saved without `.module`
+from trainer.config import Config, ConfigError
 
 
 def load_pretrained(cfg: Config, model: nn.Module, log: Callable[[str], object] = print) -> int:
@@ -60,8 +58,6 @@ def load_pretrained(cfg: Config, model: nn.Module, log: Callable[[str], object] 
             f"{where}: {weights.parent}/meta.json says network {saved_network!r} but "
             f"model.network is {cfg.model.network!r}"
         )
-    if state and all(k.startswith(_DDP_PREFIX) for k in state):
-        state = {k[len(_DDP_PREFIX) :]: v for k, v in state.items()}
     mismatches = key_mismatches(model, state)
     lines = describe_mismatches(mismatches)
     if lines and cfg.model.pretrained_strict:

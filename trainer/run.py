@@ -41,7 +41,7 @@ class Run:
     head: PartialFC  # outside ZeRO
     head_opt: HeadOptimizer
     loader: Any  # yields (images, labels); epoch/state_dict/load_state_dict
-    evaluator: Any  # trainer.evaluation.VerificationCallback or None
+    evaluator: Any  # evaluation.callback.VerificationCallback or None
     logger: Any  # trainer.logging_utils.TrainLogger
     log: Callable[..., None]  # print on rank 0, silent elsewhere
     freeze: Any  # trainer.freeze.FreezePlan: fine-tuning controls applied every step
@@ -166,8 +166,8 @@ def build_head(
 
 
 def _build_evaluator(cfg: Config, rank: int, world: int, logger: Any) -> Any:
+    from evaluation.callback import VerificationCallback
     from trainer.data_setup import val_bin_paths
-    from trainer.evaluation import VerificationCallback
 
     bins = val_bin_paths(cfg)
     if not bins:
@@ -194,7 +194,7 @@ def build_run(cfg: Config, settings: EngineSettings, ds_config: dict[str, Any]) 
     from trainer.engine import create_accelerator, dist_info
     from trainer.freeze import build_freeze_plan
     from trainer.logging_utils import TrainLogger
-    from trainer.step import DTYPES
+    from trainer.precision import DTYPES
 
     seed_everything(cfg.seed)
     accelerator = create_accelerator(cfg, ds_config, settings.precision)

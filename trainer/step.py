@@ -23,11 +23,10 @@ import torch
 
 from trainer.device_batch import to_device
 from trainer.engine import loss_scale
+from trainer.precision import DTYPES
 
 if TYPE_CHECKING:
     from heads import HeadOptimizer, PartialFC
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass

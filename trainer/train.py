@@ -169,7 +169,7 @@ def _run(cfg: Config, standalone: bool) -> int:
 
 
 def _latest_or_none(output: str) -> str:
-    from trainer.checkpoint import latest_checkpoint
+    from models.weights import latest_checkpoint
 
     return latest_checkpoint(output) or "none"
 
@@ -199,7 +199,18 @@ def train(
         from trainer.logging_utils import open_trackers
 
         run.logger.trackers = open_trackers(cfg)
-    checkpointer = Checkpointer(run)
+    checkpointer = Checkpointer(
+        cfg,
+        engine=run.engine,
+        head=run.head,
+        head_opt=run.head_opt,
+        loader=run.loader,
+        rank=run.rank,
+        world=run.world,
+        precision=run.settings.precision,
+        zero_stage=run.settings.zero_stage,
+        log=run.log,
+    )
     step = checkpointer.resume()
     if faults is not None:
         faults.install(run.head)

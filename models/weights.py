@@ -1,16 +1,22 @@
-"""A saved backbone for evaluation and export: find its weights and build the model around them.
+"""Saved backbone weights: find them, read them safely, and build the model around them.
 
 Accepted inputs: a consolidated ``backbone.pt`` / arcface_torch ``backbone.pth`` (a plain state
-dict saved with ``torch.save``); a step directory ``checkpoints/step_<N>/`` holding ``backbone.pt``
-and ``meta.json`` (``{"network": ..., "embedding_size": ..., "model_kwargs": {...}}``, the layout
-``trainer/checkpoint.py`` writes); or a run directory / checkpoints directory whose ``latest`` file
-names the step directory. Weights are read with ``weights_only=True`` (no code runs).
+dict saved with ``torch.save``, also a DistributedDataParallel one whose keys all start with
+``module.``); a step directory ``checkpoints/step_<N>/`` holding ``backbone.pt`` and ``meta.json``
+(``{"network": ..., "embedding_size": ..., "model_kwargs": {...}}``, the layout the trainer writes,
+docs/design.md "Checkpoint layout"); or a run directory / checkpoints directory whose ``latest``
+file names the step directory. Weights are read with ``weights_only=True`` (no code runs).
+
+The trainer's checkpoints, the evaluation tools and ``model.pretrained`` all read through here:
+one ``STEP_RE``, one reader of ``latest`` (``latest_in``), one DDP prefix strip
+(``clean_state_dict``), as timm keeps ``load_checkpoint``/``clean_state_dict`` with its models.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,16 +24,74 @@ from typing import Any
 import torch
 from torch import nn
 
-import models
-from trainer.checkpoint import STEP_RE
+from models.registry import create
+
+STEP_RE = re.compile(r"^step_(\d+)$")
+_DDP_PREFIX = "module."  # a DistributedDataParallel state dict saved without `.module`
 
 __all__ = [
+    "STEP_RE",
+    "checkpoint_root",
+    "clean_state_dict",
     "describe_mismatches",
+    "latest_checkpoint",
+    "latest_in",
+    "list_complete",
     "key_mismatches",
     "load_backbone",
     "read_state_dict",
     "resolve_checkpoint",
 ]
+
+
+def checkpoint_root(output: str) -> str:
+    """`output/checkpoints`, the folder of a run's checkpoints."""
+    return os.path.join(output, "checkpoints")
+
+
+def list_complete(root: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under `root` as (step, path), oldest first (meta.json present)."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = STEP_RE.match(name)
+        path = os.path.join(root, name)
+        if m and os.path.isfile(os.path.join(path, "meta.json")):
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def latest_in(root: str) -> str | None:
+    """The checkpoint named by `root/latest` (or the newest complete one if `latest` is stale).
+
+    The one reader of `latest`, for resume and for evaluation alike. It must hold a bare
+    `step_<N>` name: anything else (an absolute path, `../..`) is ignored, so a checkpoint is only
+    ever taken from the run's own `checkpoints/` folder; a step is complete once its meta.json
+    exists (written last).
+
+    Args:
+        root: a run's `checkpoints/` folder.
+    Returns:
+        the step folder's path, or None when there is no complete checkpoint.
+    """
+    pointer = os.path.join(root, "latest")
+    if os.path.isfile(pointer):
+        with open(pointer, errors="replace") as f:
+            name = f.read(256).strip()
+        path = os.path.join(root, name)
+        if STEP_RE.match(name) and os.path.isfile(os.path.join(path, "meta.json")):
+            return path
+    done = list_complete(root)
+    return done[-1][1] if done else None
+
+
+def latest_checkpoint(output_or_root: str) -> str | None:
+    """`latest_in` of a run's output folder (its `checkpoints/`) or of a `checkpoints/` folder."""
+    root = output_or_root
+    if os.path.basename(os.path.normpath(root)) != "checkpoints":
+        root = checkpoint_root(output_or_root)
+    return latest_in(root)
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any] | None]:
@@ -37,8 +101,9 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, An
         (path of the `backbone.pt`/`.pth` file, parsed meta.json or None).
 
     Raises:
-        FileNotFoundError: `path`, `backbone.pt` in a step dir, or the step dir named by `latest`
-            does not exist, or a directory has none of the expected layouts.
+        FileNotFoundError: `path` or `backbone.pt` in a step dir does not exist, a `latest`
+            file with no complete checkpoint behind it (see `latest_in`), or a
+            directory with none of the expected layouts.
         ValueError: meta.json is not valid JSON / not an object.
     """
     path = Path(path)
@@ -46,14 +111,15 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, An
         raise FileNotFoundError(f"input {path} does not exist")
     if path.is_file():
         return path, None
-    for latest in (path / "latest", path / "checkpoints" / "latest"):
-        if latest.is_file():
-            name = latest.read_text(errors="replace")[:256].strip()
-            if not STEP_RE.match(name):  # confined to the run's own checkpoints/ folder
-                raise ValueError(f"{latest} must name a step_<N> folder, got {name!r}")
-            step_dir = latest.parent / name
-            if not step_dir.is_dir():
-                raise FileNotFoundError(f"{latest} names {step_dir}, which does not exist")
+    for root in (path, path / "checkpoints"):
+        if (root / "latest").is_file():
+            step_dir = latest_in(str(root))
+            if step_dir is None:
+                name = (root / "latest").read_text(errors="replace")[:256].strip()
+                raise FileNotFoundError(
+                    f"{root / 'latest'} names {name!r}, which is no complete step_<N> folder "
+                    f"of {root}, and there is none to fall back to"
+                )
             return resolve_checkpoint(step_dir)
     weights = path / "backbone.pt"
     if not weights.is_file():
@@ -72,8 +138,18 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, An
     return weights, meta
 
 
+def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the ``module.`` prefix a DistributedDataParallel model adds to every key
+    (arcface_torch saves ``backbone.module.state_dict()``, but a ``torch.save(ddp.state_dict())``
+    is common); unchanged when not every key carries it."""
+    if state and all(k.startswith(_DDP_PREFIX) for k in state):
+        return {k[len(_DDP_PREFIX) :]: v for k, v in state.items()}
+    return dict(state)
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The plain state dict (str -> tensor, on CPU) in ``path``, loaded with ``weights_only``.
+    """The plain state dict (str -> tensor, on CPU) in ``path``, loaded with ``weights_only``;
+    a DDP ``module.`` prefix is stripped (``clean_state_dict``).
 
     Raises:
         ValueError: unreadable file, or not a mapping of str to tensors.
@@ -86,7 +162,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise ValueError(f"{path} must hold a plain state dict (str -> tensor)")
-    return dict(state)
+    return clean_state_dict(state)
 
 
 def key_mismatches(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
@@ -135,7 +211,7 @@ def load_backbone(
         FileNotFoundError: missing input (see `resolve_checkpoint`).
         ValueError: no network known, meta.json disagrees with `network`, unreadable file, or
             keys that do not fit (missing / unexpected / shape-mismatched ones are listed).
-        models.UnknownModelError: unknown network name.
+        UnknownModelError: unknown network name (``models.registry``).
     """
     weights, meta = resolve_checkpoint(path)
     meta = meta or {}
@@ -151,7 +227,7 @@ def load_backbone(
     if "embedding_size" in meta:
         build_kwargs["embedding_size"] = int(meta["embedding_size"])
     build_kwargs.update({k: v for k, v in kwargs.items() if v is not None})
-    model = models.create(network, **build_kwargs)
+    model = create(network, **build_kwargs)
     state = read_state_dict(weights)
     _check_keys(model, state, weights, network)
     model.load_state_dict(state, strict=True)

@@ -2,7 +2,7 @@
 
 A model is any of: an ONNX file (run by onnxruntime on CPU), a consolidated ``backbone.pt``, an
 arcface_torch ``backbone.pth`` with a network name, a step directory or a run directory (the last
-four through ``trainer.saved_backbone.load_backbone``), or a freshly initialized network of the
+four through ``models.weights.load_backbone``), or a freshly initialized network of the
 ``models`` registry (``build_untrained``, a baseline). ``load_embedder`` turns one into an
 ``Embedder``: float32 (B, 3, 112, 112) in [-1, 1] -> (B, D) float32 embeddings, on CPU.
 
@@ -11,7 +11,7 @@ insightface's ``verification.py`` and arcface_torch's ``eval_ijbc.py``), ``embed
 ``embed_images`` (uint8 image arrays, batch by batch). No normalization happens here: callers
 (verification metrics, IJB template pooling) normalize where their protocol says.
 
-    from trainer.embedders import load_embedder, embed_images
+    from evaluation.embedders import load_embedder, embed_images
     embedder = load_embedder("work_dirs/run", batch_size=128)          # or "backbone.onnx"
     emb = embed_images(embedder, images_uint8, flip=True)              # (N, D) float32
 """
@@ -185,7 +185,7 @@ def load_embedder(
         raise FileNotFoundError(f"no such model file or folder: {model}")
     if model.endswith(".onnx"):
         return onnx_embedder(model, batch_size, threads)
-    from trainer.saved_backbone import load_backbone  # heavy (models, checkpoints): lazy
+    from models.weights import load_backbone  # heavy (models, timm): lazy
 
     net = load_backbone(model, network, embedding_size=embedding_size)
     return torch_embedder(net, device, batch_size, model)

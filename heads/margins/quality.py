@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from heads.margin import Margin, Rows, safe_arccos
+from heads.margins.base import Margin, Rows, safe_arccos
 
 __all__ = ["AdaFace", "MagFace"]
 
@@ -60,7 +60,7 @@ class AdaFace(Margin):
         super().__init__(s, **base)
         if not (m >= 0 and h > 0 and 0 < alpha <= 1 and 0 < eps < 0.1):
             raise ValueError(
-                "heads/margins_quality.py: AdaFace needs m >= 0, h > 0, 0 < alpha <= 1, "
+                "AdaFace needs m >= 0, h > 0, 0 < alpha <= 1, "
                 f"0 < eps < 0.1, got m={m}, h={h}, alpha={alpha}, eps={eps}"
             )
         self.m, self.h, self.alpha, self.eps = float(m), float(h), float(alpha), float(eps)
@@ -120,7 +120,7 @@ class MagFace(Margin):
         super().__init__(s, **base)
         if not (0 < l_a < u_a and 0 <= l_m <= u_m < math.pi and lambda_g >= 0):
             raise ValueError(
-                "heads/margins_quality.py: MagFace needs 0 < l_a < u_a, 0 <= l_m <= u_m < pi, "
+                "MagFace needs 0 < l_a < u_a, 0 <= l_m <= u_m < pi, "
                 f"lambda_g >= 0, got l_a={l_a}, u_a={u_a}, l_m={l_m}, u_m={u_m}, "
                 f"lambda_g={lambda_g}"
             )

@@ -11,10 +11,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from heads.margin import CombinedMarginLoss, Margin
-from heads.margins_curricular import CurricularFace
-from heads.margins_elastic import ElasticFace
-from heads.margins_quality import AdaFace, MagFace
+from heads.margins.base import Margin
+from heads.margins.combined import CombinedMarginLoss
+from heads.margins.curricular import CurricularFace
+from heads.margins.elastic import ElasticFace
+from heads.margins.quality import AdaFace, MagFace
 
 __all__ = ["LOSSES", "build_margin", "loss_arguments"]
 
@@ -62,7 +63,7 @@ def loss_arguments(name: str) -> tuple[str, ...]:
         ValueError: unknown name.
     """
     if name not in LOSSES:
-        raise ValueError(f"heads/losses.py: unknown loss {name!r}; valid: {', '.join(LOSSES)}")
+        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     params = inspect.signature(LOSSES[name][0]).parameters.values()
     return tuple(p.name for p in params if p.kind in named and p.name not in _RESERVED)
@@ -83,12 +84,12 @@ def build_margin(
     Args:
         name: a key of ``LOSSES``.
         s: logit scale. margin_list: ``(m1, m2, m3)``, read by ``combined`` only.
-        interclass_filtering_threshold, margin_gradient, clamping: ``heads.margin.Margin``.
+        interclass_filtering_threshold, margin_gradient, clamping: ``heads.margins.Margin``.
         seed: seeds per-loss randomness (ElasticFace's margins), the same on every rank.
         loss_kwargs: the loss's own arguments (``loss_arguments(name)``).
 
     Returns:
-        a ``heads.margin.Margin``.
+        a ``heads.margins.Margin``.
 
     Raises:
         ValueError: unknown name or argument, or a value the loss refuses (one line naming it).
@@ -98,8 +99,7 @@ def build_margin(
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ValueError(
-            f"heads/losses.py: loss {name!r} has no argument {unknown[0]!r}; valid: "
-            f"{', '.join(allowed) or 'none'}"
+            f"loss {name!r} has no argument {unknown[0]!r}; valid: {', '.join(allowed) or 'none'}"
         )
     fn, fixed = LOSSES[name]
     args: dict[str, Any] = {**fixed, **kwargs}

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from heads.margin import Margin, Rows, safe_arccos
+from heads.margins.base import Margin, Rows, safe_arccos
 
 __all__ = ["CurricularFace"]
 
@@ -44,9 +44,9 @@ class CurricularFace(Margin):
     def __init__(self, s: float = 64.0, m: float = 0.5, alpha: float = 0.01, **base: Any) -> None:
         super().__init__(s, **base)
         if not 0 < m < math.pi:
-            raise ValueError(f"heads/margins_curricular.py: m must be in (0, pi), got {m}")
+            raise ValueError(f"m must be in (0, pi), got {m}")
         if not 0 < alpha <= 1:
-            raise ValueError(f"heads/margins_curricular.py: alpha must be in (0, 1], got {alpha}")
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.m, self.alpha = float(m), float(alpha)
         self.register_buffer("t", torch.zeros(()))
 

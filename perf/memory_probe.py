@@ -1,7 +1,9 @@
 """Host memory of this process from Linux ``/proc/self``: resident set now and at its peak.
 
 ``VmHWM`` (peak RSS) can be reset to the current RSS, so a benchmark can measure the peak of one
-phase (``ru_maxrss`` cannot be reset and survives exec).
+phase (``ru_maxrss`` cannot be reset and survives exec). Used by ``perf.train_step`` (peak RSS of
+a training-step case on CPU) and ``benchmarks/bench_index.py`` (RSS per rank of the shared image
+index); it imports nothing, so a probe measures the caller, not its own imports.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 Under ZeRO-3 each rank holds a slice of the backbone parameters and every forward gathers them
 collectively, so all ranks must run forwards, and the same number of them. Each rank embeds one
 contiguous slice of the images, padded to the common slice length, and the embeddings are
-all-gathered (``gather_slices``, also used by ``tools/eval_ijb.py``). Protocol and log lines follow
-insightface's ``CallBackVerification`` (``recognition/arcface_torch/utils/utils_callbacks.py``);
-metrics are in ``trainer.verification``, model loading and embedding in ``trainer.embedders``.
+all-gathered (``evaluation.sharded.embed_sharded``, also used by ``tools/eval_ijb.py``). Protocol
+and log lines follow insightface's ``CallBackVerification``
+(``recognition/arcface_torch/utils/utils_callbacks.py``); metrics are in
+``evaluation.verification``, model loading and embedding in ``evaluation.embedders``.
 
 One evaluation for one set of weights: data-parallel training keeps one copy of the BatchNorm
 running statistics per rank, each updated from that rank's batches (DeepSpeed broadcasts the
@@ -26,10 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from trainer.embedders import embed_views
-from trainer.verification import evaluate_views, format_results
+from evaluation.embedders import embed_views
+from evaluation.sharded import broadcast_buffers, embed_sharded
+from evaluation.verification import NROF_FOLDS, evaluate_views, format_results
 
 BinLoader = Callable[[str], tuple[np.ndarray, np.ndarray]]
 
@@ -38,62 +39,6 @@ def _default_loader(path: str) -> tuple[np.ndarray, np.ndarray]:
     from data.verification_bin import load_bin  # data/ is optional for metric-only users
 
     return load_bin(path)
-
-
-def broadcast_buffers(module: torch.nn.Module, group: Any = None) -> None:
-    """Copy the buffers (BatchNorm running mean/var, counters) of the group's first rank to all.
-
-    Collective: every rank of ``group`` (default: the world) must call it. A no-op without an
-    initialized process group.
-    """
-    if not dist.is_available() or not dist.is_initialized():
-        return
-    src = dist.get_global_rank(group, 0) if group is not None else 0
-    for buf in module.buffers():
-        dist.broadcast(buf.data, src, group=group)
-
-
-def gather_slices(
-    local: np.ndarray, num: int, rank: int, world_size: int, group: Any = None
-) -> np.ndarray:
-    """All-gather the rows every rank computed for its ``slice_bounds`` slice of ``num`` items.
-
-    Args:
-        local: (padded_len, ...) array of this rank: its real rows first, then any padding.
-        num: total number of items; rank r's real rows are items ``slice_bounds(num, r, W)``.
-        group: process group (None = world); NCCL groups go through the current CUDA device.
-    Returns:
-        (num, ...) array of all real rows in item order, on every rank.
-    Raises:
-        ValueError: ``local`` does not have ``padded_len`` rows.
-    """
-    _, _, per = slice_bounds(num, rank, world_size)
-    if local.shape[0] != per:
-        raise ValueError(f"rank {rank}: {local.shape[0]} rows, expected the padded {per}")
-    if world_size == 1:
-        return local[:num]
-    nccl = dist.get_backend(group) == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    t = torch.from_numpy(np.ascontiguousarray(local)).to(device)
-    parts = [torch.empty_like(t) for _ in range(world_size)]
-    dist.all_gather(parts, t, group=group)
-    full = torch.cat(parts).cpu().numpy()  # (per * W, ...), rank-major
-    keep = []
-    for r in range(world_size):
-        r_start, r_stop, _ = slice_bounds(num, r, world_size)
-        keep.append(full[r * per : r * per + (r_stop - r_start)])
-    return np.concatenate(keep)
-
-
-def slice_bounds(num: int, rank: int, world_size: int) -> tuple[int, int, int]:
-    """``(start, stop, padded_len)`` of rank's contiguous slice of ``num`` items.
-
-    Every rank gets ``padded_len = ceil(num / world_size)`` rows to embed; the last ranks may get
-    fewer real rows (possibly none) and pad the rest.
-    """
-    per = -(-num // world_size)
-    start = min(rank * per, num)
-    return start, min(start + per, num), per
 
 
 class VerificationCallback:
@@ -114,7 +59,7 @@ class VerificationCallback:
         image_size: expected ``(H, W)`` of the images.
         far_target: FAR of the reported TAR.
         nrof_folds: folds of the accuracy cross-validation (10 as insightface; see
-            ``trainer.verification.kfold_accuracy`` for sets whose pairs are sorted by class).
+            ``evaluation.verification.kfold_accuracy`` for sets whose pairs are sorted by class).
 
     Raises:
         ValueError: empty ``bin_paths``, a bad rank, or a ``.bin`` whose images are not
@@ -138,7 +83,7 @@ class VerificationCallback:
         loader: BinLoader | None = None,
         image_size: tuple[int, int] = (112, 112),
         far_target: float = 1e-3,
-        nrof_folds: int = 10,
+        nrof_folds: int = NROF_FOLDS,
     ):
         if not bin_paths:
             raise ValueError("VerificationCallback: bin_paths is empty")
@@ -174,16 +119,17 @@ class VerificationCallback:
         image, or image 0 when its slice is empty), so every rank makes the same number of
         ``model_forward`` calls with the same batch shapes.
         """
-        n = images.shape[0]
-        start, stop, per = slice_bounds(n, self.rank, self.world_size)
-        mine = images[start:stop] if stop > start else images[:1]
-        if mine.shape[0] < per:
-            mine = np.concatenate([mine, np.repeat(mine[-1:], per - mine.shape[0], axis=0)])
-        plain, flipped = embed_views(model_forward, mine, self.batch_size)
-        both = np.concatenate([plain, flipped], axis=1)
-        real = gather_slices(both, n, self.rank, self.world_size, self.group)
-        d = plain.shape[1]
-        return real[:, :d], real[:, d:]
+
+        def embed_rows(start: int, stop: int, per: int) -> np.ndarray:
+            mine = images[start:stop] if stop > start else images[:1]
+            if mine.shape[0] < per:
+                mine = np.concatenate([mine, np.repeat(mine[-1:], per - mine.shape[0], axis=0)])
+            plain, flipped = embed_views(model_forward, mine, self.batch_size)
+            return np.concatenate([plain, flipped], axis=1)
+
+        both = embed_sharded(images.shape[0], embed_rows, self.rank, self.world_size, self.group)
+        d = both.shape[1] // 2
+        return both[:, :d], both[:, d:]
 
     def __call__(
         self,
@@ -202,7 +148,7 @@ class VerificationCallback:
                 copied to every rank first (``broadcast_buffers``), so the result is that of the
                 weights a checkpoint saves.
         Returns:
-            target name -> ``trainer.verification.evaluate`` dict plus ``highest_accuracy``, on
+            target name -> ``evaluation.verification.evaluate`` dict plus ``highest_accuracy``, on
             every rank (metrics are computed from the same gathered embeddings everywhere, so
             decisions such as "save best" agree across ranks).
         """

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from heads.margin import Margin, Rows, safe_arccos
+from heads.margins.base import Margin, Rows, safe_arccos
 
 __all__ = ["ElasticFace", "draw_margins"]
 
@@ -58,10 +58,10 @@ class ElasticFace(Margin):
     ) -> None:
         super().__init__(s, **base)
         if kind not in ("arc", "cos"):
-            raise ValueError(f"heads/margins_elastic.py: kind must be arc or cos, got {kind!r}")
+            raise ValueError(f"kind must be arc or cos, got {kind!r}")
         if not 0 <= m < (math.pi if kind == "arc" else 1.0) or not std > 0:
             raise ValueError(
-                f"heads/margins_elastic.py: need 0 <= m < {'pi' if kind == 'arc' else 1} and "
+                f"ElasticFace needs 0 <= m < {'pi' if kind == 'arc' else 1} and "
                 f"std > 0, got m={m}, std={std}"
             )
         self.m, self.std, self.kind, self.plus = float(m), float(std), kind, bool(plus)

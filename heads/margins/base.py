@@ -1,17 +1,14 @@
-"""The margin interface (``Margin``) and the combined angular margin ``s * (cos(m1 * theta + m2) -
-m3)`` on the target logit. Other losses (heads/margins_*.py) subclass ``Margin``; heads/losses.py
-chooses one by name.
+"""The margin interface (``Margin``): what the distributed softmax CE asks of a margin loss,
+and the clamped ``arccos`` the angular margins share. Every loss of this package subclasses
+``Margin``; ``registry.py`` chooses one by name.
 
-References: SphereFace (m1, Liu et al. CVPR 2017), ArcFace (m2, Deng et al. CVPR 2019),
-CosFace (m3, Wang et al. CVPR 2018); the combined form and the inter-class filtering follow
-insightface arcface_torch ``losses.CombinedMarginLoss``. ArcFace is ``(1, 0.5, 0)``, CosFace
-``(1, 0, 0.4)``.
-
-Differences from arcface_torch, on purpose: the margin is differentiated exactly (arcface_torch
-rewrites the logits in place under ``no_grad``, so its gradient ignores the margin's slope), and
-the slope of ``arccos`` is taken at ``cos`` clamped away from +-1, so neither value nor gradient
-can be NaN/inf at theta = 0 or pi (the value stays exact). Both differences can be switched off
-(issue #15): ``margin_gradient="arcface_torch"`` and ``clamping="arcface_torch"``.
+Reference: the inter-class filtering follows insightface arcface_torch
+``losses.CombinedMarginLoss``. Differences from arcface_torch, on purpose: the margin is
+differentiated exactly (arcface_torch rewrites the logits in place under ``no_grad``, so its
+gradient ignores the margin's slope), and the slope of ``arccos`` is taken at ``cos`` clamped away
+from +-1, so neither value nor gradient can be NaN/inf at theta = 0 or pi (the value stays exact).
+Both differences can be switched off (issue #15): ``margin_gradient="arcface_torch"`` and
+``clamping="arcface_torch"``.
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ from torch import nn
 
 __all__ = [
     "Margin",
-    "CombinedMarginLoss",
+    "Rows",
     "ARCCOS_EPS",
     "MARGIN_GRADIENTS",
     "CLAMPINGS",
@@ -91,21 +88,18 @@ class Margin(nn.Module):
     ):
         super().__init__()
         if not s > 0:
-            raise ValueError(f"heads/margin.py: s must be > 0, got {s}")
+            raise ValueError(f"s must be > 0, got {s}")
         if not 0.0 <= interclass_filtering_threshold < 1.0:
             raise ValueError(
-                "heads/margin.py: interclass_filtering_threshold must be in [0, 1), got "
+                "interclass_filtering_threshold must be in [0, 1), got "
                 f"{interclass_filtering_threshold}"
             )
         if margin_gradient not in MARGIN_GRADIENTS:
             raise ValueError(
-                f"heads/margin.py: margin_gradient must be one of {MARGIN_GRADIENTS}, got "
-                f"{margin_gradient!r}"
+                f"margin_gradient must be one of {MARGIN_GRADIENTS}, got {margin_gradient!r}"
             )
         if clamping not in CLAMPINGS:
-            raise ValueError(
-                f"heads/margin.py: clamping must be one of {CLAMPINGS}, got {clamping!r}"
-            )
+            raise ValueError(f"clamping must be one of {CLAMPINGS}, got {clamping!r}")
         self.s = float(s)
         self.interclass_filtering_threshold = float(interclass_filtering_threshold)
         self.margin_gradient = margin_gradient
@@ -192,104 +186,3 @@ class Margin(nn.Module):
                 keep = dirty.gather(1, col) & (labels < 0).unsqueeze(1)
                 dirty.scatter_(1, col, keep)
         return dirty
-
-
-class CombinedMarginLoss(Margin):
-    """Margin-penalized, scaled cosine logits (ArcFace/CosFace/SphereFace and combinations).
-
-    Args:
-        s: logit scale (> 0), 64 in arcface_torch.
-        m1: multiplicative angular margin (> 0); 1 disables it.
-        m2: additive angular margin in radians (>= 0); ArcFace uses 0.5.
-        m3: additive cosine margin (>= 0); CosFace uses 0.4.
-        interclass_filtering_threshold, margin_gradient, clamping: see ``Margin``.
-
-    Raises:
-        ValueError: a parameter outside the ranges above.
-    """
-
-    def __init__(
-        self,
-        s: float = 64.0,
-        m1: float = 1.0,
-        m2: float = 0.5,
-        m3: float = 0.0,
-        interclass_filtering_threshold: float = 0.0,
-        margin_gradient: str = "exact",
-        clamping: str = "none",
-    ):
-        super().__init__(s, interclass_filtering_threshold, margin_gradient, clamping)
-        if not m1 > 0:
-            raise ValueError(f"heads/margin.py: m1 must be > 0, got {m1}")
-        if m2 < 0 or m3 < 0:
-            raise ValueError(f"heads/margin.py: m2 and m3 must be >= 0, got m2={m2}, m3={m3}")
-        self.m1 = float(m1)
-        self.m2 = float(m2)
-        self.m3 = float(m3)
-
-    def extra_repr(self) -> str:
-        return (
-            f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, "
-            f"interclass_filtering_threshold={self.interclass_filtering_threshold}"
-        )
-
-    @property
-    def is_angular(self) -> bool:
-        """True when the margin needs ``theta`` (``m1 != 1`` or ``m2 != 0``)."""
-        return self.m1 != 1.0 or self.m2 != 0.0
-
-    def margin_cosine(
-        self, cos_t: torch.Tensor, norms: torch.Tensor | None, rows: Rows
-    ) -> torch.Tensor:
-        """``cos(m1 * theta + m2) - m3`` (see ``target_logit``)."""
-        if not self.is_angular:
-            return cos_t - self.m3
-        return torch.cos(self.m1 * safe_arccos(cos_t) + self.m2) - self.m3
-
-    def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
-        """Final target logit ``s * (cos(m1 * arccos(c) + m2) - m3)``, differentiable.
-
-        Args:
-            cos_target: ``(P,)`` cosines of each row with its own class center, fp32.
-
-        Returns:
-            ``(P,)`` fp32. For pure CosFace (``m1 == 1, m2 == 0``) no ``arccos`` is taken, so the
-            gradient is exactly ``s``. Otherwise the value is the formula at ``c`` clamped to
-            ``[-1, 1]``, and the gradient is the formula's derivative at ``c`` clamped to
-            ``[-1 + eps, 1 - eps]`` (``eps = ARCCOS_EPS``): exact away from theta = 0 and pi,
-            finite (capped) at them, where the true slope is infinite.
-        """
-        return self.target_logits(cos_target)
-
-    def forward(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Scaled logits with the margin on each row's target (plain autograd, out of place).
-
-        Args:
-            cos: ``(N, K)`` cosine logits (fp32 recommended).
-            labels: ``(N,)`` int64 column of each row's target in ``[0, K)``, or -1 when the
-                target is not among these ``K`` columns (that row is only scaled and filtered).
-
-        Returns:
-            ``(N, K)`` logits: ``s * cos`` with filtered entries 0 and targets replaced by
-            ``target_logit``.
-
-        Raises:
-            ValueError: shape mismatch or a label outside ``[-1, K)``.
-        """
-        if cos.dim() != 2 or labels.shape != (cos.shape[0],):
-            raise ValueError(
-                f"heads/margin.py: expected cos (N, K) and labels (N,), got {tuple(cos.shape)} "
-                f"and {tuple(labels.shape)}"
-            )
-        if labels.numel() and (int(labels.min()) < -1 or int(labels.max()) >= cos.shape[1]):
-            raise ValueError(
-                f"heads/margin.py: labels must be in [-1, {cos.shape[1]}), got "
-                f"[{int(labels.min())}, {int(labels.max())}]"
-            )
-        rows = torch.nonzero(labels != -1).squeeze(1)
-        cols = labels[rows]
-        mask = self.filter_mask(cos, labels)
-        if mask is not None:
-            cos = cos.masked_fill(mask, 0.0)
-        logits = cos * self.s
-        return logits.index_put((rows, cols), self.target_logit(cos[rows, cols]))
