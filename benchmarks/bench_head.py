@@ -260,6 +260,32 @@ def parse_args(argv=None):
     return args
 
 
+def print_table(rows: list[dict], args, device: torch.device) -> None:
+    """The result table: one line per (classes, head, rate[, loss]) row of ``main``."""
+    header = (
+        f"{'classes':>10} {'head':>10} {'rate':>5} {'ms/step':>9} {'peak MiB':>9} "
+        f"{'time x':>7} {'mem x':>6} {'gemm ms':>8} {'step/gemm':>9}"
+        + (f" {'loss':>20} {'x cosface':>9}" if args.loss else "")
+    )
+    print(
+        f"device={device} batch={args.batch} dim={args.dim} iters={args.iters} world_size=1 "
+        f"logits={args.logits_dtype} fused={args.fused}"
+    )
+    print(header)
+    for r in rows:
+        print(
+            f"{r['C']:>10} {r['impl']:>10} {r['rate']:>5.2f} {r['s'] * 1e3:>9.1f} "
+            f"{r['mem'] / 2**20:>9.1f} {r['t_ratio']:>7.2f} {r['m_ratio']:>6.2f} "
+            f"{r.get('gemm', float('nan')) * 1e3:>8.1f} "
+            f"{r['s'] / r.get('gemm', float('nan')):>9.2f}"
+            + (
+                f" {r.get('loss', ''):>20} {r.get('vs_cosface', float('nan')):>9.2f}"
+                if args.loss
+                else ""
+            )
+        )
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -320,28 +346,7 @@ def main(argv=None) -> list[dict]:
         for r in rows:
             if r["C"] == num_classes or "t_ratio" not in r:  # (C // K with --same-rows)
                 r["t_ratio"], r["m_ratio"] = r["s"] / ref_s, r["mem"] / max(ref_mem, 1)
-    header = (
-        f"{'classes':>10} {'head':>10} {'rate':>5} {'ms/step':>9} {'peak MiB':>9} "
-        f"{'time x':>7} {'mem x':>6} {'gemm ms':>8} {'step/gemm':>9}"
-        + (f" {'loss':>20} {'x cosface':>9}" if args.loss else "")
-    )
-    print(
-        f"device={device} batch={args.batch} dim={args.dim} iters={args.iters} world_size=1 "
-        f"logits={args.logits_dtype} fused={args.fused}"
-    )
-    print(header)
-    for r in rows:
-        print(
-            f"{r['C']:>10} {r['impl']:>10} {r['rate']:>5.2f} {r['s'] * 1e3:>9.1f} "
-            f"{r['mem'] / 2**20:>9.1f} {r['t_ratio']:>7.2f} {r['m_ratio']:>6.2f} "
-            f"{r.get('gemm', float('nan')) * 1e3:>8.1f} "
-            f"{r['s'] / r.get('gemm', float('nan')):>9.2f}"
-            + (
-                f" {r.get('loss', ''):>20} {r.get('vs_cosface', float('nan')):>9.2f}"
-                if args.loss
-                else ""
-            )
-        )
+    print_table(rows, args, device)
     return rows
 
 

@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["atomic_path", "write_text_atomic"]
+__all__ = ["atomic_path", "same_place", "write_text_atomic"]
 
 
 def _fsync(path: str) -> None:
@@ -59,3 +59,16 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, encoding: str = "
     """Write ``text`` to ``path`` atomically (see ``atomic_path``)."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding=encoding) as f:
         f.write(text)
+
+
+def same_place(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether paths ``a`` and ``b`` name one file or folder: the same real path (symlinks and
+    ``..`` resolved) or, when both exist, the same inode (bind mounts, hard links). The check
+    every tool runs before writing where it reads: comparing ``abspath`` let a symlink to the
+    source folder pass, and the source was overwritten."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): not the same place
+        return False

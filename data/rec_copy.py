@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from data.atomic import atomic_path
+from data.atomic import atomic_path, same_place
 from data.face_jpeg import progress_bar
 from data.image_index import ImageIndex, image_index_of
 from data.recordio import IRHeader, RecordIOReader, RecordIOWriter, pack, unpack
@@ -141,8 +141,10 @@ def check_output_folder(rec: str, out_dir: str) -> str:
     """The folder of ``rec``; ValueError when ``out_dir`` is that folder (it would be
     overwritten while read)."""
     src_dir = os.path.dirname(os.path.abspath(rec))
-    if os.path.abspath(out_dir) == src_dir:
-        raise ValueError(f"{out_dir}: the output folder must differ from the source folder")
+    if same_place(out_dir, src_dir):  # a symlink to the source folder included
+        raise ValueError(
+            f"{out_dir}: the output folder must differ from the source folder {src_dir}"
+        )
     return src_dir
 
 

@@ -90,19 +90,24 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _tf32:
-    """Let CUDA fp32 GEMMs use TF32 inside the block (restores the global setting after)."""
+    """Let CUDA fp32 GEMMs use TF32 inside the block, restoring the global setting after.
+
+    Through torch's current switch (``torch.backends.cuda.matmul.fp32_precision``): once a user
+    set TF32 that way (or through ``torch.backends.fp32_precision``), reading the legacy
+    ``allow_tf32`` raises in torch 2.14, so the legacy flag is never touched here.
+    """
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
 
     def __enter__(self) -> None:
         if self.enabled:
-            self.saved = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = True
+            self.saved = torch.backends.cuda.matmul.fp32_precision
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
 
     def __exit__(self, *exc: object) -> None:
         if self.enabled:
-            torch.backends.cuda.matmul.allow_tf32 = self.saved
+            torch.backends.cuda.matmul.fp32_precision = self.saved
 
 
 class CosineWorkspace:

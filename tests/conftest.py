@@ -1,60 +1,21 @@
 """Shared pytest setup: the `gpu` marker skips without CUDA; DeepSpeed runs on CPU here; the
-suite fails if it changed the checkout's tree (tests write under `tmp_path` or the test cache)."""
+suite fails if it changed the checkout's tree (tests write under `tmp_path` or the test cache).
+Session fixtures used across tests/unit and tests/integration live here; helpers that are not
+fixtures live in tests/helpers/ (tests/README.md)."""
 
 import os
 
 import pytest
 import torch
 
-from data.lfw import DEFAULT_LFW
+from tests.helpers.lfw_rec import write_lfw16
+from tests.helpers.paths import LFW_ROOT, REPO, TEST_CACHE, TORCH_EXTENSIONS
+from tests.helpers.tree_guard import tree_changes, tree_snapshot
 
 # DeepSpeed picks its accelerator at import; without CUDA it must be told to use the CPU one.
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault(
-    "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/arcscale/torch_extensions")
-)
-
-LFW_ROOT = DEFAULT_LFW
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Built data that several test runs reuse (the LFW demo split, ~40 s to build): outside the
-# checkout, whose work_dirs/ belong to the user's own runs (README's command 1).
-TEST_CACHE = os.environ.get("ARCSCALE_TEST_CACHE", os.path.expanduser("~/.cache/arcscale/tests"))
-# Caches that tools write into the working directory by design, never a test's output.
-_TREE_IGNORED = {
-    ".git",
-    ".venv",
-    "__pycache__",
-    ".pytest_cache",
-    ".ruff_cache",
-    ".mypy_cache",
-    ".hypothesis",
-}
-
-
-def tree_snapshot(root=REPO):
-    """{relative path: (size, mtime_ns)} of every file under `root` but VCS/tool caches."""
-    files = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [
-            d for d in dirnames if d not in _TREE_IGNORED and not d.endswith(".egg-info")
-        ]
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:  # removed while walking: it will show as a change
-                continue
-            files[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
-    return files
-
-
-def tree_changes(before, after):
-    """Sorted 'added X' / 'removed X' / 'changed X' lines between two `tree_snapshot`s."""
-    lines = [f"added {p}" for p in after.keys() - before.keys()]
-    lines += [f"removed {p}" for p in before.keys() - after.keys()]
-    lines += [f"changed {p}" for p in before.keys() & after.keys() if before[p] != after[p]]
-    return sorted(lines)
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", TORCH_EXTENSIONS)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -105,3 +66,10 @@ def lfw_demo(lfw_root):
     out = os.path.join(TEST_CACHE, "lfw_demo")
     assert prepare_lfw.main(["--lfw", lfw_root, "--out", out, "--no-progress"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def lfw16(lfw_root, tmp_path_factory):
+    """The 16-identity LFW `.rec` (tests/helpers/lfw_rec.py `write_lfw16`: 481 real faces,
+    insightface layout) built once per session; tests read it and copy it before changing it."""
+    return write_lfw16(lfw_root, str(tmp_path_factory.mktemp("lfw16")))

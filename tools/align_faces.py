@@ -35,7 +35,7 @@ import numpy as np
 import simplejpeg
 
 from data.align import align_face
-from data.atomic import atomic_path, write_text_atomic
+from data.atomic import atomic_path, same_place, write_text_atomic
 from data.datasets import IMAGE_EXTENSIONS
 from data.decode import decode_image
 from data.face_jpeg import default_workers, progress_bar
@@ -198,6 +198,8 @@ def align_faces(
 
     Raises:
         FileNotFoundError: ``landmarks`` or ``images_dir`` missing.
+        ValueError: an output file would be a source image (``out_dir`` is, or links to, the
+            image root and the images are JPEGs); nothing is written.
     """
     t0 = time.perf_counter()
     root = root if root is not None else os.path.dirname(os.path.abspath(landmarks))
@@ -208,8 +210,13 @@ def align_faces(
             raise FileNotFoundError(f"{images_dir}: --images folder not found")
         listed = {os.path.abspath(p) for p, _ in faces}
         summary.skipped += [(p, "no landmarks line") for p in unlisted_images(images_dir, listed)]
-    os.makedirs(out_dir, exist_ok=True)
     outputs = _output_paths(faces, root, out_dir)
+    for (image, _), out in zip(faces, outputs):
+        if same_place(image, out):  # e.g. OUT_DIR is the image root (or a link to it), JPEGs
+            raise ValueError(
+                f"{out}: would overwrite the source image {image}; pick another OUT_DIR"
+            )
+    os.makedirs(out_dir, exist_ok=True)
     jobs = [(image, lm, out, quality) for (image, lm), out in zip(faces, outputs)]
     with progress_bar(progress) as bar:
         task = bar.add_task("aligning", total=len(jobs))
@@ -256,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             not args.no_progress,
             args.report,
         )
-    except OSError as e:
+    except (OSError, ValueError) as e:
         print(f"align_faces: error: {e}", file=sys.stderr)
         return 1
     report = args.report or os.path.join(args.out_dir, REPORT)

@@ -159,6 +159,30 @@ def _step_dir(checkpoint: str) -> str:
     return str(weights.parent)
 
 
+def _subcenter_cosines(
+    step: str, data: RecordDataset, centers: SavedCenters, batch_size: int, progress: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The embedding pass: (N, K) float32 cosines of every image to its class's K sub-centers,
+    and the (N,) int64 labels, in dataset order."""
+    from evaluation.embedders import embed_images, load_embedder
+
+    embedder = load_embedder(step, batch_size=batch_size)
+    n = len(data)
+    cosines = np.empty((n, centers.num_subcenters), dtype=np.float32)
+    labels = np.empty(n, dtype=np.int64)
+    with progress_bar(progress) as bar:
+        task = bar.add_task("embedding", total=n)
+        for start in range(0, n, batch_size):
+            items = [data[i] for i in range(start, min(n, start + batch_size))]
+            images = np.stack([img for img, _ in items])
+            y = torch.tensor([label for _, label in items], dtype=torch.int64)
+            emb = torch.from_numpy(embed_images(embedder, images, flip=False))
+            cosines[start : start + len(items)] = nearest_subcenters(emb, y, centers).numpy()
+            labels[start : start + len(items)] = y.numpy()
+            bar.advance(task, len(items))
+    return cosines, labels
+
+
 def clean(
     checkpoint: str,
     src: str,
@@ -185,8 +209,6 @@ def clean(
         ValueError: a bad threshold, data whose classes or labels do not fit the head, the
             output folder is the source folder, a corrupt record (named), unloadable weights.
     """
-    from evaluation.embedders import embed_images, load_embedder
-
     if not 0.0 < threshold_deg <= 180.0:
         raise ValueError(f"--threshold-deg must be in (0, 180], got {threshold_deg}")
     t0 = time.perf_counter()
@@ -201,20 +223,8 @@ def clean(
         raise ValueError(
             f"{rec}: {data.num_classes} classes, but the head of {step} has {centers.num_classes}"
         )
-    embedder = load_embedder(step, batch_size=batch_size)
+    cosines, labels = _subcenter_cosines(step, data, centers, batch_size, progress)
     n, k = len(data), centers.num_subcenters
-    cosines = np.empty((n, k), dtype=np.float32)
-    labels = np.empty(n, dtype=np.int64)
-    with progress_bar(progress) as bar:
-        task = bar.add_task("embedding", total=n)
-        for start in range(0, n, batch_size):
-            items = [data[i] for i in range(start, min(n, start + batch_size))]
-            images = np.stack([img for img, _ in items])
-            y = torch.tensor([label for _, label in items], dtype=torch.int64)
-            emb = torch.from_numpy(embed_images(embedder, images, flip=False))
-            cosines[start : start + len(items)] = nearest_subcenters(emb, y, centers).numpy()
-            labels[start : start + len(items)] = y.numpy()
-            bar.advance(task, len(items))
     keep, angle, dominant = choose_kept(cosines, labels, centers.num_classes, threshold_deg)
     copy_records(rec, reader, index, out_dir, np.nonzero(keep)[0], threads, progress, "writing")
     keys = np.asarray(index.keys)

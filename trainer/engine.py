@@ -105,10 +105,13 @@ def build_ds_config(cfg: Config, settings: EngineSettings) -> dict[str, Any]:
     `zero_optimization.stage`, fp16/bf16 flags. Under bf16 gradients are all-reduced and
     accumulated in fp32 unless the JSON says otherwise (`communication_data_type`,
     `data_types.grad_accum_dtype`): bf16's 8-bit mantissa loses small contributions in a sum
-    over ranks and micro-batches. The JSON's `data_types` is merged, never replaced; BatchNorm
-    running statistics stay fp32 (no `buffer_dtype`; on CPU see `keep_batchnorm_stats_fp32`).
-    With optimizer offload, SGD runs as torch.optim.SGD on the CPU partition
-    (`zero_force_ds_cpu_optimizer: false`, see `build_backbone_optimizer`).
+    over ranks and micro-batches. Under fp16 they are all-reduced in fp32 too (the JSON may say
+    otherwise): the gradients carry the loss scale S (up to 2^16) and the embedding gradient is
+    scaled by W (`heads/comm.py`), so an fp16 sum over ranks overflows (65504) or rounds away
+    small contributions (10-bit mantissa). The JSON's `data_types` is merged, never replaced;
+    BatchNorm running statistics stay fp32 (no `buffer_dtype`; on CPU see
+    `keep_batchnorm_stats_fp32`). With optimizer offload, SGD runs as torch.optim.SGD on the CPU
+    partition (`zero_force_ds_cpu_optimizer: false`, see `build_backbone_optimizer`).
     """
     ds = copy.deepcopy(load_ds_json(settings.ds_config_path))
     ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
@@ -136,8 +139,9 @@ def build_ds_config(cfg: Config, settings: EngineSettings) -> dict[str, Any]:
     ds["fp16"] = fp16
     ds["bf16"] = {"enabled": settings.precision == "bf16"}
     data_types = dict(ds.get("data_types") or {})
-    if settings.precision == "bf16":
+    if settings.precision in ("bf16", "fp16"):
         ds.setdefault("communication_data_type", "fp32")
+    if settings.precision == "bf16":
         data_types.setdefault("grad_accum_dtype", "fp32")
     if data_types:
         ds["data_types"] = data_types

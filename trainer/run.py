@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from trainer.checkpoint.manager import check_output_shared
 from trainer.config import Config, Resolved, build_head_margin, resolve, save_config
 from trainer.engine import EngineSettings
+from trainer.tf32 import enable_backbone_tf32
 
 if TYPE_CHECKING:
     from heads import HeadOptimizer, PartialFC
@@ -83,10 +85,20 @@ class Run:
 
 
 def seed_everything(seed: int) -> None:
-    """Seeds Python, numpy and torch (arcface_torch seeds all three with `seed`)."""
+    """Seeds Python, numpy and torch (arcface_torch seeds all three with `seed`): every rank
+    builds the same initial backbone (ZeRO-3 partitions each rank's copy as it is)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def seed_rank_streams(seed: int, rank: int) -> None:
+    """Re-seeds torch's generators (CPU and every CUDA device) with `seed + rank` once the
+    models are built, so that dropout, drop-path and ViT token masking draw different masks
+    on each rank, as independent samples of one global batch should (with `seed` everywhere all
+    ranks drew the same masks). Sampling, shuffling and augmentation have their own per-rank
+    generators; the RNG state saved in a checkpoint is this stream's, per rank."""
+    torch.manual_seed(seed + rank)
 
 
 def _write_run_files(
@@ -201,6 +213,7 @@ def build_run(cfg: Config, settings: EngineSettings, ds_config: dict[str, Any]) 
     info = dist_info()
     rank, world, device = info.rank, info.world_size, info.device
     log = print if rank == 0 else (lambda *a, **k: None)
+    check_output_shared(cfg.output, rank, world)
 
     dataset = build_dataset(cfg)
     loader = build_loader(cfg, dataset, rank, world, device)
@@ -216,7 +229,10 @@ def build_run(cfg: Config, settings: EngineSettings, ds_config: dict[str, Any]) 
     engine, memory_format = build_engine(cfg, accelerator, ds_config, device, world, log)
     if device.type == "cuda":  # fixed input sizes: let cuDNN pick the fastest kernels once
         torch.backends.cudnn.benchmark = True
+    if enable_backbone_tf32(device, settings.precision):
+        log("[arcscale] fp32 engine on CUDA: matmuls and convolutions use TF32")
     head, head_opt = build_head(cfg, device, settings.precision)
+    seed_rank_streams(cfg.seed, rank)
     dtype = DTYPES[settings.precision]
     logger = TrainLogger(
         cfg.output,

@@ -6,10 +6,10 @@ At the boundary the head unscales its gradients by the loss scale S the engine u
 only if the engine applied its step too, so an fp16 overflow skips both together.
 A non-finite loss is never backpropagated (docs/design.md, docs/reliability.md).
 
-Host syncs (issue 13, tests/test_host_syncs.py): the step reads the device once per micro-batch,
-the replicated finite-loss check; everything else stays on the device (fixed-size head sampling,
-per-rank batch size agreed once at the first step, labels range-checked by the data layer, the
-head's finiteness gating its update on the device). `StepResult.read` fetches the logging values
+Host syncs (issue 13, tests/unit/trainer/test_host_syncs.py): the step reads the device once per
+micro-batch, the replicated finite-loss check; everything else stays on the device (fixed-size head
+sampling, per-rank batch size agreed once at the first step, labels range-checked by the data layer,
+the head's finiteness gating its update on the device). `StepResult.read` fetches the logging values
 in one transfer: call it on logging steps only. DeepSpeed adds its own (see docs/benchmarks.md).
 """
 

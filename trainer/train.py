@@ -111,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        from trainer.checkpoint import prepare_output_folder
+
+        prepare_output_folder(cfg.output, cfg.checkpoint.overwrite)  # run_log writes there
     except ConfigError as e:
         print(f"arcscale: config error: {e}", file=sys.stderr, flush=True)
         return 2

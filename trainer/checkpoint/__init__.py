@@ -22,7 +22,14 @@ from trainer.checkpoint.layout import (
     prepare_fresh_output,
     prune_checkpoints,
 )
-from trainer.checkpoint.manager import Checkpointer, preflight_output, resolve_resume, resume_off
+from trainer.checkpoint.manager import (
+    Checkpointer,
+    check_output_shared,
+    preflight_output,
+    prepare_output_folder,
+    resolve_resume,
+    resume_off,
+)
 from trainer.checkpoint.store import (
     Meta,
     RngState,
@@ -40,6 +47,7 @@ __all__ = [
     "STEP_RE",
     "TMP_RE",
     "Checkpointer",
+    "check_output_shared",
     "Meta",
     "RngState",
     "checkpoint_root",
@@ -52,6 +60,7 @@ __all__ = [
     "load_checkpoint",
     "load_meta",
     "preflight_output",
+    "prepare_output_folder",
     "prepare_fresh_output",
     "prune_checkpoints",
     "resolve_resume",

@@ -8,6 +8,7 @@ import os
 import shutil
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
 
 from data.atomic import atomic_path
@@ -172,23 +173,103 @@ class Checkpointer:
                 shutil.copyfile(final, tmp)
 
 
+# What an arcscale run folder holds (docs/design.md): one of them marks a folder as a run's.
+RUN_MARKERS = (
+    "training.log",
+    "config.yaml",
+    "ds_config.json",
+    "eval.jsonl",
+    "checkpoints",
+    "tensorboard",
+    "backbone.pt",
+)
+
+
+def prepare_output_folder(output: str, overwrite: bool = False) -> None:
+    """Create `output` and check that it is a folder a run may write into (every rank, before
+    the run log is opened in it).
+
+    Refused: an empty name, the filesystem root, a path that is (or lies under) a file, a name
+    the filesystem cannot hold, a folder that cannot be written, and an existing non-empty folder
+    holding none of `RUN_MARKERS` (somebody's data, not a run) unless `overwrite`.
+
+    Raises:
+        ConfigError: one line naming `output` and the reason.
+    """
+    import tempfile
+
+    if not output.strip():
+        raise ConfigError("output: empty; name the run's folder (e.g. work_dirs/<config name>)")
+    real = os.path.realpath(output)
+    if os.path.dirname(real) == real:
+        raise ConfigError(f"output: {output} is the filesystem root; name a folder for the run")
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise ConfigError(f"output: {output} exists and is not a folder")
+    if os.path.isdir(output) and not overwrite:
+        entries = sorted(os.listdir(output))
+        if entries and not any(name in RUN_MARKERS for name in entries):
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise ConfigError(
+                f"output: {output} is not empty ({len(entries)} entries: {shown}) and holds no "
+                "arcscale run; pick a new or empty folder, or set checkpoint.overwrite=true"
+            )
+    try:
+        os.makedirs(output, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output):
+            pass
+    except OSError as e:
+        raise ConfigError(f"output: cannot write to {output} ({e.strerror or e})") from None
+
+
 def preflight_output(cfg: Config) -> None:
     """Start-up checks of the run folder, before any process group (every rank, shared disk).
 
     Raises:
-        ConfigError: `output` cannot be created or written; an explicit `checkpoint.resume`
-            path that is not a complete checkpoint; a fresh run (`checkpoint.resume=false`) in
-            a folder holding another run's checkpoints without `checkpoint.overwrite=true`.
+        ConfigError: `output` refused by `prepare_output_folder`; an explicit
+            `checkpoint.resume` path that is not a complete checkpoint; a fresh run
+            (`checkpoint.resume=false`) in a folder holding another run's checkpoints without
+            `checkpoint.overwrite=true`.
     """
-    import tempfile
-
-    try:
-        os.makedirs(cfg.output, exist_ok=True)
-        with tempfile.TemporaryFile(dir=cfg.output):
-            pass
-    except OSError as e:
-        raise ConfigError(f"output: cannot write to {cfg.output} ({e.strerror or e})") from None
+    prepare_output_folder(cfg.output, cfg.checkpoint.overwrite)
     if resume_off(cfg.checkpoint.resume):
         prepare_fresh_output(cfg.output, cfg.checkpoint.overwrite)
     else:
         resolve_resume(cfg.checkpoint.resume, cfg.output)  # an explicit path must resolve
+
+
+def check_output_shared(output: str, rank: int, world: int, group: Any = None) -> None:
+    """Every rank sees rank 0's output folder (collective; call once the process group exists).
+
+    Checkpoints need one folder that all ranks share: rank 0 creates `step_N.tmp`, every rank
+    writes its shards into it, and rank 0 consolidates the backbone from all ranks' ZeRO shards.
+    On nodes with node-local output disks that fails at the first checkpoint; this check finds
+    it at start-up instead. Rank 0 writes a token file named by a random string it broadcasts;
+    each rank looks for it; the ranks agree on the result (all-reduce), so all raise together.
+
+    Raises:
+        ConfigError: a rank does not see the token (the message names the ranks and folder).
+    """
+    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    box: list[str | None] = [os.urandom(8).hex() if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0, group=group)
+    token = os.path.join(output, f".arcscale_shared_{box[0]}")
+    if rank == 0:
+        with open(token, "w") as f:
+            f.write("written by rank 0 at start-up; every rank must see this file\n")
+    dist.barrier(group=group)
+    seen = torch.zeros(world, dtype=torch.int64)
+    seen[rank] = int(os.path.isfile(token))
+    if dist.get_backend(group) == "nccl":
+        seen = seen.cuda()
+    dist.all_reduce(seen, group=group)
+    dist.barrier(group=group)  # nobody removes the token while another rank still looks
+    if rank == 0:
+        os.remove(token)
+    missing = [r for r, ok in enumerate(seen.tolist()) if not ok]
+    if missing:
+        raise ConfigError(
+            f"output: {output} is not shared between the ranks: rank(s) "
+            f"{', '.join(map(str, missing))} do not see the file rank 0 wrote there; put "
+            "`output` on storage every node mounts at the same path (docs/reliability.md)"
+        )
