@@ -9,14 +9,15 @@
 # Env: ARCSCALE_LFW (default ../shared/data/lfw), DEMO_OUT (default work_dirs/lfw_demo_r18),
 #      DEMO_CONFIG (default configs/lfw_demo_r18.yaml), DEMO_ACCELERATE (accelerate config),
 #      DEMO_SKIP_UNTRAINED=1 skips the random-init baseline (saves about a minute),
-#      DEMO_PORT (rendezvous port of the training launch, default 29500).
+#      DEMO_PORT (rendezvous port of the training launch, default 29500),
+#      DEMO_DATA (the prepared LFW split, default work_dirs/lfw_demo; rebuilt only when stale).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LFW=${ARCSCALE_LFW:-$(cd .. && pwd)/shared/data/lfw}
 OUT=${DEMO_OUT:-work_dirs/lfw_demo_r18}
 CONFIG=${DEMO_CONFIG:-configs/lfw_demo_r18.yaml}
 ACCEL=${DEMO_ACCELERATE:-accelerate_configs/cpu_2proc_zero2.yaml}
-DATA=work_dirs/lfw_demo
+DATA=${DEMO_DATA:-work_dirs/lfw_demo}
 PY=.venv/bin/python
 # DeepSpeed must agree with torch about CUDA (trainer/engine.py resolve_device): CPU only then.
 if ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then

@@ -11,10 +11,11 @@ import re
 from tests.helpers.launch import check, free_port, launch_env, losses, run_cmd
 
 
-def test_short_demo_trains_exports_and_evaluates(lfw_root, tmp_path):
+def test_short_demo_trains_exports_and_evaluates(lfw_root, lfw_demo, tmp_path):
     out = tmp_path / "demo"
     env = launch_env()
     env.update(DEMO_OUT=str(out), ARCSCALE_LFW=lfw_root, DEMO_SKIP_UNTRAINED="1")
+    env["DEMO_DATA"] = lfw_demo  # the shared test copy: the checkout's work_dirs/ stay untouched
     env["DEMO_PORT"] = str(free_port())
     # The CI version recommended in tools/run_demo.sh: 30 steps, no in-training evaluation (the
     # ONNX model is still evaluated on the held-out pairs).

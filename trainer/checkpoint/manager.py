@@ -255,6 +255,7 @@ def check_output_shared(output: str, rank: int, world: int, group: Any = None) -
     dist.broadcast_object_list(box, src=0, group=group)
     token = os.path.join(output, f".arcscale_shared_{box[0]}")
     if rank == 0:
+        os.makedirs(output, exist_ok=True)  # `train()` may be called without `main`'s checks
         with open(token, "w") as f:
             f.write("written by rank 0 at start-up; every rank must see this file\n")
     dist.barrier(group=group)
