@@ -149,20 +149,16 @@ def inspect(rec_path, idx_path=None, num_classes=None, workers=1, image_size=Non
         if image_size is not None and tuple(size) != tuple(image_size):
             h, w = size
             bad.append((key, f"image is {w}x{h}, expected {image_size[1]}x{image_size[0]}"))
+    last_image = max(image_keys, default=0)  # once: millions of identity records follow
     for c, key in enumerate(k for k in identities if k in reader):
         header, _ = unpack(reader.read(key))
         if header.flag < 2:
             bad.append((key, f"identity record has flag {header.flag}, expected a [start, end)"))
             continue
-        bounds = _key_range(header, max(image_keys, default=0) + 1)
+        bounds = _key_range(header, last_image + 1)
         if bounds is None:
-            bad.append(
-                (
-                    key,
-                    f"identity record range {header.label.tolist()} is not within the "
-                    f"image keys 1..{max(image_keys, default=0)}",
-                )
-            )
+            why = f"identity record range {header.label.tolist()} is not within the image keys"
+            bad.append((key, f"{why} 1..{last_image}"))
             continue
         start, end = bounds
         wrong = [k for k in range(start, end) if k in labels and labels[k] != c]

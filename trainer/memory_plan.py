@@ -173,7 +173,7 @@ def measure_activations(
     unit_inputs: dict[int, int] = {}
     unit_peaks: list[tuple[int, int, int]] = []
 
-    def plain_checkpoint(module: nn.Module, x: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
+    def plain_checkpoint(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         inner = _SavedCounter(exclude | {x.untyped_storage().data_ptr()})
         unit_inputs.setdefault(x.untyped_storage().data_ptr(), x.untyped_storage().nbytes())
         with torch.autograd.graph.saved_tensors_hooks(inner.pack, inner.unpack):
