@@ -25,7 +25,9 @@ __all__ = ["run_child", "run_isolated"]
 def _subprocess_env() -> dict:
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu" if not has_cuda() else "cuda")
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/arcscale/torch_extensions"))
+    # Where tools/setup_env.sh builds DeepSpeed's CPU ops: under ARCSCALE_CACHE, as the venv.
+    cache = env.get("ARCSCALE_CACHE", os.path.expanduser("~/.cache/arcscale"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(cache, "torch_extensions"))
     # A fixed mmap threshold makes glibc return large freed blocks to the OS, so RSS follows
     # live tensors instead of keeping every freed buffer in the heap.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")

@@ -93,5 +93,10 @@ def main(argv=None) -> list[str]:
     return plotted
 
 
+def cli() -> int:
+    """Console entry (`arcscale-plot-curves`): 0 when a plot was written, else 1."""
+    return 0 if main() else 1
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(cli())

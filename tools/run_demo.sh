@@ -23,7 +23,7 @@ PY=.venv/bin/python
 if ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
     export DS_ACCELERATOR=cpu
 fi
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/arcscale/torch_extensions}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${ARCSCALE_CACHE:-$HOME/.cache/arcscale}/torch_extensions}
 start=$(date +%s)
 stage_start=$start
 timings=""

@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
-# Sets up ./.venv for arcscale on a fresh machine (CPU or GPU), reusing a cached venv when the
-# requirements have not changed. torch/torchvision go in first from requirements/torch.txt and every
-# later install is constrained by requirements/constraints.txt, so nothing pulls another torch.
+# Sets up ./.venv for arcscale on a fresh machine (CPU or GPU): installs requirements/lock.txt (every
+# package at an exact version, checked against its sha256 hashes; made from pyproject.toml by
+# tools/lock_deps.sh) into a venv cached under the lock's hash, and the project itself, editable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 CACHE=${ARCSCALE_CACHE:-$HOME/.cache/arcscale}
-key=$(cat requirements/*.txt tools/setup_env.sh | sha256sum | cut -c1-16)
+lock=requirements/lock.txt
+key=$(cat "$lock" tools/setup_env.sh | sha256sum | cut -c1-16)
 venv="$CACHE/venvs/$key"
+
+# One lock entry per package: a "name==version \" line and its indented hash lines.
+lock_entries() {  # $1: keep (deepspeed only) or drop (everything but deepspeed)
+    awk -v want="$1" '/^[A-Za-z0-9]/ { ds = ($0 ~ /^deepspeed==/) }
+        /^[A-Za-z0-9]/ || /^ +--hash/ { if ((want == "keep") == ds) print }' "$lock"
+}
 
 if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
     echo "[setup] creating $venv (cold install, a few minutes)"
     rm -rf "$venv"
     mkdir -p "$CACHE/venvs"
     "$PY" -m venv "$venv"
-    "$venv/bin/pip" install -q --upgrade pip wheel setuptools -c requirements/constraints.txt
-    "$venv/bin/pip" install -q -r requirements/torch.txt -c requirements/constraints.txt
+    tmp=$(mktemp -d)
+    lock_entries drop >"$tmp/main.txt"
+    lock_entries keep >"$tmp/deepspeed.txt"
+    # --no-deps: the lock is complete, so nothing outside it (another torch) can be pulled in.
+    "$venv/bin/python" -m pip install -q --require-hashes --no-deps -r "$tmp/main.txt"
     # DeepSpeed builds from its sdist against the torch installed above.
-    "$venv/bin/pip" install -q --no-build-isolation -r requirements/dev.txt \
-        -c requirements/constraints.txt
+    "$venv/bin/python" -m pip install -q --require-hashes --no-deps --no-build-isolation \
+        -r "$tmp/deepspeed.txt"
+    rm -rf "$tmp"
+    "$venv/bin/python" -m pip check  # the lock is consistent: every requirement is met
     touch "$venv/.complete"
 else
     echo "[setup] reusing cached venv $venv"
