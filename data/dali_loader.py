@@ -3,8 +3,13 @@
 The pipeline is ``fn.external_source`` (encoded images and labels of this rank's next batch) ->
 ``fn.decoders.image`` (``mixed`` on a GPU, ``cpu`` otherwise) -> with ``data.augment``: resize,
 Gaussian blur and HSV operators fed the CPU loader's per-sample parameters ->
-``fn.crop_mirror_normalize`` (coin-flip mirror, ``(x - 127.5) / 127.5`` = ``(x/255 - 0.5)/0.5``,
-NCHW float32).
+``fn.crop_mirror_normalize`` as a mirror only (the CPU loader's flips), uint8 NHWC out.
+
+Batches leave DALI as uint8 ``(B, H, W, 3)``, the CPU loader's hand-over: the step normalizes
+them once, on the device, straight into its dtype (bf16/fp16/fp32) and memory format
+(``trainer/device_batch.py``, ``data.decode.normalize``). A float32 NCHW hand-over made 4x the
+bytes in DALI's output buffers and cost the step a second pass (cast + re-layout to
+channels_last) before the backbone.
 
 The sample order is the CPU loader's: ``DistributedShardSampler`` over the image index (a global
 permutation per epoch, rank r takes every W-th position), so DALI and CPU runs see the same
@@ -59,8 +64,9 @@ class DaliLoader(ResumableLoader):
     """Iterable over ``(images, labels)`` batches of one rank, same protocol as ``TrainLoader``.
 
     Yields:
-        images: float32 (B, 3, H, W) in [-1, 1]; labels: int64 (B,). On ``cuda:device_id`` when
-        a device is given, else on the CPU.
+        images: uint8 (B, H, W, 3) RGB, flipped (``trainer.device_batch.to_device`` normalizes
+        them to the step's dtype and layout); labels: int64 (B,). On ``cuda:device_id`` when a
+        device is given, else on the CPU.
 
     ``len()`` is ``(num_images // world_size) // batch_size`` (the sampler's full epoch).
     ``state_dict()`` is the sampler's ``{"epoch", "offset"}`` (offset in global samples handed
@@ -179,13 +185,9 @@ class DaliLoader(ResumableLoader):
             if args:
                 named = dict(zip((name for name, _ in _AUG), args))
                 images = _augment_ops(fn, images, named, self.image_size)
+            # mirror only: normalization runs in the step's dtype on the device
             images = fn.crop_mirror_normalize(
-                images,
-                dtype=types.FLOAT,
-                output_layout="CHW",
-                mean=[127.5] * 3,
-                std=[127.5] * 3,
-                mirror=mirror,
+                images, dtype=types.UINT8, output_layout="HWC", mirror=mirror
             )
             pipe.set_outputs(images, labels.gpu() if gpu else labels)
         pipe.build()
@@ -207,7 +209,7 @@ class DaliLoader(ResumableLoader):
         try:
             for out in it:
                 images, labels = out[0]["images"], out[0]["labels"].reshape(-1)
-                if tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
+                if tuple(images.shape[1:]) != (self.image_size, self.image_size, 3):
                     raise ValueError(
                         f"{self.rec_path}: DALI loader expects {self.image_size}x"
                         f"{self.image_size} images, got shape {tuple(images.shape)}"

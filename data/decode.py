@@ -1,12 +1,19 @@
 """Image decoding and the ArcFace input normalization.
 
-JPEG goes through simplejpeg (libjpeg-turbo, no Python-side copies), everything else through
-OpenCV, and Pillow is the last resort for formats neither handles (e.g. some CMYK JPEGs).
+The one decoder entry point of the project (`decode_image`: the training loaders, `.bin` sets,
+IJB, and every tool that reads images). Before any pixel is decoded the size the header declares
+is read (`declared_size`: JPEG through simplejpeg, PNG from its IHDR, other formats through
+Pillow's lazy open) and checked against a pixel limit, so a few-hundred-byte file declaring
+50000x50000 pixels is one `ValueError`, not an 8 GB allocation. JPEG then goes through simplejpeg
+(libjpeg-turbo, no Python-side copies), everything else through OpenCV, and Pillow is the last
+resort for formats neither handles (e.g. some CMYK JPEGs).
 """
 
 from __future__ import annotations
 
 import io
+import struct
+import warnings
 from typing import overload
 
 import cv2
@@ -16,7 +23,12 @@ import torch
 from numpy.typing import NDArray
 from PIL import Image
 
-__all__ = ["decode_image", "normalize"]
+__all__ = ["MAX_PIXELS", "declared_size", "decode_image", "normalize"]
+
+# Pillow's decompression-bomb threshold (~89.5 M pixels, ~256 MB decoded as RGB): far above any
+# face photo, far below what a hostile header can declare.
+MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+_PNG = b"\x89PNG\r\n\x1a\n"
 
 # OpenCV would otherwise spawn its own thread pool inside every DataLoader worker.
 cv2.setNumThreads(1)
@@ -61,25 +73,85 @@ def _decode_pil(buf: bytes) -> NDArray[np.uint8] | None:
         return None
 
 
-def decode_image(buf: bytes, where: str = "<bytes>") -> NDArray[np.uint8]:
-    """Decode an encoded image (JPEG, PNG, BMP, WebP, ...) to RGB.
+def declared_size(buf: bytes) -> tuple[int, int] | None:
+    """(height, width) an encoded image's header declares, read without decoding a pixel;
+    None when no header can be read (not an image, or a damaged one).
+
+    Raises:
+        PIL.Image.DecompressionBombError: Pillow's own refusal of a header over twice its limit.
+    """
+    if simplejpeg.is_jpeg(buf):
+        try:
+            h, w = simplejpeg.decode_jpeg_header(buf)[:2]
+            return int(h), int(w)
+        except (ValueError, RuntimeError):
+            pass  # damaged or unusual header: Pillow may still read it
+    if buf[:8] == _PNG and len(buf) >= 24:
+        w, h = struct.unpack(">II", buf[16:24])  # IHDR: width, height
+        return int(h), int(w)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(buf)) as im:  # lazy: reads the header only
+                return int(im.height), int(im.width)
+    except Image.DecompressionBombError:
+        raise  # Pillow refused the header's size itself (`check_size` reports it)
+    except Exception:  # Pillow raises many unrelated types for bad data
+        return None
+
+
+def check_size(buf: bytes, where: str, max_pixels: int, max_side: int | None = None) -> None:
+    """Refuses an image whose header declares more than `max_pixels` pixels or a side above
+    `max_side`, before it is decoded.
+
+    Raises:
+        ValueError: one line naming `where`, the declared size and the limit.
+    """
+    try:
+        size = declared_size(buf)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{where}: {e} (refused before decoding)") from None
+    if size is None:
+        return  # not an image at all: the decoders fail on it and say so
+    h, w = size
+    if max_side is not None and max(h, w) > max_side:
+        raise ValueError(f"{where}: declares a {max(h, w)}-pixel side (limit {max_side})")
+    if h * w > max_pixels:
+        raise ValueError(
+            f"{where}: declares {w}x{h} pixels, over the limit of {max_pixels} "
+            "(refused before decoding: a decompression bomb or a wrong file)"
+        )
+
+
+def decode_image(
+    buf: bytes,
+    where: str = "<bytes>",
+    max_pixels: int | None = None,
+    max_side: int | None = None,
+) -> NDArray[np.uint8]:
+    """Decode an encoded image (JPEG, PNG, BMP, WebP, ...) to RGB, after checking the size its
+    header declares (`check_size`): no decoder runs on a file that declares more pixels.
 
     Args:
         buf: encoded image bytes.
         where: names the source in error messages, e.g. ``"train.rec key 17"``.
+        max_pixels: pixel limit (height x width); None: `MAX_PIXELS`.
+        max_side: limit on the longer side, None for none (`.bin` crops: 4096).
 
     Returns:
         ``np.ndarray`` uint8 of shape (H, W, 3), RGB channel order, C-contiguous.
         Gray images are replicated to three channels; alpha is dropped.
 
     Raises:
-        ValueError: if ``buf`` is empty or no decoder can read it; the message contains ``where``.
+        ValueError: if ``buf`` is empty, declares too many pixels, or no decoder can read it;
+            the message contains ``where``.
     """
     if not isinstance(buf, (bytes, bytearray, memoryview)):
         raise ValueError(f"{where}: expected encoded image bytes, got {type(buf).__name__}")
     buf = bytes(buf)
     if len(buf) == 0:
         raise ValueError(f"{where}: empty image payload")
+    check_size(buf, where, MAX_PIXELS if max_pixels is None else max_pixels, max_side)
     img = None
     if simplejpeg.is_jpeg(buf):
         img = _decode_jpeg(buf)

@@ -44,6 +44,7 @@ __all__ = [
     "read_1n_csv",
     "load_meta",
     "load_1n",
+    "check_templates",
 ]
 
 _GALLERIES = {"ijbc": ("G1", "G2"), "ijbb": ("S1", "S2")}
@@ -122,10 +123,24 @@ def _bad(path: str, number: int, expected: str, line: str) -> ValueError:
     return ValueError(f"{path} line {number}: expected '{expected}', got {line[:120]!r}")
 
 
+_MAX_ID = 2**63 - 1  # ids are int64
+
+
+def _id(text: str) -> int:
+    """A template/media/subject id: a decimal integer in [0, 2^63) (ValueError otherwise, never
+    numpy's OverflowError for 10^30)."""
+    value = int(text)
+    if not 0 <= value <= _MAX_ID:
+        raise ValueError(f"id {text[:40]} outside [0, 2^63)")
+    return value
+
+
 def _check_name(path: str, number: int, name: str) -> str:
     # An image name must stay inside loose_crop/ (a crafted meta file cannot read elsewhere).
     if not name or name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/"):
         raise ValueError(f"{path} line {number}: image name {name!r} leaves loose_crop/")
+    if "\0" in name:  # no file system allows it: open() would fail in a DataLoader worker
+        raise ValueError(f"{path} line {number}: image name {name!r} holds a NUL byte")
     return name
 
 
@@ -174,7 +189,7 @@ def read_face_tid_mid(path: str) -> tuple[list[str], NDArray[np.int64], NDArray[
         if len(fields) != 3:
             raise _bad(path, number, expected, line)
         try:
-            ids.append((int(fields[1]), int(fields[2])))
+            ids.append((_id(fields[1]), _id(fields[2])))
         except ValueError:
             raise _bad(path, number, expected, line) from None
         names.append(_check_name(path, number, fields[0]))
@@ -201,7 +216,8 @@ def read_template_pairs(path: str) -> tuple[NDArray[np.int64], NDArray[np.bool_]
             warnings.simplefilter("ignore", UserWarning)  # numpy warns on an empty file
             arr = np.loadtxt(path, dtype=np.int64, ndmin=2, comments=None)
         ok = arr.shape[0] > 0 and arr.shape[1] == 3 and bool(np.isin(arr[:, 2], (0, 1)).all())
-    except ValueError:
+        ok = ok and bool((arr[:, :2] >= 0).all())
+    except (ValueError, OverflowError):  # numpy raises OverflowError for ids past int64
         ok = False
     if not ok:
         _raise_first_bad_pair(path)
@@ -216,7 +232,7 @@ def _raise_first_bad_pair(path: str) -> None:
     for number, line in enumerate(lines, 1):
         fields = line.split()
         try:
-            ints = [int(v) for v in fields]
+            ints = [_id(v) for v in fields]
         except ValueError:
             raise _bad(path, number, expected, line) from None
         if len(ints) != 3 or ints[2] not in (0, 1):
@@ -241,7 +257,7 @@ def read_1n_csv(path: str) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     for number, line in enumerate(lines[1:], 2):
         fields = line.split(",")
         try:
-            template, subject = int(fields[0]), int(fields[1])
+            template, subject = _id(fields[0]), _id(fields[1])
         except (ValueError, IndexError):
             raise _bad(path, number, "TEMPLATE_ID,SUBJECT_ID,...", line) from None
         if subject_of.setdefault(template, subject) != subject:
@@ -297,6 +313,38 @@ def load_1n(root: str, prefix: str) -> IJBProtocol1N:
     return IJBProtocol1N(galleries, read_1n_csv(_meta(root, f"{prefix}_1N_probe_mixed.csv")))
 
 
+def check_templates(meta: IJBMeta, protocol: IJBProtocol1N | None = None) -> None:
+    """Every template the 1:1 pairs and (given) the 1:N galleries and probes name has images in
+    ``face_tid_mid.txt``: checked before the hours of embedding, not after.
+
+    Raises:
+        ValueError: naming the protocol file, the 1-based pair or the template, and the face list.
+    """
+    have = np.unique(meta.templates)
+    tid = _meta(meta.root, f"{meta.prefix}_face_tid_mid.txt")
+    if meta.pairs.size:
+        bad = np.flatnonzero(~np.isin(meta.pairs, have).all(axis=1))
+        if bad.size:
+            i = int(bad[0])
+            absent = [int(t) for t in meta.pairs[i] if t not in set(have.tolist())]
+            pairs = _meta(meta.root, f"{meta.prefix}_template_pair_label.txt")
+            raise ValueError(
+                f"{pairs} pair {i + 1}: template {absent[0]} has no images in {tid} "
+                f"({bad.size} pairs name such templates)"
+            )
+    if protocol is None:
+        return
+    files = {name: f"{meta.prefix}_1N_gallery_{name}.csv" for name in protocol.galleries}
+    lists = [(files[n], ids) for n, (ids, _) in protocol.galleries.items()]
+    for name, ids in [*lists, (f"{meta.prefix}_1N_probe_mixed.csv", protocol.probes[0])]:
+        missing = ids[~np.isin(ids, have)]
+        if missing.size:
+            raise ValueError(
+                f"{_meta(meta.root, name)}: template {int(missing[0])} has no images in {tid} "
+                f"({missing.size} templates without images)"
+            )
+
+
 class AlignedFaces(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
     """Faces of a release, decoded and aligned to 112x112 (``data.align``), for a DataLoader.
 
@@ -334,6 +382,7 @@ class AlignedFaces(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
             face = align_face(image, self.landmarks[row])
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no such image") from None
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        except ValueError as e:  # decode errors name the file already, align errors do not
+            text = str(e)
+            raise ValueError(text if text.startswith(path) else f"{path}: {text}") from None
         return torch.from_numpy(face), row

@@ -17,12 +17,10 @@ import math
 import os
 import pickle
 import pickletools
-import struct
 from collections.abc import Callable, Sequence
 from typing import IO, Any, NoReturn
 
 import numpy as np
-import simplejpeg
 from numpy.typing import NDArray
 
 from data.atomic import atomic_path
@@ -209,24 +207,14 @@ def read_bin_raw(path: str | os.PathLike[str]) -> tuple[list[bytes], NDArray[np.
 MAX_SIDE = 4096  # verification crops are ~112 px; a larger declared size is a decode bomb
 
 
-def _declared_side(buf: bytes) -> int | None:
-    """Largest side a JPEG or PNG header declares (None for other formats), read before any
-    pixel is decoded: a few KB of uniform JPEG can declare 60000x60000 (10 GiB decoded)."""
-    if simplejpeg.is_jpeg(buf):
-        try:
-            return int(max(simplejpeg.decode_jpeg_header(buf)[:2]))
-        except ValueError:
-            return None  # damaged header: decode_image reports it
-    if buf[:8] == b"\x89PNG\r\n\x1a\n" and len(buf) >= 24:
-        return int(max(struct.unpack(">II", buf[16:24])))  # IHDR width, height
-    return None
+def decode_bin_image(buf: bytes, path: str | os.PathLike[str], i: int) -> NDArray[np.uint8]:
+    """Image ``i`` of the ``.bin`` at ``path`` decoded to (H, W, 3) uint8 RGB by
+    ``data.decode.decode_image``, a declared side above ``MAX_SIDE`` refused before decoding.
 
-
-def _decode(buf: bytes, path: str | os.PathLike[str], i: int) -> NDArray[np.uint8]:
-    side = _declared_side(buf)
-    if side is not None and side > MAX_SIDE:
-        raise ValueError(f"{path}: image {i} declares a {side}-pixel side (limit {MAX_SIDE})")
-    return decode_image(buf, where=f"{path} image {i}")
+    Raises:
+        ValueError: undecodable, or too large a declared size (names the file and index).
+    """
+    return decode_image(buf, where=f"{path} image {i}", max_side=MAX_SIDE)
 
 
 def load_bin(path: str | os.PathLike[str]) -> tuple[NDArray[np.uint8], NDArray[np.bool_]]:
@@ -246,7 +234,7 @@ def load_bin(path: str | os.PathLike[str]) -> tuple[NDArray[np.uint8], NDArray[n
     encoded, issame = read_bin_raw(path)
     if not encoded:
         raise ValueError(f"{path}: contains no pairs")
-    first = _decode(encoded[0], path, 0)
+    first = decode_bin_image(encoded[0], path, 0)
     try:  # 2P references to one image in the pickle cost 2P decoded copies here
         images = np.empty((len(encoded), *first.shape), dtype=np.uint8)
     except MemoryError:
@@ -254,7 +242,7 @@ def load_bin(path: str | os.PathLike[str]) -> tuple[NDArray[np.uint8], NDArray[n
         raise ValueError(f"{path}: {len(encoded)} images need {need:.1f} GiB decoded") from None
     images[0] = first
     for i in range(1, len(encoded)):
-        img = _decode(encoded[i], path, i)
+        img = decode_bin_image(encoded[i], path, i)
         if img.shape != first.shape:
             raise ValueError(
                 f"{path}: image {i} is {img.shape[1]}x{img.shape[0]}, image 0 is "

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from data.atomic import atomic_path
 from heads.optim import HeadOptimizer
 from heads.partial_fc import PartialFC
+from models.weights import load_error
 
 __all__ = ["save_head", "load_head", "head_dir", "open_centers", "centers_of", "SavedCenters",
            "FORMAT"]  # fmt: skip
@@ -118,6 +119,22 @@ def _gaps(shards: list[tuple[int, int, str]], start: int, end: int) -> list[tupl
 _SIZE_KEYS = ("num_classes", "embedding_size", "num_subcenters")
 
 
+def _read_shard(path: str) -> dict[str, Any]:
+    """A shard file's payload, memory-mapped, ``weights_only`` (no code runs).
+
+    Raises:
+        ValueError: unreadable or refused file (one line, `models.weights.load_error`), or not
+            a dict.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises several types for unreadable or hostile files
+        raise ValueError(f"head shard: {load_error(path, e)}") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: not a head shard (a dict expected)")
+    return payload
+
+
 def _saved_sizes(payload: dict[str, Any], path: str) -> dict[str, int]:
     """``_SIZE_KEYS`` -> value of a shard file; ValueError for a format other than ours."""
     if payload.get("format") != FORMAT:
@@ -126,34 +143,69 @@ def _saved_sizes(payload: dict[str, Any], path: str) -> dict[str, int]:
     return {key: int(payload.get(key, 1)) for key in _SIZE_KEYS}
 
 
+def check_tensor(
+    path: str, name: str, saved: object, shape: Any, dtype: torch.dtype, owner: str = "the head's"
+) -> None:
+    """A loaded `saved` is a tensor of `shape` and `dtype` (the live one's) before it is copied.
+
+    Raises:
+        ValueError: one line naming `path` and `name`, the saved and the live shape and dtype.
+    """
+    if not isinstance(saved, torch.Tensor):
+        raise ValueError(f"{path}: '{name}' is a {type(saved).__name__}, not a tensor")
+    if tuple(saved.shape) != tuple(shape) or saved.dtype != dtype:
+        raise ValueError(
+            f"{path}: '{name}' is {tuple(saved.shape)} {saved.dtype} but {owner} is "
+            f"{tuple(shape)} {dtype}"
+        )
+
+
 def _check_meta(
     payload: dict[str, Any], path: str, head: PartialFC, head_opt: HeadOptimizer | None
 ) -> None:
+    """Sizes, margin and optimizer of a shard file against ``head``; then every tensor the load
+    copies: ``weight`` and each optimizer state are ``((end - start) S, D)`` fp32 for the file's
+    class range (the name's), margin state tensors have the live ones' shapes and dtypes."""
     saved_sizes = _saved_sizes(payload, path)
     for key in _SIZE_KEYS:
         saved, want = saved_sizes[key], getattr(head, key)
         if saved != want:
             raise ValueError(f"{path}: {key}={saved} but the head has {want}")
+    m = _SHARD_RE.match(os.path.basename(path))
+    rows = 0 if m is None else (int(m.group(2)) - int(m.group(1))) * head.num_subcenters
+    shape = (rows, head.embedding_size)
+    check_tensor(path, "weight", payload.get("weight"), shape, torch.float32)
     want_margin = head.margin_loss.state_dict()
     if want_margin:
         saved_margin = payload.get("margin") or {}
         name = type(head.margin_loss).__name__
-        if saved_margin.get("class") != name or set(saved_margin["state"]) != set(want_margin):
+        state = saved_margin.get("state")
+        if (
+            saved_margin.get("class") != name
+            or not isinstance(state, dict)
+            or (set(state) != set(want_margin))
+        ):
             raise ValueError(
                 f"{path}: saved margin {saved_margin.get('class')!r} has "
                 f"no state for the head's {name} (keys {sorted(want_margin)})"
             )
+        for key, live in want_margin.items():
+            check_tensor(path, f"margin.{key}", state[key], live.shape, live.dtype)
     if head_opt is None:
         return
-    saved = payload["optimizer"]
-    if saved is None or saved["name"] != head_opt.name:
+    saved_opt = payload.get("optimizer")
+    if not isinstance(saved_opt, dict) or saved_opt.get("name") != head_opt.name:
         raise ValueError(
             f"{path}: saved optimizer "
-            f"{None if saved is None else saved['name']!r} but loading into {head_opt.name!r}"
+            f"{saved_opt.get('name') if isinstance(saved_opt, dict) else None!r} but loading into "
+            f"{head_opt.name!r}"
         )
-    missing = set(head_opt.state_keys()) - set(saved["state"])
+    missing = set(head_opt.state_keys()) - set(saved_opt.get("state") or {})
     if missing:
         raise ValueError(f"{path}: optimizer state lacks {sorted(missing)}")
+    for key in head_opt.state_keys():  # per-row Adam step counts are (rows,) int64
+        want, dtype = ((rows,), torch.int64) if key == "step" else (shape, torch.float32)
+        check_tensor(path, f"optimizer.{key}", saved_opt["state"][key], want, dtype)
 
 
 @torch.no_grad()
@@ -168,10 +220,11 @@ def load_head(directory: str, head: PartialFC, head_opt: HeadOptimizer | None = 
 
     Raises:
         FileNotFoundError: ``directory/head`` is missing.
-        ValueError: shard files overlap, num_classes/embedding_size/num_subcenters/optimizer
-            mismatch, a stateful margin loss without its saved state, or the saved shards do not
-            cover this rank's range (the message names the directory and the missing class
-            ranges).
+        ValueError: an unreadable shard file, shard files overlap,
+            num_classes/embedding_size/num_subcenters/optimizer mismatch, a tensor of another
+            shape or dtype than the one it is copied into (the file and tensor named), a stateful
+            margin loss without its saved state, or the saved shards do not cover this rank's
+            range (the message names the directory and the missing class ranges).
     """
     folder = head_dir(directory)
     start, end = head.class_start, head.class_start + head.num_local
@@ -179,7 +232,7 @@ def load_head(directory: str, head: PartialFC, head_opt: HeadOptimizer | None = 
     # Check every file before touching the head, so a failed load leaves it unchanged.
     payloads = []
     for s, e, path in shards:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        payload = _read_shard(path)
         _check_meta(payload, path, head, head_opt)
         payloads.append((s, e, payload))
     gaps = _gaps(shards, start, end)
@@ -245,7 +298,7 @@ def open_centers(directory: str) -> SavedCenters:
         raise FileNotFoundError(f"no shard_<start>_<end>.pt in {folder}")
     starts, weights, meta = [], [], None
     for s, e, path in shards:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        payload = _read_shard(path)
         sizes = _saved_sizes(payload, path)
         if meta not in (None, sizes):
             raise ValueError(f"{path}: {sizes} but other shards of {folder} have {meta}")

@@ -7,7 +7,7 @@ Gradient convention (docs/design.md, "Gradient and loss-scale conventions"): the
 ``heads/dist_softmax.py`` has a *local* backward, so each head shard receives exactly its rows of
 the single-process gradient. The embedding gradient then has to be summed over ranks (every rank
 holds a partial sum over its classes) and multiplied by the world size W, because DeepSpeed/DDP
-average backbone gradients over W ranks. ``gather_embeddings`` implements exactly that backward.
+average backbone gradients over W ranks. ``gather_batch`` implements exactly that backward.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ __all__ = [
     "shard_range",
     "all_gather_sizes",
     "all_gather_rows",
-    "gather_embeddings",
+    "gather_batch",
     "all_true",
     "all_true_tensor",
 ]
@@ -101,8 +101,9 @@ def all_gather_sizes(n: int, topo: Topology, device: torch.device) -> list[int]:
 def all_gather_rows(x: torch.Tensor, sizes: list[int], topo: Topology) -> torch.Tensor:
     """Concatenate every rank's ``x`` along dim 0 in rank order; rank r contributes ``sizes[r]``.
 
-    Sizes may differ (the last batch of an epoch): each rank pads to ``max(sizes)`` so a plain
-    ``all_gather`` works on any backend, then the padding is dropped. No autograd.
+    Sizes may differ (the last batch of an epoch): each rank pads to ``max(sizes)`` so one
+    ``all_gather_single`` works on any backend, then the padding is dropped (no copy when the
+    sizes are equal, the training case). No autograd.
 
     Args:
         x: ``(sizes[rank], ...)`` tensor, any dtype, on the group's device.
@@ -114,56 +115,106 @@ def all_gather_rows(x: torch.Tensor, sizes: list[int], topo: Topology) -> torch.
     if topo.world_size == 1:
         return x
     width = max(sizes)
-    padded = x.new_zeros((width,) + tuple(x.shape[1:]))
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(topo.world_size)]
-    dist.all_gather(parts, padded.contiguous(), group=topo.group)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+    if x.shape[0] == width:
+        padded = x.contiguous()
+    else:
+        padded = x.new_zeros((width,) + tuple(x.shape[1:]))
+        padded[: x.shape[0]] = x
+    out = x.new_empty((topo.world_size * width,) + tuple(x.shape[1:]))
+    dist.all_gather_single(out, padded, group=topo.group)
+    if all(n == width for n in sizes):
+        return out
+    return torch.cat([out[r * width : r * width + n] for r, n in enumerate(sizes)], dim=0)
 
 
-class _GatherEmbeddings(torch.autograd.Function):
-    """All-gather; backward sums the gradient over ranks and scales it by W (module doc)."""
+def _reduce_scatter_rows(grad: torch.Tensor, sizes: list[int], topo: Topology) -> torch.Tensor:
+    """Rank r's rows ``[sum(sizes[:r]), + sizes[r])`` of ``grad`` summed over all ranks: one
+    ``reduce_scatter_single`` over blocks padded to ``max(sizes)`` (no copy when equal)."""
+    width = max(sizes)
+    if all(n == width for n in sizes):
+        blocks = grad.contiguous()
+    else:
+        blocks = grad.new_zeros((topo.world_size * width,) + tuple(grad.shape[1:]))
+        start = 0
+        for r, n in enumerate(sizes):
+            blocks[r * width : r * width + n] = grad[start : start + n]
+            start += n
+    out = grad.new_empty((width,) + tuple(grad.shape[1:]))
+    dist.reduce_scatter_single(out, blocks, op=dist.ReduceOp.SUM, group=topo.group)
+    return out[: sizes[topo.rank]]
+
+
+def _pack(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(B, D + 8 / itemsize)`` rows of ``x``'s dtype: the embedding, then the int64 label's
+    bytes reinterpreted (a collective copies bytes, so they come back unchanged)."""
+    return torch.cat([x, labels.contiguous().reshape(-1, 1).view(x.dtype)], dim=1)
+
+
+class _GatherBatch(torch.autograd.Function):
+    """One all-gather of embeddings + labels; backward: reduce-scatter in fp32, times W."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, sizes: list[int], topo: Topology) -> torch.Tensor:
-        ctx.sizes = sizes
-        ctx.topo = topo
-        return all_gather_rows(x, sizes, topo)
+    def forward(
+        ctx: Any, x: torch.Tensor, labels: torch.Tensor, sizes: list[int], topo: Topology
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.sizes, ctx.topo, ctx.in_dtype = sizes, topo, x.dtype
+        rows = all_gather_rows(_pack(x, labels), sizes, topo)
+        d = x.shape[1]
+        gathered_labels = rows[:, d:].contiguous().view(torch.int64).reshape(-1)
+        ctx.mark_non_differentiable(gathered_labels)
+        return rows[:, :d].float().contiguous(), gathered_labels
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(
+        ctx: Any, grad: torch.Tensor, _: torch.Tensor | None
+    ) -> tuple[torch.Tensor, None, None, None]:
         topo, sizes = ctx.topo, ctx.sizes
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=topo.group)
-        offset = sum(sizes[: topo.rank])
-        local = grad[offset : offset + sizes[topo.rank]]
+        local = _reduce_scatter_rows(grad.float(), sizes, topo)
         # Undo the 1/W that DeepSpeed/DDP apply when averaging backbone gradients over ranks.
-        return local * topo.world_size, None, None
+        return (local * topo.world_size).to(ctx.in_dtype), None, None, None
 
 
-def gather_embeddings(
-    x: torch.Tensor, topo: Topology, sizes: list[int] | None = None
-) -> tuple[torch.Tensor, list[int]]:
-    """Autograd-aware all-gather of local embeddings.
+def gather_batch(
+    x: torch.Tensor, labels: torch.Tensor, topo: Topology, sizes: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Autograd-aware all-gather of local embeddings and their labels, in one collective.
+
+    Wire formats (``benchmarks/bench_comm.py`` counts and times them):
+
+    - forward: the embeddings travel in their own dtype (bf16/fp16 under those engines: half
+      of fp32's bytes) and the cast to fp32 happens after the gather. That is lossless: every
+      bf16/fp16 value is exact in fp32, so the head sees bit-for-bit the embeddings that a
+      gather of ``x.float()`` gives. The int64 labels ride in the same buffer (8 bytes per row
+      appended to each row), which saves a second collective's latency per step.
+    - backward: a reduce-scatter of the ``(N, D)`` embedding gradient, in fp32 whatever ``x``'s
+      dtype. Each rank's contribution is a partial sum over its class shard; the positive
+      class's term on one rank largely cancels the negatives' on the others, so a sum in bf16
+      (8-bit mantissa) loses the difference, and under fp16 the partials carry the loss scale
+      (up to 2^16) and overflow 65504. The engines reduce backbone gradients in fp32 for the
+      same reasons (``trainer/engine.py``). Only the local rows are reduced onto each rank:
+      ``(W-1)/W * N * D * 4`` bytes per rank on a ring, half of an all-reduce's.
 
     Args:
-        x: ``(B_local, D)`` float tensor; ``B_local`` may differ between ranks.
+        x: ``(B_local, D)`` float tensor (fp32/fp16/bf16); ``B_local`` may differ between ranks.
+        labels: ``(B_local,)`` int64.
         topo: from ``resolve_group``.
         sizes: the per-rank row counts when the caller knows them (e.g. equal batches agreed
             once at start-up); ``None`` exchanges them, which reads W values back from the
             device (a host sync on CUDA).
 
     Returns:
-        ``(gathered, sizes)``: ``gathered`` is ``(sum(sizes), D)`` in rank order; ``sizes`` the
-        per-rank row counts. The backward returns ``W * sum_over_ranks(grad)[local rows]``, i.e.
-        the exact single-process gradient times W, which the backbone's gradient averaging over
-        W ranks brings back to the exact value.
+        ``(embeddings, labels, sizes)``: ``embeddings`` ``(N, D)`` fp32 and ``labels`` ``(N,)``
+        int64 in rank order, ``N = sum(sizes)``; ``sizes`` the per-rank row counts. The
+        backward gives ``x`` (in ``x``'s dtype) ``W * sum_over_ranks(grad)[local rows]``, i.e.
+        the exact single-process gradient times W, which the backbone's gradient averaging
+        over W ranks brings back to the exact value.
     """
     if sizes is None:
         sizes = all_gather_sizes(x.shape[0], topo, x.device)
     if topo.world_size == 1:
-        return x, sizes
-    return _GatherEmbeddings.apply(x, sizes, topo), sizes
+        return x.float(), labels, sizes
+    emb, gathered = _GatherBatch.apply(x, labels, sizes, topo)
+    return emb, gathered, sizes
 
 
 def all_true(flag: bool, topo: Topology, device: torch.device) -> bool:

@@ -46,13 +46,15 @@ def sgd_transition(
         device: where to build it.
 
     Returns:
-        ``A`` with ``(w', b') = A @ (w, b)`` (see the module docstring).
+        ``A`` with ``(w', b') = A @ (w, b)`` (see the module docstring). Built by filling a
+        device tensor entry by entry: a fill takes its Python number as a kernel argument, where
+        ``torch.tensor(data, device=cuda)`` would be a blocking copy from pageable memory every
+        step.
     """
-    a = torch.tensor(
-        [[1.0 - lr * weight_decay, -lr * momentum], [weight_decay, momentum]],
-        dtype=torch.float64,
-        device=device,
-    )
+    a = torch.empty((2, 2), dtype=torch.float64, device=device)
+    entries = (1.0 - lr * weight_decay, -lr * momentum, weight_decay, momentum)
+    for k, value in enumerate(entries):
+        a[k // 2, k % 2].fill_(value)
     if ok is None:
         return a
     return torch.where(ok, a, torch.eye(2, dtype=torch.float64, device=device))

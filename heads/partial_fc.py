@@ -30,9 +30,8 @@ from torch import nn
 from heads.centers import init_centers
 from heads.comm import (
     Topology,
-    all_gather_rows,
     all_gather_sizes,
-    gather_embeddings,
+    gather_batch,
     resolve_group,
     shard_range,
 )
@@ -43,6 +42,10 @@ from heads.sampling import sample_classes
 from heads.subcenter import check_num_subcenters, expand_classes, subcenter_max
 
 __all__ = ["PartialFC"]
+
+
+def _device_generator(device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device)
 
 
 class PartialFC(nn.Module):
@@ -82,6 +85,9 @@ class PartialFC(nn.Module):
             least N, so every positive fits: a fixed size, known without reading the labels).
         fixed_batch: per-rank batch size agreed by ``fix_batch_size`` (``None``: sizes are
             exchanged at every forward).
+        generator_factory: ``device -> torch.Generator`` building the sampling generator
+            (``torch.Generator(device=device)``); replace it where no driver is present (the
+            fake-CUDA dry run gives a CPU generator).
 
     Raises:
         ValueError: bad sizes, sample_rate, margin type or num_subcenters (not an int >= 1).
@@ -140,6 +146,10 @@ class PartialFC(nn.Module):
             requires_grad=False,
         )
         self._generator: torch.Generator | None = None
+        self._generator_device: torch.device | None = None
+        # Builds the sampling generator for a device; replaceable where no driver is present
+        # (a fake-CUDA dry run hands out a CPU generator: tests/unit/trainer/test_fake_cuda.py).
+        self.generator_factory: Callable[[torch.device], torch.Generator] = _device_generator
         self.sampled_index: torch.Tensor | None = None
         # Called with the sampled rows before they are read (HeadOptimizer's dense decay).
         self.before_gather: Callable[[torch.Tensor], None] | None = None
@@ -158,9 +168,10 @@ class PartialFC(nn.Module):
     def generator(self) -> torch.Generator:
         """The sampling generator on the centers' device (created and seeded on first use)."""
         device = self.weight.device
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
+        if self._generator is None or self._generator_device != device:
+            self._generator = self.generator_factory(device)
             self._generator.manual_seed(self.seed * 1_000_003 + self.topo.rank)
+            self._generator_device = device
         return self._generator
 
     def get_rng_state(self) -> torch.Tensor:
@@ -218,8 +229,8 @@ class PartialFC(nn.Module):
         """
         emb, labels = self._check_inputs(local_embeddings, local_labels, validate)
         sizes = None if self.fixed_batch is None else [self.fixed_batch] * self.topo.world_size
-        emb, sizes = gather_embeddings(emb.float(), self.topo, sizes)
-        labels = all_gather_rows(labels, sizes, self.topo)
+        # One collective; emb travels in its own dtype and comes back fp32 (heads/comm.py).
+        emb, labels, sizes = gather_batch(emb, labels, self.topo, sizes)
         n = labels.shape[0]
         k = min(self.num_local, max(self.num_sample, n))
         index, local_labels_k = sample_classes(
@@ -318,10 +329,19 @@ class PartialFC(nn.Module):
     def sparse_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient of the recorded forwards, summed per row.
 
+        With one forward (or every forward keeping the whole shard) ``rows`` are unique. With
+        several (gradient accumulation) the union of their rows has a data-dependent size, and
+        compacting it (``torch.unique``) would wait for the device; instead every forward's row
+        keeps its slot, sorted, and each slot of a row carries that row's total gradient, so an
+        update computed per slot writes the same value to every copy of a row (``index_copy_``
+        with repeated, identical entries is deterministic). Nothing here reads the device.
+
         Returns:
             ``(rows, grad)``: ``rows`` ``(U,)`` int64 sorted shard-local rows sampled by any
-            forward since ``zero_grad``; ``grad`` ``(U, D)`` fp32, rows never reached by a
-            backward of a given forward contribute 0 from it.
+            forward since ``zero_grad`` (``U`` = the summed sample sizes with several forwards:
+            rows may repeat, never ``U == n_r`` unless they are the whole shard, each once);
+            ``grad`` ``(U, D)`` fp32, rows never reached by a backward of a given forward
+            contribute 0 from it.
 
         Raises:
             RuntimeError: a recorded forward was never backpropagated (its grad is None).
@@ -342,11 +362,23 @@ class PartialFC(nn.Module):
         assert all(g is not None for g in grads)  # checked above
         if len(self._pending) == 1:
             return self._pending[0][0], self._pending[0][1].grad  # type: ignore[return-value]
-        rows = torch.unique(torch.cat([index for index, _ in self._pending]))
-        grad = torch.zeros(rows.numel(), self.embedding_size, device=device)
-        for (index, _), g in zip(self._pending, grads):
-            grad.index_add_(0, torch.searchsorted(rows, index), g)  # type: ignore[arg-type]
-        return rows, grad
+        n = self.weight.shape[0]
+        if all(index.numel() == n for index, _ in self._pending):  # the whole shard each time
+            whole = grads[0].clone()  # type: ignore[union-attr]
+            for g in grads[1:]:
+                whole.add_(g)  # type: ignore[arg-type]
+            return self._pending[0][0], whole
+        slots = [index for index, _ in self._pending]
+        if sum(s.numel() for s in slots) == n:  # one more slot: U == n_r means "whole shard"
+            slots.append(slots[0][:1])
+            grads.append(torch.zeros_like(grads[0][:1]))  # type: ignore[index]
+        rows, order = torch.sort(torch.cat(slots))
+        first = torch.ones_like(rows, dtype=torch.bool)
+        torch.ne(rows[1:], rows[:-1], out=first[1:])
+        segment = torch.cumsum(first, 0) - 1  # (U,) which distinct row each slot holds
+        flat = torch.cat(grads).index_select(0, order)  # type: ignore[arg-type]
+        total = torch.zeros_like(flat).index_add_(0, segment, flat)
+        return rows, total.index_select(0, segment)
 
     def sparse_grad_parts(
         self,
@@ -374,10 +406,9 @@ class PartialFC(nn.Module):
         """
         if len(self._pending) != 1 or self._pending[0][0] is not rows:
             return None
-        leaf = self._pending[0][1]
-        if leaf.data_ptr() == self.weight.data_ptr():
+        if rows.numel() == self.weight.shape[0]:  # the full shard: the leaf is the weight itself
             return None
-        return leaf.detach()
+        return self._pending[0][1].detach()
 
     def grad_probe(self) -> torch.Tensor | None:
         """0-dim fp32 tensor that is finite iff the recorded gradient is (up to overflow of

@@ -78,6 +78,13 @@ def checkpoint_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     if _unit_runner is not None:
         return _unit_runner(module, x)
+    if torch.compiler.is_compiling():
+        # Traced as one graph (torch.compile): the recompute happens inside the compiled
+        # backward, where BatchNorm's buffer updates are not replayed (they are applied once,
+        # at the end of the forward graph), so no freezing context is needed; dynamo accepts
+        # no custom `context_fn` here.
+        traced: torch.Tensor = checkpoint(module, x, use_reentrant=False, preserve_rng_state=True)
+        return traced
 
     def contexts() -> tuple[
         contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]

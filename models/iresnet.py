@@ -81,6 +81,8 @@ class IResNet(Backbone):
     insightface, so it has `requires_grad=False`.
     """
 
+    # arcface_torch: `self.fc(x.float() if self.fp16 else x)`, then `features`, outside autocast
+    fp32_tail = ("fc", "features")
     # the four stages, set by name in __init__
     layer1: nn.Sequential
     layer2: nn.Sequential

@@ -112,6 +112,9 @@ class MobileFaceNet(Backbone):
         ValueError: `blocks` not four positive ints, or non-positive `scale`/`embedding_size`.
     """
 
+    # arcface_torch: `self.conv_sep(x.float() if self.fp16 else x)`, then `features`
+    fp32_tail = ("conv_sep", "features")
+
     def __init__(
         self, embedding_size: int = 512, blocks: Sequence[int] = (1, 4, 6, 2), scale: int = 2
     ) -> None:

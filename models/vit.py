@@ -49,6 +49,9 @@ class FaceViT(Backbone):
             [0, 1).
     """
 
+    # arcface_torch: `self.norm(x.float())` and `feature` outside the blocks' autocast
+    fp32_tail = ("norm", "feature")
+
     def __init__(
         self,
         embedding_size: int = 512,

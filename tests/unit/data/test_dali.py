@@ -32,8 +32,9 @@ def lfw_rec(lfw_root, tmp_path_factory):
 
 
 def _epoch(loader):
+    """One epoch, images normalized as the step does (the loader hands over uint8 NHWC)."""
     images, labels = zip(*list(loader))
-    return torch.cat(images), torch.cat(labels)
+    return normalize(torch.cat(images)), torch.cat(labels)
 
 
 def _match(images, ref):
@@ -67,8 +68,10 @@ def test_dali_cpu_matches_cpu_loader(lfw_rec):
         lfw_rec["rec"], lfw_rec["idx"], B, 0, 1, seed=3, flip=False, cache_dir=lfw_rec["cache"]
     )
     assert len(loader) == 24 // B
+    raw = next(iter(loader))[0]  # the CPU loader's hand-over: uint8 NHWC, no float copy
+    assert raw.dtype == torch.uint8 and raw.shape == (B, 112, 112, 3) and raw.is_contiguous()
     images, labels = _epoch(loader)
-    assert images.dtype == torch.float32 and images.shape == (24, 3, 112, 112)
+    assert images.shape == (24, 3, 112, 112)
     assert labels.dtype == torch.int64 and images.device.type == "cpu"
     idx, diff = _match(images, lfw_rec["ref"])
     assert diff.max() < 2.0  # JPEG decoder tolerance, in 0..255 units
@@ -115,8 +118,8 @@ def test_dali_order_is_the_cpu_loaders_global_permutation(lfw_rec):
             pairs = list(zip(cpu, dali))
             assert len(pairs) == len(dali) == len(cpu) == 3
             for (x, y), (xd, yd) in pairs:
-                assert torch.equal(y, yd)
-                assert (normalize(x) - xd).abs().mean() * 127.5 < 2.0
+                assert torch.equal(y, yd) and xd.dtype == torch.uint8
+                assert (normalize(x) - normalize(xd)).abs().mean() * 127.5 < 2.0
             distinct = [len(set(yd.tolist())) for _, (_, yd) in pairs]
             assert distinct == [len(set(y.tolist())) for (_, y), _ in pairs]
 
@@ -171,7 +174,7 @@ def test_dali_cpu_matches_cpu_loader_on_lfw_demo(lfw_demo):
     assert len(dali) == len(cpu) == len(ds) // 32
     for i, ((x, y), (xd, yd)) in enumerate(zip(cpu, dali)):
         assert torch.equal(y, yd)
-        assert (normalize(x) - xd).abs().mean() * 127.5 < 2.0
+        assert (normalize(x) - normalize(xd)).abs().mean() * 127.5 < 2.0
         if i + 1 == batches:
             break
     else:
@@ -221,3 +224,21 @@ def test_trainer_builds_dali_loader_from_the_dataset_index(lfw_rec, monkeypatch)
     loader = build_loader(cfg, ds, 0, 1, torch.device("cuda", 0))
     assert isinstance(loader, DaliLoader) and loader.num_threads == 1 and loader.device_id == 0
     assert loader.index is ds.index and len(loader) == 24 // cfg.data.batch_size
+
+
+def test_dali_batches_reach_the_step_in_its_dtype_and_layout(lfw_rec):
+    # the step's side of the hand-over (trainer/device_batch.py): one normalization pass into
+    # the engine's dtype and channels_last, the CPU loader's path
+    from trainer.device_batch import DevicePrefetcher
+
+    def make():
+        kw = {"seed": 2, "cache_dir": lfw_rec["cache"]}
+        return build_dali_loader(lfw_rec["rec"], lfw_rec["idx"], B, 0, 1, **kw)
+
+    raw = list(make())
+    steps = list(DevicePrefetcher(make(), torch.device("cpu"), torch.bfloat16))
+    assert len(steps) == len(raw) == 24 // B
+    for (x, y), (xs, ys) in zip(raw, steps):
+        assert xs.dtype == torch.bfloat16 and xs.shape == (B, 3, 112, 112)
+        assert xs.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(xs, normalize(x).to(torch.bfloat16)) and torch.equal(y, ys)

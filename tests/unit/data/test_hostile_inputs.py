@@ -13,8 +13,17 @@ import numpy as np
 import pytest
 import simplejpeg
 
+from data.decode import decode_image
 from data.verification_bin import load_bin, read_bin_raw, write_bin
-from tests.helpers.hostile import flat_jpeg, jpeg, make_rec
+from tests.helpers.hostile import (
+    bmp_header,
+    bomb_jpeg,
+    bomb_png,
+    flat_jpeg,
+    jpeg,
+    make_rec,
+    no_decoder,
+)
 
 # --- 3. a few bytes of .bin that ask for gigabytes --------------------------------------------
 
@@ -146,5 +155,17 @@ def test_bin_image_declaring_a_huge_size_is_refused_before_decoding(tmp_path):
     big = simplejpeg.encode_jpeg(np.zeros((4200, 4200, 3), np.uint8), colorspace="RGB")
     assert len(big) < 2**20  # under 1 MiB on disk, 50 MiB decoded, per reference
     write_bin(tmp_path / "huge.bin", [big, big], [True])
-    with pytest.raises(ValueError, match=r"huge\.bin: image 0 declares a 4200-pixel side"):
+    with pytest.raises(ValueError, match=r"huge\.bin image 0: declares a 4200-pixel side"):
         load_bin(tmp_path / "huge.bin")
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "png", "bmp"])
+def test_decoder_refuses_a_header_declaring_a_huge_size_before_decoding(kind, monkeypatch):
+    """The one decoder entry point reads the declared size first (issue 32 item 8: a 331-byte
+    JPEG declaring 50000x50000 made eval_ijb allocate 8.2 GB): no decoder is called."""
+    buf = {"jpeg": bomb_jpeg, "png": bomb_png, "bmp": bmp_header}[kind]()
+    assert len(buf) < 1000
+    no_decoder(monkeypatch)
+    with pytest.raises(ValueError, match=r"^face\.img: .*(declares|exceeds limit)") as err:
+        decode_image(buf, where="face.img")
+    assert "refused before decoding" in str(err.value) and "\n" not in str(err.value)

@@ -119,17 +119,41 @@ def test_gradient_accumulation_updates_union_of_sampled_rows():
     union = torch.unique(torch.cat(sampled))
     assert union.numel() > sampled[0].numel()  # the micro-batches sampled different rows
     assert opt.unscale_(scale) is True
-    rows, grad = opt.grad_rows
-    assert torch.equal(rows, union)
+    rows, grad = opt.grad_rows  # fixed size: a row sampled twice has two identical slots
+    assert torch.equal(torch.unique(rows), union) and rows.numel() == 2 * sampled[0].numel()
     # relative to the largest gradient (~1e2 here): the head's fused normalization rounds
     # differently from autograd's F.normalize
-    want = ref_w.grad[union]
+    want = ref_w.grad[rows]
     torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
     assert torch.count_nonzero(ref_w.grad[~torch.isin(torch.arange(C), union)]) == 0
     before = head.weight.detach().clone()
     opt.step()
     changed = (head.weight != before).any(dim=1)
     assert torch.equal(torch.nonzero(changed).squeeze(1), union)
+
+
+@pytest.mark.parametrize("rate,accum", [(1.0, 3), (0.5, 2), (0.05, 3)])
+def test_accumulated_gradient_is_fixed_size_and_exact(rate, accum):
+    """Several forwards: one slot per sampled row and forward (no data-dependent size: no
+    `torch.unique`), each slot the row's total gradient; never `n_r` slots unless each row once
+    (at 0.5 x 2 the slots would number n_r: one zero slot is added)."""
+    head = make_head(rate)
+    for k in range(accum):
+        x, y = batch(40 + k)
+        head(x, y)[0].backward()
+    rows, grad = head.sparse_grad()  # completes each forward's leaf gradient first
+    per_forward = [(index, leaf.grad) for index, leaf in head._pending]
+    want = torch.zeros(C, D)
+    for index, g in per_forward:
+        want.index_add_(0, index, g)
+    slots = sum(i.numel() for i, _ in per_forward)
+    if rate == 1.0:
+        assert torch.equal(rows, torch.arange(C))
+    else:
+        assert rows.numel() == (slots + 1 if slots == C else slots) and rows.numel() != C
+        assert torch.equal(rows, rows.sort().values)
+    torch.testing.assert_close(grad, want[rows], rtol=1e-6, atol=1e-7)
+    assert torch.equal(torch.unique(rows), torch.unique(torch.cat([i for i, _ in per_forward])))
 
 
 def test_unscale_reports_overflow_and_guards_misuse():
