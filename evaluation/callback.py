@@ -171,7 +171,8 @@ class VerificationCallback:
 
     def _report(self, step: int, name: str, res: dict[str, Any]) -> None:
         lines = format_results(name, step, res)
-        lines.insert(2, f"[{name}][{step}]Highest Accuracy-Flip: {res['highest_accuracy']:1.5f}")
+        # arcface_torch's line after Accuracy-Flip (utils/utils_callbacks.py), what users grep for
+        lines.insert(2, f"[{name}][{step}]Accuracy-Highest: {res['highest_accuracy']:1.5f}")
         for line in lines:
             self.log_fn(line)
         if self.tb_writer is not None:

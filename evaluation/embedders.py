@@ -1,10 +1,17 @@
 """The one place that loads a face model for evaluation or inference and embeds images with it.
 
-A model is any of: an ONNX file (run by onnxruntime on CPU), a consolidated ``backbone.pt``, an
-arcface_torch ``backbone.pth`` with a network name, a step directory or a run directory (the last
-four through ``models.weights.load_backbone``), or a freshly initialized network of the
-``models`` registry (``build_untrained``, a baseline). ``load_embedder`` turns one into an
-``Embedder``: float32 (B, 3, 112, 112) in [-1, 1] -> (B, D) float32 embeddings, on CPU.
+A model is any of: an ONNX file (run by onnxruntime on CPU; fp32, fp16 or INT8 QDQ alike), a
+consolidated ``backbone.pt`` or ``backbone.safetensors``, an arcface_torch ``backbone.pth`` or
+``model.pt`` with a network name, a folder holding one of those, a step directory or a run
+directory (all but ONNX through ``models.weights.load_backbone``), or a freshly initialized network
+of the ``models`` registry (``build_untrained``, a baseline). ``load_embedder`` turns one into an
+``Embedder``: float32 (B, 3, 112, 112) RGB in [-1, 1] -> (B, D) float32 embeddings, on CPU.
+
+An ONNX model's ``metadata_props`` (``evaluation/onnx_meta.py``) are read, not assumed: its
+declared channel order, mean and std are applied inside the ``Embedder`` (callers keep feeding
+the canonical [-1, 1] RGB), and a ``network``/``embedding_size`` that contradicts the options
+given is refused (``MetadataMismatch``, a ``ValueError``). A model without metadata is taken to
+use the canonical input.
 
 Embedding loops: ``embed_batch`` (one batch, optionally + its horizontal mirror, the flip test of
 insightface's ``verification.py`` and arcface_torch's ``eval_ijbc.py``), ``embed_views`` and
@@ -20,7 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,11 +35,14 @@ import torch
 from numpy.typing import NDArray
 
 from data.decode import normalize
+from evaluation.onnx_meta import MetadataMismatch, Normalization, check_options, read_metadata
 
 __all__ = [
     "EmbedFn",
     "Embedder",
+    "MetadataMismatch",
     "onnx_embedder",
+    "onnx_session",
     "torch_embedder",
     "build_untrained",
     "load_embedder",
@@ -56,6 +66,7 @@ class Embedder:
         description: what was loaded (path, or network and seed), for logs and results.
         fixed_batch: the model takes exactly ``batch_size`` rows; ``__call__`` pads and splits.
         input_shape: the ONNX input shape (e.g. ``['batch', 3, 112, 112]``), None for PyTorch.
+        metadata: the ONNX model's ``metadata_props`` (empty for PyTorch or an old export).
     """
 
     forward: EmbedFn
@@ -63,6 +74,7 @@ class Embedder:
     description: str
     fixed_batch: bool = False
     input_shape: tuple[Any, ...] | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float32 -> (B, D) float32 CPU tensor, under ``torch.no_grad``.
@@ -95,13 +107,9 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def onnx_embedder(path: str, batch_size: int = 64, threads: int = 0) -> Embedder:
-    """An onnxruntime (CPU) session of ``path`` as an ``Embedder``.
+def onnx_session(path: str, threads: int = 0) -> Any:
+    """An onnxruntime ``InferenceSession`` of ``path`` on the CPU provider.
 
-    Args:
-        path: ONNX file with one input (N, 3, H, W) float32 and one output (N, D).
-        batch_size: images per call; replaced by the model's own when its batch axis is fixed.
-        threads: onnxruntime intra-op threads, 0 = its default.
     Raises:
         ValueError: onnxruntime cannot load the file (its first error line is kept).
     """
@@ -110,13 +118,43 @@ def onnx_embedder(path: str, batch_size: int = 64, threads: int = 0) -> Embedder
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     try:
-        sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's errors (InvalidProtobuf, Fail...) share no base class
         raise ValueError(f"{path}: onnxruntime cannot load it: {_first_line(e)}") from None
+
+
+def onnx_embedder(
+    path: str,
+    batch_size: int = 64,
+    threads: int = 0,
+    network: str | None = None,
+    embedding_size: int | None = None,
+) -> Embedder:
+    """An onnxruntime (CPU) session of ``path`` as an ``Embedder``, input prepared as its
+    metadata declares (see the module docstring).
+
+    Args:
+        path: ONNX file with one input (N, 3, H, W) float32 and one output (N, D).
+        batch_size: images per call; replaced by the model's own when its batch axis is fixed.
+        threads: onnxruntime intra-op threads, 0 = its default.
+        network, embedding_size: what the user expects (None: no expectation); checked against
+            the metadata.
+    Raises:
+        ValueError: onnxruntime cannot load the file (its first error line is kept).
+        MetadataMismatch: the metadata contradicts ``network``/``embedding_size``, the graph, or
+            holds an unusable normalization.
+    """
+    sess = onnx_session(path, threads)
     inp = sess.get_inputs()[0]
+    meta = read_metadata(sess)
+    check_options(
+        meta, path, network, embedding_size, tuple(inp.shape), tuple(sess.get_outputs()[0].shape)
+    )
+    norm = Normalization.from_metadata(meta, path)
     fixed = isinstance(inp.shape[0], int) and inp.shape[0] > 0
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        x = norm.apply(x)
         out = sess.run(None, {inp.name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})[0]
         return torch.from_numpy(np.asarray(out))
 
@@ -126,6 +164,7 @@ def onnx_embedder(path: str, batch_size: int = 64, threads: int = 0) -> Embedder
         description=path,
         fixed_batch=fixed,
         input_shape=tuple(inp.shape),
+        metadata=meta,
     )
 
 
@@ -170,8 +209,10 @@ def load_embedder(
     """Load ``model`` (see the module docstring for what it may be) as an ``Embedder``.
 
     Args:
-        model: ``*.onnx`` path, or a ``backbone.pt``/``.pth`` file, step dir or run dir.
-        network: registered backbone name; needed for a bare ``.pth`` without ``meta.json``.
+        model: ``*.onnx`` path, or a ``backbone.pt``/``.pth``/``.safetensors``/``model.pt``
+            file, a folder holding one, a step dir or run dir.
+        network: registered backbone name; needed for a bare ``.pth`` without ``meta.json``;
+            for ONNX, checked against the model's metadata.
         device: where a PyTorch model runs (ONNX always runs on CPU).
         batch_size: images per model call.
         embedding_size: D for a bare ``.pth`` (default: meta.json's or the builder's 512).
@@ -179,12 +220,19 @@ def load_embedder(
     Raises:
         FileNotFoundError: ``model`` does not exist.
         ValueError: an unloadable file, no network known, or weights that do not fit the network.
+        MetadataMismatch: an ONNX model's metadata contradicts ``network``/``embedding_size``.
         models.UnknownModelError: unknown ``network``.
     """
     if not os.path.exists(model):
+        from pathlib import Path
+
+        from models.weights import missing_reason  # a broken link or a link loop, named as such
+
+        if os.path.lexists(model):
+            raise FileNotFoundError(f"cannot use the model: {missing_reason(Path(model))}")
         raise FileNotFoundError(f"no such model file or folder: {model}")
     if model.endswith(".onnx"):
-        return onnx_embedder(model, batch_size, threads)
+        return onnx_embedder(model, batch_size, threads, network, embedding_size)
     from models.weights import load_backbone  # heavy (models, timm): lazy
 
     net = load_backbone(model, network, embedding_size=embedding_size)

@@ -70,12 +70,13 @@ def table(values: dict[str, dict[int, float]], baseline: str | None = None) -> l
     seeds = sorted({s for v in values.values() for s in v})
     head = ["arm", *(f"seed {s}" for s in seeds), "mean +- std"]
     if baseline is not None:
-        head.append(f"vs {baseline}")
+        head.append(f"vs {baseline}".replace("|", "\\|"))
     rows = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     means = {a: statistics.fmean(v.values()) for a, v in values.items()}
     for arm, v in values.items():
         std = f"{100 * statistics.stdev(v.values()):.2f}" if len(v) > 1 else "-"
-        cells = [arm, *(f"{100 * v[s]:.2f}" if s in v else "-" for s in seeds)]
+        name = arm.replace("|", "\\|")  # a `|` in a folder name would split the Markdown cell
+        cells = [name, *(f"{100 * v[s]:.2f}" if s in v else "-" for s in seeds)]
         cells.append(f"{100 * means[arm]:.2f} +- {std} (n={len(v)})")
         if baseline is not None:
             cells.append(f"{100 * (means[arm] - means[baseline]):+.2f}")

@@ -14,11 +14,27 @@ name, checked with `onnx.checker.check_model(full_check=True)`, compared with Py
 onnxruntime (random inputs and real face crops at batch 1 and 4; max |diff| must be <= 1e-4) and
 only then renamed to --output: a failed run leaves no `.onnx` behind. Exit codes: 0 ok, 1 the
 numbers disagree, 2 bad input. Reference for the idea: timm `timm/utils/onnx.py`.
+
+The file carries its own description in `metadata_props` (network, embedding size, input size,
+channel order, mean/std, flip-test convention, training config hash, project version:
+`evaluation/onnx_meta.py`), read by every evaluation tool; `model_card.md` is written beside it.
+INPUT may also be a `backbone.safetensors` or a folder holding arcface_torch's `model.pt`.
+
+Deployment variants (docs/deploy.md), with onnxruntime's own converters:
+
+    python tools/convert_to_onnx.py RUN --output RUN/backbone.onnx --lfw-bin heldout.bin \
+        --variants fp16 int8 --calib data/train.rec [--calib-method minmax] [--per-tensor]
+
+writes `backbone.fp16.onnx` and `backbone.int8.onnx` (static QDQ, `evaluation/quantize.py`)
+beside the fp32 file and measures each against it on the `--lfw-bin` pairs (embedding cosine,
+verification accuracy, TAR@FAR=1e-3, CPU latency at batch 1 and 32, file size:
+`evaluation/deploy.py`): a table on stdout, `deploy/results.json` beside the export.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -30,10 +46,14 @@ import torch
 from torch import nn
 
 import models
-from data.atomic import atomic_path
+from data.atomic import atomic_path, write_text_atomic
 from data.decode import decode_image, normalize
 from data.lfw import DEFAULT_LFW, LFW_CROP
+from evaluation.deploy import compare_variants, export_variants, format_table
 from evaluation.embedders import Embedder, onnx_embedder
+from evaluation.model_card import find_run_dir, model_card
+from evaluation.onnx_meta import build_metadata, set_metadata
+from evaluation.quantize import CALIBRATION_METHODS, Int8Options
 from models.weights import load_backbone, resolve_checkpoint
 
 __all__ = ["load_faces", "export_onnx", "main"]
@@ -60,14 +80,14 @@ def load_faces(lfw_root: Path | None = None, lfw_bin: Path | None = None, n: int
     if lfw_bin is not None:
         if not Path(lfw_bin).is_file():
             raise FileNotFoundError(f"{_PROG}: --lfw-bin {lfw_bin} does not exist")
-        from data.verification_bin import read_bin_raw  # restricted unpickler: runs no code
+        from data.verification_bin import decode_bin_image, read_bin_raw  # runs no code
 
         images, _ = read_bin_raw(lfw_bin)
         if len(images) < n:
             raise ValueError(f"{_PROG}: {lfw_bin} holds {len(images)} images, need {n}")
         out = []
         for i, raw in enumerate(images[:n]):
-            rgb = decode_image(raw, where=f"{lfw_bin} image {i}")
+            rgb = decode_bin_image(raw, lfw_bin, i)  # the .bin reader's size limit
             out.append(cv2.resize(rgb, (112, 112), interpolation=cv2.INTER_LINEAR))
         return normalize(np.stack(out))
     folder = Path(lfw_root or DEFAULT_LFW) / "lfw-deepfunneled"
@@ -170,6 +190,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-faces", action="store_true", help="compare on random inputs only")
     p.add_argument("--runs", type=int, default=50, help="latency runs (median is printed)")
     p.add_argument("--ort-threads", type=int, default=0, help="onnxruntime threads, 0 = default")
+    v = p.add_argument_group("deployment variants (docs/deploy.md)")
+    v.add_argument("--variants", nargs="*", default=[], choices=["fp16", "int8"])
+    v.add_argument("--calib", default=None, help="int8: a .rec, its folder, or aligned faces")
+    v.add_argument("--calib-size", type=int, default=256, help="calibration faces")
+    v.add_argument("--calib-method", default="minmax", choices=CALIBRATION_METHODS)
+    v.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor")
+    v.add_argument("--activations", default="uint8", choices=["uint8", "int8"])
+    v.add_argument("--exclude-nodes", default="", help="comma-separated node names kept float")
+    v.add_argument("--exclude-op-types", default="", help="e.g. PRelu,Gemm: kept float")
+    v.add_argument("--report-rounds", type=int, default=20, help="latency rounds per variant")
     return p.parse_args(argv)
 
 
@@ -192,8 +222,9 @@ def _batches(args: argparse.Namespace) -> dict[str, np.ndarray]:
     return batches
 
 
-def _export_checked(model: nn.Module, path: Path, args, batches) -> tuple[float, float]:
-    """Export to ``path``, check it and compare it with PyTorch; returns (max |diff|, latency).
+def _export_checked(model: nn.Module, path: Path, args, batches, meta) -> tuple[float, float]:
+    """Export to ``path`` with metadata ``meta``, check it and compare it with PyTorch; returns
+    (max |diff|, latency).
 
     Raises:
         _Mismatch: onnx.checker fails or the outputs differ by more than TOLERANCE.
@@ -203,6 +234,9 @@ def _export_checked(model: nn.Module, path: Path, args, batches) -> tuple[float,
     export_onnx(model, path, args.opset)
     if args.simplify:
         _simplify(path)
+    proto = onnx.load(str(path))
+    set_metadata(proto, meta)
+    onnx.save(proto, str(path))
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as err:
@@ -214,6 +248,44 @@ def _export_checked(model: nn.Module, path: Path, args, batches) -> tuple[float,
     return worst, _latency_ms(embedder, args.runs)
 
 
+def _metadata(args: argparse.Namespace, weights: Path, model: nn.Module) -> dict[str, str]:
+    """``metadata_props`` of the export: from meta.json (or a safetensors header) and options."""
+    _, saved = resolve_checkpoint(args.input)
+    saved = saved or {}
+    with torch.no_grad():
+        dim = int(model(torch.zeros(1, 3, 112, 112)).shape[1])
+    run_dir = find_run_dir(str(weights))
+    return build_metadata(
+        network=str(args.network or saved.get("network")),
+        embedding_size=dim,
+        model_kwargs=saved.get("model_kwargs") or {},
+        config=Path(run_dir) / "config.yaml" if run_dir else None,
+    )
+
+
+def _variants(args: argparse.Namespace, fp32: Path) -> list[str]:
+    """fp16/int8 files beside ``fp32``, measured against it; returns the table's lines."""
+    opts = Int8Options(
+        method=args.calib_method,
+        per_channel=not args.per_tensor,
+        activations=args.activations,
+        exclude_nodes=tuple(n for n in args.exclude_nodes.split(",") if n),
+        exclude_op_types=tuple(n for n in args.exclude_op_types.split(",") if n),
+    )
+    paths = export_variants(str(fp32), tuple(args.variants), args.calib, args.calib_size, opts)
+    results = compare_variants(
+        paths, str(args.lfw_bin), rounds=args.report_rounds, threads=args.ort_threads
+    )
+    table = format_table(results)
+    print("\n".join(table))
+    folder = fp32.parent / "deploy"
+    folder.mkdir(exist_ok=True)
+    write_text_atomic(str(folder / "results.json"), json.dumps(results, indent=2))
+    write_text_atomic(str(folder / "table.md"), "\n".join(table) + "\n")
+    print(f"{_PROG}: wrote {', '.join(paths.values())}, {folder}/results.json")
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (0 ok, 1 mismatch, 2 bad input)."""
     args = _parse(argv)
@@ -223,14 +295,22 @@ def main(argv: list[str] | None = None) -> int:
                 import onnxsim  # noqa: F401
             except ImportError as err:
                 raise ValueError("--simplify needs onnxsim (pip install onnxsim)") from err
+        if args.variants and args.lfw_bin is None:  # checked before the export, not after
+            raise ValueError("--variants measures on verification pairs: give --lfw-bin")
+        if "int8" in args.variants and not args.calib:
+            raise ValueError("--variants int8 needs --calib (a .rec or aligned faces)")
         weights, _ = resolve_checkpoint(args.input)
         model = load_backbone(args.input, args.network, embedding_size=args.embedding_size)
         output = Path(args.output) if args.output else weights.parent / "backbone.onnx"
         batches = _batches(args)
         output.parent.mkdir(parents=True, exist_ok=True)
         print(f"{_PROG}: {weights} ({model.__class__.__name__}) -> {output}")
+        meta = _metadata(args, weights, model)
         with atomic_path(output) as tmp:  # a failed check leaves no .onnx behind
-            worst, latency = _export_checked(model, Path(tmp), args, batches)
+            worst, latency = _export_checked(model, Path(tmp), args, batches, meta)
+        table = _variants(args, output) if args.variants else None
+        card = output.parent / "model_card.md"
+        write_text_atomic(str(card), model_card(meta, find_run_dir(str(weights)), table))
     except _Mismatch as err:
         print(f"{_PROG}: {err}", file=sys.stderr)
         return 1

@@ -6,8 +6,10 @@
         | --threshold COS]
 
 MODEL is anything ``evaluation/embedders.py`` loads: a run directory, a step directory, a
-``backbone.pt``, an arcface_torch ``backbone.pth`` (with ``--network``, and ``--embedding-size``
-when not 512) or an ``.onnx`` file. IMAGES is a folder (every image file below it, sorted) or,
+``backbone.pt`` or ``backbone.safetensors``, an arcface_torch ``backbone.pth`` or ``model.pt`` (or
+its folder; with ``--network``, and ``--embedding-size`` when not 512) or an ``.onnx`` file (fp32,
+fp16 or INT8: its metadata's normalization is applied; a contradicting ``--network`` or
+``--embedding-size`` is refused, exit 2). IMAGES is a folder (every image file below it, sorted) or,
 with ``--list``, a text file of image paths (one a line, relative to the file's folder). Faces
 must be aligned 112x112 crops (``tools/align_faces.py``). Each embedding is the model's output
 plus that of the mirrored image (the flip test of insightface's evaluation; ``--no-flip``: the
@@ -175,8 +177,10 @@ def threshold_from_results(path: str, target: str | None) -> tuple[float, str]:
         raise FileNotFoundError(f"{path}: results file not found")
     try:
         with open(path, encoding="utf-8") as f:
-            targets = json.load(f)["targets"]
+            targets = json.loads(f.read(16 << 20))["targets"]  # a results.json is a few KB
         names = sorted(targets)
+    except RecursionError:  # json recurses per nesting level
+        raise ValueError(f"{path}: not a verification results.json (nested too deeply)") from None
     except (ValueError, KeyError, TypeError, AttributeError):
         raise ValueError(f"{path}: not a verification results.json (no 'targets')") from None
     if target is None:
@@ -243,11 +247,12 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0 ok, 1 bad input, 2 usage)."""
+    """CLI entry point; returns the exit status (0 ok, 1 bad input, 2 usage or a model whose
+    metadata contradicts --network/--embedding-size)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_usage(parser, args)
-    from evaluation.embedders import load_embedder
+    from evaluation.embedders import MetadataMismatch, check_input_size, load_embedder
 
     t0 = time.perf_counter()
     flip = not args.no_flip
@@ -262,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             embedding_size=args.embedding_size,
         )
+        check_input_size(embedder, SIZE, SIZE, "aligned faces")  # a fixed-size ONNX input
         if args.compare is not None:
             cosine = compare(embedder, *args.compare, flip=flip)
         else:
@@ -270,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     except (OSError, ValueError) as e:  # models.UnknownModelError is a ValueError
         print(f"embed: error: {e}", file=sys.stderr)
-        return 1
+        # a model whose metadata contradicts the options is a usage error, as in the other tools
+        return 2 if isinstance(e, MetadataMismatch) else 1
     if args.compare is not None:
         out = io.StringIO()
         out.write(f"cosine similarity {cosine:.4f}")

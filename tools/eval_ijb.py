@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from data.atomic import atomic_path, write_text_atomic
-from data.ijb import AlignedFaces, IJBMeta, load_1n, load_meta
-from evaluation.embedders import Embedder, embed_batch, load_embedder
+from data.ijb import AlignedFaces, IJBMeta, IJBProtocol1N, check_templates, load_1n, load_meta
+from evaluation.embedders import Embedder, check_input_size, embed_batch, load_embedder
 from evaluation.ijb_metrics import (
     FAR_TARGETS,
     RULES,
@@ -159,9 +159,14 @@ def embed_release(
 
 
 def score_release(
-    meta: IJBMeta, image_feats: np.ndarray, args: argparse.Namespace
+    meta: IJBMeta,
+    image_feats: np.ndarray,
+    args: argparse.Namespace,
+    protocol: IJBProtocol1N | None = None,
 ) -> dict[str, Any]:
-    """Pool, score 1:1 and (unless --no-1n) 1:N; writes every output file; returns results."""
+    """Pool, score 1:1 and (unless --no-1n) 1:N; writes the output files (image_features.npy
+    is written by `_run` as soon as the features exist); returns results. `protocol`: the 1:N
+    protocol already read (read here when None and 1:N is on)."""
     ids, feats = pool_templates(
         image_feats,
         meta.templates,
@@ -183,10 +188,9 @@ def score_release(
         "tar_at_far": tar_at_far(meta.labels, scores, FAR_TARGETS),
     }
     if not args.no_1n:
-        protocol = load_1n(meta.root, meta.prefix)
+        protocol = protocol or load_1n(meta.root, meta.prefix)
         results["identification"] = identification(ids, feats, protocol.galleries, protocol.probes)
     os.makedirs(args.out, exist_ok=True)
-    _save(args.out, "image_features.npy", image_feats.astype(np.float32))
     _save(args.out, "scores.npy", scores)
     _save(args.out, "labels.npy", meta.labels)
     with atomic_path(os.path.join(args.out, "template_features.npz")) as tmp:
@@ -236,23 +240,70 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     try:
         return _run(args)
     except (OSError, ValueError, KeyError) as e:
-        text = str(e).strip()
-        _fail(text.splitlines()[0] if text else type(e).__name__)
+        _fail(_reason(e))
     return None
+
+
+def _reason(error: BaseException) -> str:
+    """One line for an error; a DataLoader worker's ("Caught ValueError in DataLoader worker
+    process 1. Original Traceback ...") is the worker's own last line, which names the file."""
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if last.split(": ", 1)[0].isidentifier() else last
+    return lines[0]
+
+
+def _prepare_out(out: str) -> None:
+    """`--out` is a folder this process can write (created if missing), checked before the
+    embedding pass: a file, a path under a file or a read-only folder fails in seconds."""
+    import tempfile
+
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} exists and is not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def load_features(path: str, rows: int, release: str) -> np.ndarray:
+    """(rows, D) float32 image features of `--image-features`: the header is checked against the
+    file's size before anything is read (memory-mapped; a 2^40-element header is one line).
+
+    Raises:
+        ValueError: not a .npy, a shape other than (rows, D), or a header the file cannot hold.
+    """
+    try:
+        feats = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        text = str(e).strip()
+        reason = text[:200] or type(e).__name__
+        raise ValueError(f"{path}: not a readable .npy array ({reason})") from None
+    if not isinstance(feats, np.ndarray) or feats.ndim != 2 or feats.shape[0] != rows:
+        shape = getattr(feats, "shape", None)
+        raise ValueError(f"{path}: shape {shape}, expected ({rows}, D) for {release}")
+    if feats.dtype.kind != "f":
+        raise ValueError(f"{path}: dtype {feats.dtype}, expected floating-point features")
+    return np.asarray(feats, dtype=np.float32)
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any] | None:
     rank, world, device = (0, 1, args.device) if args.image_features else dist_context(args.device)
-    meta = load_meta(args.release)
+    meta = load_meta(args.release)  # every protocol file read and checked before embedding
+    protocol = None if args.no_1n else load_1n(meta.root, meta.prefix)
+    check_templates(meta, protocol)
+    if rank == 0:
+        _prepare_out(args.out)
     if args.image_features:
-        image_feats = np.load(args.image_features)
-        if image_feats.ndim != 2 or image_feats.shape[0] != len(meta.images):
-            raise ValueError(
-                f"{args.image_features}: shape {image_feats.shape}, expected "
-                f"({len(meta.images)}, D) for {args.release}"
-            )
+        image_feats = load_features(args.image_features, len(meta.images), args.release)
     else:
         embedder = load_embedder(args.model, args.network, device, args.batch_size)
+        check_input_size(embedder, 112, 112, f"{args.release} (aligned faces)")
         if rank == 0:
             print(f"model: {embedder.description}; {len(meta.images)} faces, {world} process(es)")
         t0 = time.perf_counter()
@@ -264,7 +315,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any] | None:
             print(f"embedded {len(meta.images)} faces in {elapsed:.1f} s")
     if rank != 0:
         return None
-    results = score_release(meta, image_feats, args)
+    _save(args.out, "image_features.npy", image_feats.astype(np.float32))  # before scoring
+    results = score_release(meta, image_feats, args, protocol)
     results["model"] = args.model or f"features {args.image_features}"
     write_text_atomic(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
     for line in format_table(results):
@@ -273,5 +325,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any] | None:
     return results
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Console entry (`arcscale-eval-ijb`): exit status 0; errors exit 2 inside `main`."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -4,10 +4,13 @@
     python tools/eval_verification.py --model work_dirs/run/backbone.pt --network mbf --bin ...
     python tools/eval_verification.py --untrained --network mbf --bin ...   # random-init baseline
 
-The model is an ONNX file (run with onnxruntime on CPU), PyTorch weights or a checkpoint folder
-(loaded by ``models.weights.load_backbone``), or with ``--untrained`` a freshly initialized
-network of the registry. Prints XNorm, flip-test accuracy (mean+-std over 10 folds) and TAR@FAR per
-target; writes ``results.json`` and ``roc.png`` to ``--out``.
+The model is an ONNX file (fp32, fp16 or INT8, run with onnxruntime on CPU; the normalization its
+metadata declares is applied, and a ``--network`` it contradicts is refused, exit 2), PyTorch
+weights (``backbone.pt``, ``backbone.safetensors``, arcface_torch ``backbone.pth``/``model.pt``)
+or a folder holding them, a checkpoint folder (loaded by ``models.weights.load_backbone``), or
+with ``--untrained`` a freshly initialized network of the registry. Prints XNorm, flip-test
+accuracy (mean+-std over 10 folds) and TAR@FAR per target; writes ``results.json`` and
+``roc.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -65,7 +68,9 @@ def target_name(path: str) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="backbone.onnx, backbone.pt or a checkpoint folder")
+    p.add_argument(
+        "--model", help="*.onnx, backbone.pt/.safetensors/.pth, model.pt, or a run/step folder"
+    )
     p.add_argument(
         "--network", default=None, help="backbone name (mbf, r50, ...) for .pt/--untrained"
     )
@@ -154,5 +159,11 @@ def _evaluate(args: argparse.Namespace) -> dict[str, dict]:
     return summary
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Console entry (`arcscale-eval-verification`): exit status 0; errors exit 2 inside `main`."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

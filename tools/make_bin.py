@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import struct
 import sys
 import time
+import zlib
 from typing import Any
 
 import numpy as np
@@ -236,23 +238,24 @@ def read_agedb_30(
     Returns:
         (pairs, description).
     Raises:
-        FileNotFoundError: no protocol file. ValueError: not a MATLAB v5 file, no ``splits``
-            variable, not 10 splits, a malformed split or pair, a label other than 1/-1, an image
-            name that is not a file name, or splits of unequal size (names the file, and the
-            1-based split and pair).
+        FileNotFoundError: no protocol file. ValueError: not a MATLAB v5 file, one inflating
+            past ``AGEDB_MAX_BYTES``, no ``splits`` variable (a cell or struct array), not 10
+            splits, a malformed split or pair, a label other than 1/-1, an image name that is
+            not a file name, or splits of unequal size (names the file, and the 1-based split
+            and pair).
     """
     path = source if source.endswith(".mat") else os.path.join(source, AGEDB_30_MAT)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: AgeDB-30 protocol file not found")
+    check_mat_size(path, AGEDB_MAX_BYTES)
     try:
-        mat = loadmat(path)
+        mat = loadmat(path, variable_names=["splits"])  # other variables are never inflated
     except Exception as e:  # scipy raises several types for a corrupt or foreign file
         why = " ".join(str(e).split())
         raise ValueError(f"{path}: not a MATLAB v5 .mat file ({type(e).__name__}: {why})") from e
     if "splits" not in mat:
-        found = sorted(k for k in mat if not k.startswith("__"))
-        raise ValueError(f"{path}: no 'splits' variable (found {found})")
-    splits = np.asarray(mat["splits"], dtype=object).reshape(-1)
+        raise ValueError(f"{path}: no 'splits' variable")
+    splits = _splits(mat["splits"], path)
     if len(splits) != AGEDB_SPLITS:
         raise ValueError(f"{path}: expected {AGEDB_SPLITS} splits, found {len(splits)}")
     per_split = [_agedb_split(s, image_root, f"{path}: split {k}") for k, s in enumerate(splits, 1)]
@@ -264,6 +267,74 @@ def read_agedb_30(
     return [pair for split in per_split for pair in split], (
         f"AgeDB-30, {AGEDB_SPLITS} splits of {sizes[0]} pairs"
     )
+
+
+def _splits(value: Any, path: str) -> list[Any]:
+    """The split records of ``splits``: a cell array of 1x1 structs (the release) or a struct
+    array (one record per split), flattened in MATLAB order."""
+    array = np.asarray(value)
+    if array.dtype.names is not None:  # a struct array: each element is one split's record
+        return list(array.reshape(-1))
+    try:
+        return list(np.asarray(array, dtype=object).reshape(-1))
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"{path}: 'splits' is not a cell or struct array: {_brief(value)}"
+        ) from None
+
+
+# The AgeDB-30 protocol (6,000 pairs of short names) takes a few MB once inflated: a .mat whose
+# variables expand past this is refused before scipy inflates it.
+AGEDB_MAX_BYTES = 64 << 20
+_MI_COMPRESSED = 15  # MAT v5 data type of a zlib-compressed element
+
+
+def check_mat_size(path: str, limit: int) -> None:
+    """Walks the top-level elements of a MATLAB v5 file and counts the bytes they hold once
+    inflated (compressed elements are inflated in 1 MiB steps and discarded), so a small file
+    that inflates to gigabytes is refused before it is loaded.
+
+    Raises:
+        ValueError: more than ``limit`` bytes (names the file); other damage is left to loadmat.
+    """
+    with open(path, "rb") as f:
+        header = f.read(128)
+        if len(header) < 128:
+            return
+        order = "<" if header[126:128] == b"IM" else ">"
+        total = 0
+        while total <= limit:
+            tag = f.read(8)
+            if len(tag) < 8:
+                return
+            kind, nbytes = struct.unpack(order + "II", tag)
+            if kind == _MI_COMPRESSED:
+                total += _inflated_size(f, nbytes, limit - total)
+            else:
+                total += nbytes
+                f.seek(nbytes + (-nbytes % 8), os.SEEK_CUR)
+    raise ValueError(
+        f"{path}: its variables inflate to more than {limit} bytes; a protocol file is a few MB"
+    )
+
+
+def _inflated_size(f: Any, nbytes: int, allowance: int) -> int:
+    """Bytes the next ``nbytes`` zlib bytes of ``f`` inflate to, counting stops past
+    ``allowance`` (a damaged stream counts what inflated before the damage)."""
+    inflate, total, left = zlib.decompressobj(), 0, nbytes
+    try:
+        while left > 0 and total <= allowance:
+            chunk = f.read(min(left, 1 << 16))
+            if not chunk:
+                break
+            left -= len(chunk)
+            data = inflate.decompress(chunk, 1 << 20)
+            total += len(data)
+            while inflate.unconsumed_tail and total <= allowance:
+                total += len(inflate.decompress(inflate.unconsumed_tail, 1 << 20))
+    except zlib.error:
+        pass  # loadmat reports the damage
+    return total
 
 
 READERS = {"lfw": read_lfw, "list": read_list, "cfp-fp": read_cfp_fp, "agedb-30": read_agedb_30}

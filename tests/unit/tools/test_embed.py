@@ -4,6 +4,7 @@ threshold of a results.json; bad inputs are report entries or one-line errors.""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -101,13 +102,17 @@ def test_compare_with_results_threshold(setup, tmp_path, capsys):
     "argv, message",
     [
         (["missing.pt", "--compare", "a.jpg", "b.jpg"], "no such model file or folder: missing.pt"),
+        (["{loop}", "--compare", "a.jpg", "b.jpg"], "Too many levels of symbolic links"),
         (["{model}", "--compare", "{faces}/x.jpg", "{faces}/x.jpg"], "x.jpg: image file not found"),
         (["{model}", "{faces}/none", "--out", "o"], "image folder not found"),
         (["{model}", "--compare", "a", "b", "--results", "{faces}"], "results file not found"),
     ],
 )
 def test_bad_inputs_are_one_line(setup, argv, message, capsys):
-    fill = {"model": setup / "backbone.pth", "faces": setup / "faces"}
+    loop = setup / "loop.pt"  # a link to itself: named as a link loop, not "does not exist"
+    if not os.path.lexists(loop):
+        os.symlink(loop, loop)
+    fill = {"model": setup / "backbone.pth", "faces": setup / "faces", "loop": loop}
     assert embed.main([a.format(**fill) for a in argv] + MODEL) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("embed: error:") and message in err[0], err

@@ -231,17 +231,20 @@ AGEDB_IMAGE = np.dtype([("name", object), ("age", object)])
 AGEDB_SPLIT = np.dtype([("pairs", object), ("labels", object)])
 
 
-def write_agedb_mat(path, splits):
-    """``splits``: per split, a list of (name1, age1, name2, age2, label 1 | -1)."""
-    cells = np.empty((len(splits), 1), dtype=object)
+def write_agedb_mat(path, splits, struct_array=False, **extra):
+    """``splits``: per split, a list of (name1, age1, name2, age2, label 1 | -1); with
+    ``struct_array`` the splits are one 10x1 struct array instead of a cell of 1x1 structs;
+    ``extra`` variables are written beside them, compressed."""
+    cells = np.empty((len(splits), 1), dtype=AGEDB_SPLIT if struct_array else object)
     for k, pairs in enumerate(splits):
         grid = np.empty((2, len(pairs)), dtype=object)
         for j, (name1, age1, name2, age2, _) in enumerate(pairs):
             grid[0, j] = np.array([[(name1, float(age1))]], dtype=AGEDB_IMAGE)
             grid[1, j] = np.array([[(name2, float(age2))]], dtype=AGEDB_IMAGE)
         labels = np.array([[p[4] for p in pairs]], dtype=float)
-        cells[k, 0] = np.array([[(grid, labels)]], dtype=AGEDB_SPLIT)
-    savemat(path, {"splits": cells})
+        record = (grid, labels)
+        cells[k, 0] = record if struct_array else np.array([[record]], dtype=AGEDB_SPLIT)
+    savemat(path, {"splits": cells, **extra}, do_compression=bool(extra))
 
 
 def agedb_splits(names):
@@ -342,3 +345,25 @@ def test_make_bin_agedb_30_errors(tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert err.startswith(f"make_bin: error: {mat}{want}") and err.count("\n") == 1
     assert not (tmp_path / "x.bin").exists()
+
+
+def test_make_bin_agedb_30_struct_array_and_inflation_bomb(tmp_path):
+    """Issue 32 items 9 and 15: splits saved as a struct array gave numpy's "setting an array
+    element with a sequence" without the file; a 0.5 MB .mat that inflates past 1 GB peaked at
+    1.55 GB. A struct array reads as the release's cell array does; the inflated size is counted
+    from the compressed stream (1 MiB at a time) and bounded before scipy loads anything."""
+    from tools import make_bin
+
+    splits = agedb_splits(
+        {(p, i): f"{2 * p + i}_P{p}_{25 + 30 * (i - 1)}_f" for p in range(3) for i in (1, 2)}
+    )
+    cell, struct = tmp_path / "cell.mat", tmp_path / "struct.mat"
+    write_agedb_mat(cell, splits)
+    write_agedb_mat(struct, splits, struct_array=True)
+    root = str(tmp_path)
+    assert make_bin.read_agedb_30(str(struct), root) == make_bin.read_agedb_30(str(cell), root)
+    bomb = tmp_path / "bomb.mat"
+    write_agedb_mat(bomb, splits, junk=np.zeros(make_bin.AGEDB_MAX_BYTES // 8 + 1024))
+    assert bomb.stat().st_size < 2**20
+    with pytest.raises(ValueError, match=r"bomb\.mat: its variables inflate to more than"):
+        make_bin.read_agedb_30(str(bomb), root)

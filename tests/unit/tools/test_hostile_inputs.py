@@ -6,6 +6,7 @@ tools write gets the umask's permissions. docs/reliability.md maps each case to 
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,224 @@ def test_inspect_rec_bounds_identity_ranges_and_non_finite_labels(tmp_path, caps
     assert inspect_rec.main([bad_labels]) == 1
     err = capsys.readouterr().err
     assert "label nan is not a finite number" in err and "label inf is not a finite" in err
+
+
+def test_every_image_reader_refuses_a_decode_bomb_before_decoding(tmp_path, monkeypatch, capsys):
+    """Issue 32 item 8: eval_ijb and convert_to_onnx --lfw-bin allocated 8.2 GB for a 331-byte
+    JPEG declaring 50000x50000; embed, align_faces and folder2rec 4.3 GB for 30000x30000 (and
+    folder2rec packed the truncated image). Each reads through `data.decode.decode_image`."""
+    import numpy as np
+
+    from data.ijb import AlignedFaces
+    from data.verification_bin import write_bin
+    from tests.helpers.hostile import bomb_jpeg, bomb_png, no_decoder
+    from tools import align_faces, embed, folder2rec
+    from tools import convert_to_onnx as conv
+
+    no_decoder(monkeypatch)
+    (tmp_path / "loose_crop").mkdir()
+    (tmp_path / "loose_crop" / "b.jpg").write_bytes(bomb_jpeg())
+    points = np.array([[38, 52], [74, 52], [56, 72], [42, 92], [70, 92]], np.float32)
+    with pytest.raises(ValueError, match=r"b\.jpg: declares 50000x50000 pixels") as err:
+        AlignedFaces(str(tmp_path), ["b.jpg"], points[None])[0]  # eval_ijb's reader
+    assert str(err.value).count("b.jpg") == 1
+    write_bin(tmp_path / "lfw.bin", [bomb_jpeg(), bomb_jpeg()], [True])
+    with pytest.raises(ValueError, match=r"lfw\.bin image 0: declares a 50000-pixel side"):
+        conv.load_faces(lfw_bin=tmp_path / "lfw.bin", n=1)
+    (tmp_path / "p.png").write_bytes(bomb_png())
+    with pytest.raises(ValueError, match="declares 30000x30000 pixels"):
+        embed.read_face(str(tmp_path / "p.png"))
+    job = (str(tmp_path / "p.png"), points, str(tmp_path / "out" / "p.jpg"), 90)
+    assert "declares 30000x30000 pixels" in align_faces.align_job(job)
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "ok.jpg").write_bytes(flat_jpeg(112))
+    (src / "a" / "p.png").write_bytes(bomb_png())
+    monkeypatch.undo()  # ok.jpg is decoded for real; p.png must still never be
+    monkeypatch.setattr("data.decode.cv2.imdecode", _refuse_huge_png)
+    out = tmp_path / "rec"
+    assert folder2rec.main([str(src), str(out), "--workers", "1", "--no-progress"]) == 0
+    packed = [ln.split("\t")[2] for ln in (out / "train.lst").read_text().splitlines()]
+    assert packed == ["a/ok.jpg"]
+    assert "declares 30000x30000 pixels" in capsys.readouterr().out
+
+
+def _refuse_huge_png(buf, flags):
+    raise AssertionError("cv2.imdecode ran on the 30000x30000 PNG")
+
+
+# --- issue 32 items 7 and 15: eval_ijb checks everything before the embedding pass -------------
+
+
+def _fixed_64_onnx(path):
+    """An ONNX model whose input is fixed at (1, 3, 64, 64)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(tiny_net(), (torch.randn(1, 3, 64, 64),), str(path),
+                          input_names=["data"], output_names=["fc1"], dynamo=False)  # fmt: skip
+    return str(path)
+
+
+def _ijb_fails(capsys, argv, needle):
+    from tools import eval_ijb
+
+    with pytest.raises(SystemExit) as info:
+        eval_ijb.main([*argv, "--no-progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eval_ijb: error:"), err
+    assert needle in err[0], err
+
+
+def _edit(root, name, change):
+    path = os.path.join(root, "meta", name)
+    with open(path) as f:
+        lines = f.read().splitlines()
+    with open(path, "w") as f:
+        f.write("\n".join(change(lines)) + "\n")
+
+
+def test_eval_ijb_checks_protocol_output_and_model_before_embedding(
+    ijb_release, tmp_path, monkeypatch, capsys
+):
+    """Issue 32 item 7: a missing or malformed 1:N CSV, a pair naming a template without images
+    and a file as --out were found only after embedding every face (hours on a real release);
+    item 15: a template id of 10^30 (OverflowError), an ONNX model with a fixed 64x64 input
+    (onnxruntime traceback). Each is one line, exit 2, and no face is embedded."""
+    import shutil
+
+    import numpy as np
+
+    from tools import eval_ijb
+
+    def embedded(*args, **kwargs):
+        raise AssertionError("embedding started before the inputs were checked")
+
+    monkeypatch.setattr(eval_ijb, "embed_release", embedded)
+    src, _ = ijb_release
+    model = _fixed_64_onnx(tmp_path / "fixed64.onnx")
+    good = str(tmp_path / "good.onnx")
+    export_onnx(tiny_net(), good)
+    cases = {
+        "no_g2": (lambda r: os.remove(f"{r}/meta/ijbc_1N_gallery_G2.csv"), "G2.csv: no such file"),
+        "bad_csv": (lambda r: _edit(r, "ijbc_1N_probe_mixed.csv", lambda ls: [*ls[:2], "x,1,a"]),
+                    "ijbc_1N_probe_mixed.csv line 3: expected"),
+        "pair": (lambda r: _edit(r, "ijbc_template_pair_label.txt", lambda ls: [*ls, "100 999 0"]),
+                 "template 999 has no images in"),
+        "probe": (lambda r: _edit(r, "ijbc_1N_probe_mixed.csv", lambda ls: [*ls, "998,1,a.jpg"]),
+                  "ijbc_1N_probe_mixed.csv: template 998 has no images"),
+        "huge_id": (lambda r: _edit(r, "ijbc_face_tid_mid.txt",
+                                    lambda ls: [ls[0].rsplit(" ", 2)[0] + " 1" + "0" * 30 + " 1",
+                                                *ls[1:]]),
+                    "ijbc_face_tid_mid.txt line 1: expected"),
+        "nul": (lambda r: _edit(r, "ijbc_name_5pts_score.txt", lambda ls: ["a\0" + ls[0], *ls[1:]]),
+                "ijbc_name_5pts_score.txt line 1: image name 'a\\x001.jpg' holds a NUL byte"),
+    }  # fmt: skip
+    for name, (damage, needle) in cases.items():
+        root = tmp_path / name
+        shutil.copytree(src, root)
+        damage(str(root))
+        argv = ["--model", good, "--release", str(root), "--out", str(tmp_path / "o")]
+        _ijb_fails(capsys, argv, needle)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for out, needle in ((a_file, "exists and is not a folder"), (a_file / "x", "cannot write")):
+        _ijb_fails(capsys, ["--model", good, "--release", src, "--out", str(out)], needle)
+    argv = ["--model", model, "--release", src, "--out", str(tmp_path / "o")]
+    _ijb_fails(capsys, argv, "takes input [1, 3, 64, 64]")
+    # an .npy header declaring 2^40 elements: refused from the header, nothing allocated
+    lying = tmp_path / "lying.npy"
+    with open(lying, "wb") as f:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (2**36, 16)}
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(bytes(64))
+    argv = ["--image-features", str(lying), "--release", src, "--out", str(tmp_path / "o")]
+    _ijb_fails(capsys, argv, "lying.npy: not a readable .npy array")
+
+
+def test_eval_ijb_writes_features_before_scoring_and_names_a_workers_bad_file(
+    ijb_release, tmp_path, monkeypatch, capsys
+):
+    """Item 7: a failure while scoring keeps image_features.npy (the embedding pass's output);
+    item 15: an undecodable image under DataLoader workers named only the worker process."""
+    import shutil
+
+    import numpy as np
+
+    from data.ijb import load_meta
+    from tools import eval_ijb
+
+    src, _ = ijb_release
+    n = len(load_meta(src, pairs=False).images)
+    feats = tmp_path / "feats.npy"
+    np.save(feats, np.random.default_rng(0).standard_normal((n, 16)).astype(np.float32))
+
+    def broken(*args, **kwargs):
+        raise ValueError("scoring failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(eval_ijb, "score_release", broken)
+        argv = ["--image-features", str(feats), "--release", src, "--out", str(tmp_path / "o")]
+        _ijb_fails(capsys, argv, "scoring failed")
+    assert np.array_equal(np.load(tmp_path / "o" / "image_features.npy"), np.load(feats))
+    root = tmp_path / "release"
+    shutil.copytree(src, root)
+    first = load_meta(str(root), pairs=False).images[0]
+    (root / "loose_crop" / first).write_bytes(b"\xff\xd8 not a jpeg")
+    model = str(tmp_path / "good.onnx")
+    export_onnx(tiny_net(), model)
+    argv = ["--model", model, "--release", str(root), "--out", str(tmp_path / "o2")]
+    _ijb_fails(capsys, [*argv, "--workers", "1"], f"loose_crop/{first}: cannot decode image")
+
+
+def test_embed_fixed_size_onnx_and_deep_results_json_are_one_line(tmp_path, capsys):
+    """Issue 32 item 15: an ONNX model with a fixed 64x64 input (onnxruntime traceback) and a
+    deeply nested --results JSON (RecursionError)."""
+    from tools import embed
+
+    faces = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    for i, face in enumerate(faces):
+        face.write_bytes(flat_jpeg(112, 60 * i))
+    model = _fixed_64_onnx(tmp_path / "fixed64.onnx")
+    assert embed.main([model, "--compare", *map(str, faces), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "takes input [1, 3, 64, 64] but aligned faces" in err[0], err
+    deep = tmp_path / "results.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ValueError, match="results.json: not a verification results.json"):
+        embed.threshold_from_results(str(deep), None)
+
+
+def test_compare_runs_on_a_lying_event_file_and_an_arm_name_with_a_bar(tmp_path, capsys):
+    """Issue 32 item 15: a 24-byte event file declaring a 2^40-byte record (MemoryError); an arm
+    named `a|b` split its Markdown row into an extra column."""
+    import struct
+
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+    from torch.utils.tensorboard import SummaryWriter
+
+    from tools import compare_runs
+
+    lying = tmp_path / "bad_1" / "tensorboard"
+    lying.mkdir(parents=True)
+    header = struct.pack("<Q", 2**40)
+    record = header + struct.pack("<I", masked_crc32c(header)) + bytes(12)
+    (lying / "events.out.tfevents.1.host").write_bytes(record)
+    assert len(record) == 24
+    assert compare_runs.main([str(tmp_path / "bad_1"), "--target", "lfw"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "declares 1099511627776 bytes but the file holds 24" in err[0], err
+    runs = []
+    for arm in ("a|b", "c"):
+        runs.append(str(tmp_path / f"{arm}_1"))
+        with SummaryWriter(runs[-1]) as w:
+            w.add_scalar("val/lfw/accuracy", 0.9, 1)
+    assert compare_runs.main([*runs, "--target", "lfw", "--baseline", "a|b"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[2].startswith("| a\\|b | 90.00 |")
+    cells = [len(re.split(r"(?<!\\)\|", row)) for row in rows]
+    assert len(set(cells)) == 1, rows  # every row has as many cells as the header

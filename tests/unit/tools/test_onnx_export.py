@@ -81,7 +81,8 @@ def test_export_matches_pytorch(name, tmp_path, lfw_root, capsys):
     assert out_dims[0].dim_param and out_dims[1].dim_value == dim
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert all(t.data_location == onnx.TensorProto.DEFAULT for t in graph.initializer)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["backbone.onnx"]  # single file
+    # one self-contained file (no external data) and its card
+    assert sorted(p.name for p in out.parent.iterdir()) == ["backbone.onnx", "model_card.md"]
 
     # Independent check (not trusting the tool's own comparison): random and real faces, N=1, 4.
     model = load_backbone(weights, name, embedding_size=dim)
