@@ -4,20 +4,24 @@ The CPU loader hands over uint8 NHWC batches (pinned on CUDA hosts). Copying the
 normalizing on the device moves 4x fewer bytes than a float32 copy and keeps the copy a plain,
 asynchronous memcpy (a copy with a dtype change from pinned memory goes through a pageable
 temporary and blocks the host). ``DevicePrefetcher`` issues the next batch's copy and
-normalization on a side CUDA stream while the current step computes. Batches that are already
-floating point (the DALI loader normalizes on its own) pass through unchanged.
+normalization on a side CUDA stream while the current step computes; each batch records its own
+event, so the step waits for its batch only, never for the one being copied behind it. The DALI
+loader hands over uint8 NHWC too (already on the GPU: normalized here, on the current stream);
+floating batches are only moved and cast.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from data.decode import normalize
 
-__all__ = ["DevicePrefetcher", "TrainingLoader", "to_device"]
+__all__ = ["DevicePrefetcher", "StreamOps", "TrainingLoader", "cuda_stream_ops", "to_device"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (images, labels)
 
@@ -66,13 +70,41 @@ def to_device(
     return images.to(device, dtype, non_blocking=True, memory_format=memory_format)
 
 
+@dataclass(frozen=True)
+class StreamOps:
+    """The stream and event calls ``DevicePrefetcher`` makes (CUDA's by default); a test injects
+    recording fakes to check the ordering on a CPU.
+
+    Attributes:
+        new_stream: ``device -> stream`` (the side stream).
+        use_stream: ``stream -> context manager`` making it current (``torch.cuda.stream``).
+        current_stream: ``device -> stream`` the caller computes on.
+        new_event: ``() -> event`` with ``record(stream)``; streams have ``wait_event(event)``.
+    """
+
+    new_stream: Callable[[torch.device], Any]
+    use_stream: Callable[[Any], AbstractContextManager[Any]]
+    current_stream: Callable[[torch.device], Any]
+    new_event: Callable[[], Any]
+
+
+def cuda_stream_ops() -> StreamOps:
+    """``StreamOps`` of ``torch.cuda``."""
+    return StreamOps(
+        torch.cuda.Stream, torch.cuda.stream, torch.cuda.current_stream, torch.cuda.Event
+    )
+
+
 class DevicePrefetcher:
     """Wraps a training loader (``TrainLoader`` / ``DaliLoader`` protocol) so that it yields
     ``(images, labels)`` already on ``device`` in the step's dtype and layout (``to_device``).
 
     On CUDA, for batches still on the host, the next batch's copy and normalization run on a
-    side stream while the caller computes on the current one; the caller's stream waits for
-    them before it gets the batch.
+    side stream while the caller computes on the current one. Each batch's work ends with an
+    event recorded on the side stream; the caller's stream waits on that batch's event only
+    (batch i+1's copy, issued before batch i is handed out, does not delay batch i's step).
+    ``stream_ops`` replaces the CUDA stream/event calls (tests; default ``cuda_stream_ops()``
+    on a CUDA device, none elsewhere).
     Prefetching pulls one batch ahead of the loader, so ``state_dict()`` reports the loader's
     state from before that pull: a checkpoint never skips the prefetched batch. On other
     devices each batch is converted when it is taken (nothing runs ahead).
@@ -86,14 +118,16 @@ class DevicePrefetcher:
         device: torch.device,
         dtype: torch.dtype = torch.float32,
         memory_format: torch.memory_format = torch.preserve_format,
+        stream_ops: StreamOps | None = None,
     ) -> None:
         self.loader = loader
         self.device = device
         self.dtype = dtype
         self.memory_format = memory_format
-        self.stream: torch.cuda.Stream | None = None
-        if device.type == "cuda":  # torch.cuda.Stream's constructor is unannotated
-            self.stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        if stream_ops is None and device.type == "cuda":
+            stream_ops = cuda_stream_ops()
+        self.ops = stream_ops
+        self.stream: Any = None if stream_ops is None else stream_ops.new_stream(device)
         self._state: dict[str, int] | None = None  # loader state before the pending prefetch
 
     def __len__(self) -> int:
@@ -141,27 +175,30 @@ class DevicePrefetcher:
                 state = self.loader.state_dict()  # after `current`, before the next pull
                 pending = self._issue(next(it, None))
                 self._state = state
-                yield self._take(current)
+                yield self._take(*current)
         finally:
             self._state = None
 
     def _prefetches(self, batch: Batch) -> bool:
         """Copy ahead only host batches bound for CUDA (DALI's are already on the GPU)."""
-        return self.stream is not None and not batch[0].is_cuda
+        return self.ops is not None and not batch[0].is_cuda
 
-    def _issue(self, batch: Batch | None) -> Batch | None:
-        """Start ``batch``'s copy and normalization on the side stream."""
-        if batch is None:
+    def _issue(self, batch: Batch | None) -> tuple[Batch, Any] | None:
+        """Start ``batch``'s copy and normalization on the side stream; returns it with the
+        event that marks the end of exactly this work."""
+        if batch is None or self.ops is None:
             return None
-        with torch.cuda.stream(self.stream):
-            return self._convert(batch)
+        with self.ops.use_stream(self.stream):
+            out = self._convert(batch)
+            done = self.ops.new_event()
+            done.record(self.stream)
+        return out, done
 
-    def _take(self, batch: Batch) -> Batch:
-        """Make the current stream wait for ``batch`` and own its memory from now on."""
-        if self.stream is None:  # only prefetched (side-stream) batches are taken
-            return batch
-        current = torch.cuda.current_stream(self.device)
-        current.wait_stream(self.stream)
+    def _take(self, batch: Batch, done: Any) -> Batch:
+        """Make the current stream wait for ``batch``'s own event and own its memory."""
+        assert self.ops is not None  # only prefetched (side-stream) batches are taken
+        current = self.ops.current_stream(self.device)
+        current.wait_event(done)
         for t in batch:
             if t.device.type == "cuda":
                 t.record_stream(current)  # freed only after the current stream's uses

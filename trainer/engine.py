@@ -8,10 +8,9 @@ checkpointing on the bare model, then the DeepSpeed engine.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -21,84 +20,25 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainer.config import Config, ConfigError
+from trainer.config.schema import COMPILE_ZERO3
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DS_CONFIGS = {
-    0: "ds_configs/zero1_fp16.json",
-    1: "ds_configs/zero1_fp16.json",
-    2: "ds_configs/zero2_bf16.json",
-    3: "ds_configs/zero3_bf16.json",
-}
-# Accelerate exports "no" whenever its launch config names no precision, so "no" means unset:
-# the JSON decides (fp32 on purpose: `engine.precision: fp32`, or a JSON without fp16/bf16).
-_ACCEL_PRECISION = {"fp16": "fp16", "bf16": "bf16"}
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """The ZeRO stage, precision and DeepSpeed JSON actually used, after the precedence rules."""
-
-    zero_stage: int
-    precision: str
-    ds_config_path: str
+# Stage, precision and base JSON (and what the launch config and a user's JSON may say) are
+# resolved in trainer/ds_settings.py; re-exported here, where callers have always found them.
+from trainer.ds_settings import _ACCEL_PRECISION, _enabled
+from trainer.ds_settings import DEFAULT_DS_CONFIGS as DEFAULT_DS_CONFIGS
+from trainer.ds_settings import REPO_ROOT as REPO_ROOT
+from trainer.ds_settings import EngineSettings as EngineSettings
+from trainer.ds_settings import load_ds_json as load_ds_json
+from trainer.ds_settings import resolve_engine_settings as resolve_engine_settings
 
 
-def resolve_engine_settings(cfg: Config, env: Mapping[str, str] | None = None) -> EngineSettings:
-    """Picks stage, precision and base JSON.
-
-    Precedence: the experiment config (`engine.zero_stage >= 0`, `engine.precision`,
-    `engine.ds_config`), then what `accelerate launch --config_file` exported
-    (`ACCELERATE_DEEPSPEED_ZERO_STAGE`, `ACCELERATE_MIXED_PRECISION`,
-    `ACCELERATE_DEEPSPEED_CONFIG_FILE`), then the base JSON's own values.
-    `ACCELERATE_MIXED_PRECISION=no` counts as unset: Accelerate exports it for every launch
-    config without `mixed_precision`, so it cannot mean "fp32 wanted".
-
-    Raises:
-        ConfigError: a JSON file that does not exist or does not parse.
-    """
-    env = os.environ if env is None else env
-    path = cfg.engine.ds_config or env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
-    stage = cfg.engine.zero_stage
-    if stage < 0 and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
-        stage = int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
-    if not path or path == "none":
-        path = DEFAULT_DS_CONFIGS[max(stage, 0) if stage >= 0 else 2]
-    base = load_ds_json(path)
-    if stage < 0:
-        stage = int(base.get("zero_optimization", {}).get("stage", 2))
-    precision = cfg.engine.precision
-    if not precision:
-        precision = _ACCEL_PRECISION.get(env.get("ACCELERATE_MIXED_PRECISION", ""), "")
-    if not precision:
-        if _enabled(base.get("fp16")):
-            precision = "fp16"
-        elif _enabled(base.get("bf16")):
-            precision = "bf16"
-        else:
-            precision = "fp32"
-    return EngineSettings(stage, precision, path)
-
-
-def _enabled(section: dict[str, Any] | None) -> bool:
-    return section is not None and str(section.get("enabled", False)).lower() == "true"
-
-
-def load_ds_json(path: str) -> dict[str, Any]:
-    """Reads a DeepSpeed JSON (relative paths are tried from the repo root too)."""
-    candidates = [path, os.path.join(REPO_ROOT, path)]
-    for p in candidates:
-        if os.path.isfile(p):
-            with open(p) as f:
-                try:
-                    data: dict[str, Any] = json.load(f)
-                    return data
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{p}: engine.ds_config: invalid JSON: {e}") from e
-    raise ConfigError(f"engine.ds_config: DeepSpeed config file not found: {path}")
-
-
-def build_ds_config(cfg: Config, settings: EngineSettings) -> dict[str, Any]:
+def build_ds_config(
+    cfg: Config, settings: EngineSettings, src: str = "experiment config"
+) -> dict[str, Any]:
     """Fills the base JSON's "auto" fields and applies stage, precision and offload.
+
+    A value a user's JSON sets that the experiment config (`src` names its file) also decides
+    must agree with it (`trainer.ds_settings.check_json_against_config`): nothing is overwritten.
 
     Returns a complete DeepSpeed config dict: micro-batch = `data.batch_size`,
     `gradient_accumulation_steps` = `optim.gradient_acc`, `gradient_clipping` = `optim.clip_grad`,
@@ -112,8 +52,14 @@ def build_ds_config(cfg: Config, settings: EngineSettings) -> dict[str, Any]:
     BatchNorm running statistics stay fp32 (no `buffer_dtype`; on CPU see
     `keep_batchnorm_stats_fp32`). With optimizer offload, SGD runs as torch.optim.SGD on the CPU
     partition (`zero_force_ds_cpu_optimizer: false`, see `build_backbone_optimizer`).
+
+    Raises:
+        ConfigError: a conflict between the JSON and the config, or an "auto" left unfilled.
     """
+    from trainer.ds_settings import check_json_against_config
+
     ds = copy.deepcopy(load_ds_json(settings.ds_config_path))
+    check_json_against_config(cfg, settings, ds, src)
     ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     ds["gradient_accumulation_steps"] = cfg.optim.gradient_acc
     ds.pop("train_batch_size", None)
@@ -125,10 +71,10 @@ def build_ds_config(cfg: Config, settings: EngineSettings) -> dict[str, Any]:
         for key in [k for k in zero if k.startswith("stage3_")] + ["offload_param"]:
             zero.pop(key, None)
     pin = _accelerator_name() == "cuda"  # pinned host memory needs a CUDA device
-    if cfg.engine.offload:
+    if cfg.engine.offload or settings.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
-        if settings.zero_stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    if (cfg.engine.offload or settings.offload_param == "cpu") and settings.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     for key in ("offload_optimizer", "offload_param"):
         if isinstance(zero.get(key), dict) and not pin:
             zero[key]["pin_memory"] = False
@@ -137,7 +83,10 @@ def build_ds_config(cfg: Config, settings: EngineSettings) -> dict[str, Any]:
     fp16: dict[str, Any] = ds["fp16"] if isinstance(ds.get("fp16"), dict) else {}
     fp16["enabled"] = settings.precision == "fp16"
     ds["fp16"] = fp16
-    ds["bf16"] = {"enabled": settings.precision == "bf16"}
+    bf16: dict[str, Any] = dict(ds["bf16"]) if isinstance(ds.get("bf16"), dict) else {}
+    # The JSON's other bf16 keys (check_grad_overflow) stay.
+    bf16["enabled"] = settings.precision == "bf16"
+    ds["bf16"] = bf16
     data_types = dict(ds.get("data_types") or {})
     if settings.precision in ("bf16", "fp16"):
         ds.setdefault("communication_data_type", "fp32")
@@ -260,11 +209,14 @@ def create_accelerator(cfg: Config, ds_config: dict[str, Any], precision: str) -
     os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
     plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
     mixed = _ACCEL_PRECISION.get(precision, "no")  # fp32: Accelerate's "no"
+    from trainer.logging_utils import tracking_kwargs
+
     accelerator = Accelerator(
         deepspeed_plugin=plugin,
         mixed_precision=mixed,
         gradient_accumulation_steps=cfg.optim.gradient_acc,
         kwargs_handlers=[pg_kwargs],
+        **tracking_kwargs(cfg),  # log_with: logging.trackers
     )
     if accelerator.device.type != device.type:
         raise ConfigError(
@@ -401,17 +353,45 @@ def prepare_backbone(
 ) -> Any:
     """The backbone's optimizer (`build_backbone_optimizer`, over `param_groups` if given) and
     DeepSpeed engine (`accelerator.prepare`), BatchNorm statistics kept fp32
-    (`keep_batchnorm_stats_fp32`).
+    (`keep_batchnorm_stats_fp32`); under a bf16/fp16 engine the backbone's `fp32_tail` computes
+    in fp32 (`trainer.precision.keep_tail_fp32`, as arcface_torch); with `engine.compile` the
+    backbone is compiled (`compile_backbone`).
 
     Returns:
         the DeepSpeed engine, in train mode.
+
+    Raises:
+        ConfigError: `engine.compile` with ZeRO-3.
     """
+    from trainer.precision import keep_tail_fp32
+
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    if cfg.engine.compile and stage == 3:  # the stage may come from the launch config or JSON
+        raise ConfigError(f"engine.compile {COMPILE_ZERO3} (ZeRO stage resolved to 3)")
     device, _ = resolve_device()
     keep_batchnorm_stats_fp32(backbone, device)
+    if _enabled(ds_config.get("bf16")) or _enabled(ds_config.get("fp16")):
+        keep_tail_fp32(backbone)
     optimizer = build_backbone_optimizer(cfg, backbone, ds_config, param_groups)
     engine, _ = accelerator.prepare(backbone, optimizer)
     engine.train()
+    if cfg.engine.compile:
+        compile_backbone(engine)
     return engine
+
+
+def compile_backbone(engine: Any) -> None:
+    """`torch.compile` of the backbone inside its engine (`engine.compile`, ZeRO-1/2).
+
+    DeepSpeed's `engine.compile()` calls `module.compile(backend=...)` with its accelerator's
+    backend (inductor on CUDA and CPU): compiled in place, so parameter names, state-dict keys
+    (insightface's) and ZeRO's gradient hooks stay as they are; the graph is built at the first
+    forward (minutes on CPU) and again when the input shape or train/eval mode changes (the
+    verification callback's batches: one more graph). Inductor fuses the memory-bound
+    BatchNorm, PReLU and residual-add passes into the neighbouring kernels. The fp32 tail and
+    the CPU BatchNorm forwards (`keep_batchnorm_stats_fp32`) are traced like any other forward.
+    """
+    engine.compile()
 
 
 def loss_scale(engine: Any) -> float:

@@ -1,9 +1,11 @@
 """Rank-0 training log: one console line every `frequent` steps, the same scalars to TensorBoard
-and to the experiment trackers of `logging.trackers`; `RunLog` keeps the console in
+and, through Accelerate (`log_with`, `init_trackers`, `accelerator.log`), to the experiment
+trackers of `logging.trackers`, with the verification metrics; `run_log` keeps the console in
 `<output>/training.log`.
 
 The console line follows arcface_torch's `CallBackLogging` fields:
-`Step 120/2000 Epoch 1 Loss 21.3411 LR 0.09800 Speed 845.2 samples/s ETA 0h12m ...`.
+`Step 120/2000 Epoch 1 Loss 21.3411 LR 0.09800 Speed 845.2 samples/s ETA 0h12m ...`; as there
+(its `AverageMeter`, reset at each log), Loss is the mean over the steps since the last line.
 arcface_torch also writes `training.log` in its output folder (`utils/utils_logging.py`).
 """
 
@@ -13,13 +15,16 @@ import datetime
 import os
 import platform
 import sys
+import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import IO, Any, TextIO
 
 from trainer.config import Config, ConfigError, to_dict
+from trainer.fd_tee import FdTee
 
 RUN_LOG = "training.log"
 
@@ -50,7 +55,9 @@ class TrainLogger:
         self.global_batch = global_batch
         self.writer: Any = None
         self.progress: Any = None
-        self.trackers: list[Any] = []  # accelerate GeneralTracker instances (rank 0)
+        self.accelerator: Any = None  # set by `init_trackers`: trackers log through it
+        self._loss_sum: Any = None  # device tensor: finite losses since the last line
+        self._loss_count = 0
         self._window_start = time.time()
         self._window_steps = 0
         self._run_start = time.time()
@@ -87,21 +94,33 @@ class TrainLogger:
         epoch: int,
         scalars: dict[str, float] | Callable[[], dict[str, float]],
         frequent: int,
+        loss: Any = None,
     ) -> None:
         """Records one optimizer step; every `frequent` steps prints and logs `scalars`.
 
         `scalars` is a dict, or a callable returning one that is called on logging steps only
         (reading device values costs a host sync: the loop passes a callable). It holds at least
         `loss` and `lr`; others (loss_scale, grad_norm, num_sampled, ...) are printed and logged
-        as given.
+        as given. `loss`: this step's finite loss (0-dim device tensor, None when non-finite):
+        added on the device, the printed and logged `loss` is their mean since the last line
+        (one more read, on logging steps only), as arcface_torch's `AverageMeter`.
         """
         self._window_steps += 1
         if self.progress is not None:
             self.progress.update(self._task, completed=step)
-        if self.rank != 0 or (step % frequent != 0 and step != self.total_steps):
+        if self.rank != 0:
             return
-        if callable(scalars):
-            scalars = scalars()
+        if loss is not None:
+            self._loss_sum = loss.detach().float() + (
+                0 if self._loss_sum is None else self._loss_sum
+            )
+            self._loss_count += 1
+        if step % frequent != 0 and step != self.total_steps:
+            return
+        scalars = dict(scalars() if callable(scalars) else scalars)
+        if self._loss_count:
+            scalars["loss"] = float(self._loss_sum) / self._loss_count
+            self._loss_sum, self._loss_count = None, 0
         now = time.time()
         speed = self._window_steps * self.global_batch / max(now - self._window_start, 1e-9)
         self._window_start, self._window_steps = now, 0
@@ -119,8 +138,12 @@ class TrainLogger:
             self.writer.add_scalar("train/samples_per_sec", speed, step)
             self.writer.flush()
         values = {f"train/{k}": float(v) for k, v in scalars.items()}
-        for tracker in self.trackers:
-            tracker.log({**values, "train/samples_per_sec": speed}, step=step)
+        self.log_metrics({**values, "train/samples_per_sec": speed}, step)
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        """Sends `values` to the trackers (`accelerator.log`, rank 0; no-op without trackers)."""
+        if self.accelerator is not None and self.rank == 0:
+            self.accelerator.log(values, step=step)
 
     def close(self) -> None:
         """Stops the progress bar, closes TensorBoard and finishes the trackers."""
@@ -128,9 +151,27 @@ class TrainLogger:
             self.progress.stop()
         if self.writer is not None:
             self.writer.close()
-        for tracker in self.trackers:
-            tracker.finish()
-        self.trackers = []
+        if self.accelerator is not None:
+            self.accelerator.end_training()
+            self.accelerator = None
+
+
+def val_scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The verification callback's results (target -> metrics) as tracker scalars:
+    `val/<target>/accuracy`, `accuracy_std`, `highest_accuracy`, `tar_at_far`, `xnorm`."""
+    keys = {
+        "accuracy_mean": "accuracy",
+        "accuracy_std": "accuracy_std",
+        "highest_accuracy": "highest_accuracy",
+        "tar_at_far": "tar_at_far",
+        "xnorm": "xnorm",
+    }
+    return {
+        f"val/{name}/{tag}": float(res[key])
+        for name, res in results.items()
+        for key, tag in keys.items()
+        if key in res
+    }
 
 
 def _tracker_class(name: str) -> Any:
@@ -166,28 +207,53 @@ def check_trackers(cfg: Config) -> None:
         _tracker_class(str(name))
 
 
-def open_trackers(cfg: Config) -> list[Any]:
-    """Starts the experiment trackers of `logging.trackers` through accelerate's tracker
-    interface (`GeneralTracker`: start, store_init_configuration, log, finish) and stores the
-    config as the run's hyperparameters. Run name: the output folder's name; trackers that keep
-    local files write them under `<output>/trackers`. Call on rank 0 only.
+def tracking_kwargs(cfg: Config) -> dict[str, Any]:
+    """`Accelerator(**...)` arguments for the trackers: `log_with` and a project configuration
+    whose logging folder, `<output>/trackers`, holds the files of trackers that need one
+    (TensorBoard, Aim). Empty without `logging.trackers`."""
+    from accelerate.utils import ProjectConfiguration
+
+    if not cfg.logging.trackers:
+        return {}
+    return {
+        "log_with": [str(name) for name in cfg.logging.trackers],
+        "project_config": ProjectConfiguration(
+            project_dir=cfg.output, logging_dir=os.path.join(cfg.output, "trackers")
+        ),
+    }
+
+
+def tracker_init_kwargs(cfg: Config) -> dict[str, dict[str, Any]]:
+    """`init_kwargs` of `accelerator.init_trackers`: `logging.run_name` (default: the output
+    folder's name) and `logging.tags` as W&B's `name`/`tags` and MLflow's `run_name`/`tags`,
+    then `logging.init_kwargs[tracker]` over them."""
+    log = cfg.logging
+    run_name = log.run_name or os.path.basename(os.path.normpath(cfg.output)) or "arcscale"
+    derived: dict[str, dict[str, Any]] = {
+        "wandb": {"name": run_name, **({"tags": list(log.tags)} if log.tags else {})},
+        "mlflow": {
+            "run_name": run_name,
+            **({"tags": dict.fromkeys(log.tags, "")} if log.tags else {}),
+        },
+    }
+    return {
+        str(name): {**derived.get(str(name), {}), **dict(log.init_kwargs.get(str(name), {}))}
+        for name in log.trackers
+    }
+
+
+def init_trackers(accelerator: Any, cfg: Config, logger: TrainLogger) -> None:
+    """Starts the trackers of `accelerator` (made with `tracking_kwargs`) through
+    `accelerator.init_trackers(logging.project, flat config, tracker_init_kwargs(cfg))` and lets
+    `logger` send its scalars there. Call on every rank (Accelerate starts them on the main
+    process only).
 
     Raises:
         ConfigError: as `_tracker_class`.
     """
-    config = _flat(to_dict(cfg))
-    run_name = os.path.basename(os.path.normpath(cfg.output)) or "arcscale"
-    trackers = []
-    for name in cfg.logging.trackers:
-        cls = _tracker_class(str(name))
-        if cls.requires_logging_directory:
-            tracker = cls(run_name, os.path.join(cfg.output, "trackers"))
-        else:
-            tracker = cls(run_name)
-        tracker.start()
-        tracker.store_init_configuration(config)
-        trackers.append(tracker)
-    return trackers
+    check_trackers(cfg)
+    accelerator.init_trackers(cfg.logging.project, _flat(to_dict(cfg)), tracker_init_kwargs(cfg))
+    logger.accelerator = accelerator
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -208,7 +274,7 @@ class _Tee:
     """A text stream that writes to `terminal` and to `log` (prefixed per line, flushed per
     line so that the log of a killed run is complete)."""
 
-    def __init__(self, terminal: TextIO, log: IO[str], prefix: str = "") -> None:
+    def __init__(self, terminal: TextIO, log: Any, prefix: str = "") -> None:
         self.terminal = terminal
         self.log = log
         self.prefix = prefix
@@ -252,14 +318,80 @@ def versions() -> str:
     return ", ".join(parts) + f"; host {platform.node()}"
 
 
+class _LockedLog:
+    """The open log file shared by the Python-level tees and the descriptor copies' threads.
+
+    A child forked while a copy thread held the lock (a loader worker) would wait on it
+    forever: children get a fresh lock (`os.register_at_fork`)."""
+
+    _live: weakref.WeakSet[_LockedLog] = weakref.WeakSet()
+
+    def __init__(self, f: IO[str]) -> None:
+        self.f = f
+        self.lock = threading.Lock()
+        _LockedLog._live.add(self)
+
+    @staticmethod
+    def _after_fork_in_child() -> None:
+        for log in list(_LockedLog._live):
+            log.lock = threading.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self.f.closed
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            if self.f.closed:  # a copy thread draining after the run
+                return len(text)
+            return self.f.write(text)
+
+    def flush(self) -> None:
+        with self.lock:
+            if not self.f.closed:
+                self.f.flush()
+
+    def line(self, text: str) -> None:
+        """Writes and flushes one line (the descriptor copies)."""
+        self.write(text)
+        self.flush()
+
+
+os.register_at_fork(after_in_child=_LockedLog._after_fork_in_child)
+
+
+def _tee_stream(name: str, fd: int, log: _LockedLog, prefix: str) -> FdTee:
+    """Sends descriptor `fd` (native writes) and `sys.<name>` (Python's) to `log` as well.
+
+    Python text is written to the log directly, in order with the run's other lines; when
+    `sys.<name>` is the descriptor's own stream it reaches the terminal through a duplicate of
+    the original descriptor, so it does not pass the pipe (and the log) twice."""
+    stream = getattr(sys, name)
+    stream.flush()
+    tee = FdTee(fd, log.line, prefix)
+    terminal: Any = stream
+    try:
+        backed = stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):  # e.g. pytest's capsys
+        backed = False
+    if backed:  # left open: a handler may keep writing to this stream after the run
+        terminal = open(  # noqa: SIM115
+            os.dup(tee.saved), "w", buffering=1, encoding=stream.encoding, errors=stream.errors
+        )
+    setattr(sys, name, _Tee(terminal, log, prefix=prefix))
+    return tee
+
+
 @contextmanager
 def run_log(cfg: Config, argv: Sequence[str], rank: int, world_size: int) -> Iterator[str]:
     """Keeps the console of a run in `<output>/training.log` (appended: a resumed run adds to it).
 
     Rank 0 writes a header (date, command line, versions, world size, the config as YAML) and
-    then everything printed to stdout and stderr; the other ranks add only their stderr, each
-    line prefixed with `[rank R]`. An exception leaving the block is written there with its
-    traceback, then re-raised. Yields the log path.
+    then everything written to stdout and stderr; the other ranks add only their stderr, each
+    line prefixed with `[rank R]`. The copy is made at the file-descriptor level
+    (`trainer.fd_tee`): lines that native code writes (NCCL, c10 warnings, loader workers)
+    reach the log too. An exception leaving the block is written there with its traceback,
+    then re-raised. Yields the log path.
 
     Raises:
         OSError: the output folder cannot be created or the log opened.
@@ -269,19 +401,20 @@ def run_log(cfg: Config, argv: Sequence[str], rank: int, world_size: int) -> Ite
     os.makedirs(cfg.output, exist_ok=True)
     path = os.path.join(cfg.output, RUN_LOG)
     saved = sys.stdout, sys.stderr
-    with open(path, "a", encoding="utf-8") as log:
+    tees: list[FdTee] = []
+    with open(path, "a", encoding="utf-8") as f:
+        log = _LockedLog(f)
         if rank == 0:
-            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
             log.write(
                 f"===== {now} arcscale run =====\ncommand: {' '.join(argv)}\n"
                 f"versions: {versions()}\nworld size: {world_size}\nconfig:\n"
                 + "".join(f"  {line}\n" for line in yaml.safe_dump(to_dict(cfg)).splitlines())
             )
             log.flush()
-            sys.stdout = _Tee(saved[0], log)
-            sys.stderr = _Tee(saved[1], log)
+            tees = [_tee_stream("stdout", 1, log, ""), _tee_stream("stderr", 2, log, "")]
         else:
-            sys.stderr = _Tee(saved[1], log, prefix=f"[rank {rank}] ")
+            tees = [_tee_stream("stderr", 2, log, f"[rank {rank}] ")]
         try:
             yield path
         except BaseException as e:
@@ -292,4 +425,8 @@ def run_log(cfg: Config, argv: Sequence[str], rank: int, world_size: int) -> Ite
                 )
             raise
         finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
             sys.stdout, sys.stderr = saved
+            for tee in tees:
+                tee.close()

@@ -1,11 +1,13 @@
 """Fine-tuning: the backbone starts from saved weights (`model.pretrained`) before DeepSpeed.
 
-Accepted (models/weights.py finds the file): our `backbone.pt`, a step dir, a run dir, or
-an arcface_torch `backbone.pth` (`torch.save(backbone.module.state_dict())` in its train_v2.py:
-the insightface key names our networks use). The weights load into the bare module on every rank
-before `accelerator.prepare`, so ZeRO-3 partitions the loaded values. The Partial FC head is not
-touched: it starts fresh for the new dataset's classes. `checkpoint.resume` is another thing: it
-restores a whole run (head, optimizer, loader, RNG) and, when it does, wins over these weights.
+Accepted (models/weights.py finds the file): our `backbone.pt` or `backbone.safetensors` (its
+header names the network, checked like meta.json's), a step dir, a run dir, an arcface_torch
+`backbone.pth` or `model.pt` (`torch.save(backbone.module.state_dict())`, train_v2.py writes
+`model.pt`: the insightface key names our networks use), or a folder holding one of them.
+The weights load into the bare module on every rank before `accelerator.prepare`, so ZeRO-3
+partitions the loaded values. The Partial FC head is not touched: it starts fresh for the new
+dataset's classes. `checkpoint.resume` is another thing: it restores a whole run (head, optimizer,
+loader, RNG) and, when it does, wins over these weights.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from models.weights import (
     key_mismatches,
     read_state_dict,
     resolve_checkpoint,
+    state_bytes,
 )
 from trainer.config import Config, ConfigError
 
@@ -49,7 +52,7 @@ def load_pretrained(cfg: Config, model: nn.Module, log: Callable[[str], object] 
     where = f"model.pretrained: {path}"
     try:
         weights, meta = resolve_checkpoint(path)
-        state = read_state_dict(weights)
+        state = read_state_dict(weights, max_bytes=state_bytes(model))  # before inflating
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from None
     saved_network = (meta or {}).get("network")

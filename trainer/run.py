@@ -59,15 +59,18 @@ class Run:
         training goes on: an evaluation never costs the run or its checkpoint."""
         if self.evaluator is None:
             return
+        from trainer.logging_utils import val_scalars
+
         self.engine.eval()
         try:
             with torch.no_grad():
                 # module: all ranks evaluate with rank 0's BN statistics, those a checkpoint saves
-                self.evaluator(
+                results = self.evaluator(
                     step,
                     lambda x: self.engine(x.to(self.device, self.dtype)).float(),
                     self.engine.module,
                 )
+            self.logger.log_metrics(val_scalars(results), step)  # trackers (rank 0)
         except Exception as e:  # noqa: BLE001 - logged, the run goes on
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             print(f"[eval] rank {self.rank} step {step}: evaluation failed: {first}", flush=True)

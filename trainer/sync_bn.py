@@ -6,10 +6,15 @@ another world size computes a different loss from the same weights and the same 
 (docs/reliability.md). Synchronized BatchNorm (Ioffe & Szegedy 2015 statistics taken over the
 global batch, as in Peng et al. 2018, "MegDet") removes that dependence.
 
-On CUDA/XPU `torch.nn.SyncBatchNorm` does the work. torch refuses CPU tensors there, so on CPU the
-forward all-reduces per-channel (sum, sum of squares, count) in float64 and the backward
-all-reduces (sum dy, sum dy * x_hat); the result equals one BatchNorm over the concatenated
-batch. Only `trainer/` converts models: model files stay unaware of distribution.
+One implementation for every device: the forward gathers each rank's per-channel (mean, sum of
+squared deviations, count), computed in one fp32 pass (`torch.var_mean`), and combines them in
+float64 (Chan, Golub & LeVeque's parallel variance); the backward all-reduces (sum dy,
+sum dy * x_hat). The result equals one BatchNorm over the concatenated batch. Nothing reads the
+device: `torch.nn.SyncBatchNorm` (CUDA only) drops empty ranks with a boolean mask, a host sync
+per layer and step (issue 28; tests/unit/trainer/test_host_syncs.py), and refuses CPU tensors;
+here an empty rank contributes a zero count, known on the host. The price on CUDA is a few more
+memory passes than torch's fused kernels (docs/benchmarks.md).
+Only `trainer/` converts models: model files stay unaware of distribution.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from torch import nn
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
 
-class _SyncBatchNormCPU(torch.autograd.Function):
-    """BatchNorm over the union of all ranks' batches (train mode), gloo-friendly."""
+class _SyncBatchNormFn(torch.autograd.Function):
+    """BatchNorm over the union of all ranks' batches (train mode), any device, no host read."""
 
     @staticmethod
     def forward(
@@ -40,23 +45,32 @@ class _SyncBatchNormCPU(torch.autograd.Function):
     ) -> torch.Tensor:
         dims = [0] + list(range(2, x.dim()))  # every axis except channels
         shape = [1, -1] + [1] * (x.dim() - 2)
-        xd = x.double()
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64)
-        stats = torch.cat([xd.sum(dims), (xd * xd).sum(dims), count])
-        dist.all_reduce(stats, group=group)
         c = x.shape[1]
-        n = stats[-1]
-        if n <= 1:
-            raise ValueError(f"SyncBatchNorm needs more than 1 value per channel, got {int(n)}")
-        mean = stats[:c] / n
-        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # biased, as BatchNorm
-        invstd = torch.rsqrt(var + eps)
+        local_n = x.numel() // c  # a host number: no device read
+        if local_n:
+            var, mean = torch.var_mean(x.float(), dims, correction=0)
+        else:  # an empty rank adds nothing (count 0, finite placeholders)
+            var = mean = x.new_zeros(c, dtype=torch.float32)
+        # per rank (mean, sum of squared deviations, count), combined in fp64 (Chan et al.'s
+        # parallel variance): per-rank moments in one fp32 pass, no fp64 copy of the activation
+        count = torch.full((1,), float(local_n), dtype=torch.float64, device=x.device)
+        local = torch.cat([mean.double(), var.double() * local_n, count])
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local, group=group)
+        table = torch.stack(parts)  # (W, 2C + 1)
+        counts = table[:, -1:]
+        n = counts.sum()
+        mean_g = (table[:, :c] * counts).sum(0) / n
+        m2 = (table[:, c : 2 * c] + counts * (table[:, :c] - mean_g) ** 2).sum(0)
+        var_g = m2 / n  # biased, as BatchNorm
+        invstd = torch.rsqrt(var_g + eps)
         if running_mean is not None and running_var is not None and momentum:
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            unbiased = var * n / (n - 1)
+            running_mean.mul_(1 - momentum).add_(mean_g.to(running_mean.dtype), alpha=momentum)
+            unbiased = m2 / (n - 1)
             running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-        x_hat = ((xd - mean.view(shape)) * invstd.view(shape)).to(x.dtype)
-        ctx.save_for_backward(x_hat, weight, invstd.to(torch.float32))
+        mean32, invstd32 = mean_g.float().view(shape), invstd.float().view(shape)
+        x_hat = ((x.float() - mean32) * invstd32).to(x.dtype)
+        ctx.save_for_backward(x_hat, weight, invstd.float())
         ctx.group, ctx.n, ctx.dims, ctx.shape = group, n, dims, shape
         y = x_hat
         if weight is not None:
@@ -85,18 +99,16 @@ class _SyncBatchNormCPU(torch.autograd.Function):
 
 
 class SyncBatchNorm(nn.SyncBatchNorm):
-    """`torch.nn.SyncBatchNorm` that also synchronizes CPU tensors (gloo).
+    """`torch.nn.SyncBatchNorm` without host syncs, on every device (CPU ranks over gloo too).
 
-    Input float (N, C, ...) of any dtype; statistics in float64 on CPU. Eval mode, a world of one
-    process and non-CPU devices behave exactly as `torch.nn.SyncBatchNorm`.
-
-    Raises:
-        ValueError: the global batch has a single value per channel in train mode.
+    Input float (N, C, ...) of any dtype; per-rank moments in fp32, their combination in float64.
+    Eval mode and a world of one process are plain BatchNorm. A global batch with a single value
+    per channel gives non-finite running variance (as `torch.nn.SyncBatchNorm` across ranks; the
+    training step's finite-loss check stops on what follows), not an error: checking it would read
+    the device.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
-            return super().forward(x)
         distributed = dist.is_available() and dist.is_initialized()
         group = self.process_group or (dist.group.WORLD if distributed else None)
         if not self.training or not distributed or dist.get_world_size(group) == 1:
@@ -108,7 +120,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             tracked.add_(1)
             if self.momentum is None:  # cumulative moving average, as torch
                 momentum = 1.0 / float(tracked)
-        y: torch.Tensor = _SyncBatchNormCPU.apply(
+        y: torch.Tensor = _SyncBatchNormFn.apply(
             x,
             self.weight,
             self.bias,

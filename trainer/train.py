@@ -1,5 +1,6 @@
 """Entry point: `accelerate launch --config_file accelerate_configs/X.yaml -m trainer.train
-configs/EXP.yaml [key=value ...]` or `deepspeed --hostfile H trainer/train.py configs/EXP.yaml`.
+configs/EXP.yaml [key=value ...]`, `deepspeed --hostfile H trainer/train.py configs/EXP.yaml`, or
+`srun python -m trainer.train ...` (one SLURM task per GPU: trainer/slurm.py, tools/slurm/).
 
 Parse -> check files (exit 2 on a bad config, before any process-group work) -> build data,
 backbone engine, head -> train -> tear down in `finally`. Nothing happens at import. Once the
@@ -25,6 +26,7 @@ from trainer.config import Config, ConfigError, load_config
 if TYPE_CHECKING:
     from trainer.engine import EngineSettings
     from trainer.faults import FaultInjector
+    from trainer.signals import StopSignal
 
 
 class TrainingDiverged(RuntimeError):
@@ -32,30 +34,28 @@ class TrainingDiverged(RuntimeError):
 
 
 def check_batch(
-    cfg: Config, settings: EngineSettings, env: Mapping[str, str] | None = None
+    cfg: Config,
+    settings: EngineSettings,
+    env: Mapping[str, str] | None = None,
+    src: str = "experiment config",
 ) -> None:
-    """A number in the DeepSpeed JSON that disagrees with the config is an error, not overwritten.
+    """The DeepSpeed JSON's `train_batch_size` must be "auto" or what DeepSpeed asserts; the
+    other numbers are checked by `build_ds_config` (trainer/ds_settings.py).
 
     Raises:
-        ConfigError: `train_micro_batch_size_per_gpu` != `data.batch_size`, or
-            `train_batch_size` != batch_size x gradient_acc x WORLD_SIZE (what DeepSpeed asserts).
+        ConfigError: `train_batch_size` != batch_size x gradient_acc x WORLD_SIZE, naming `src`
+            (the experiment config) and the JSON.
     """
     from trainer.engine import load_ds_json
 
     env = os.environ if env is None else env
     base = load_ds_json(settings.ds_config_path)
-    micro = base.get("train_micro_batch_size_per_gpu", "auto")
-    if micro != "auto" and int(micro) != cfg.data.batch_size:
-        raise ConfigError(
-            f"data.batch_size: {cfg.data.batch_size} but {settings.ds_config_path} sets "
-            f"train_micro_batch_size_per_gpu {micro} (use 'auto' or make them equal)"
-        )
     total = base.get("train_batch_size", "auto")
     world = int(env.get("WORLD_SIZE", 1))
     want = cfg.data.batch_size * cfg.optim.gradient_acc * world
     if total != "auto" and int(total) != want:
         raise ConfigError(
-            f"data.batch_size: {settings.ds_config_path} sets train_batch_size {total} but "
+            f"{src}: data.batch_size: {settings.ds_config_path} sets train_batch_size {total} but "
             f"batch_size {cfg.data.batch_size} x gradient_acc {cfg.optim.gradient_acc} x "
             f"world size {world} = {want} (use 'auto')"
         )
@@ -91,6 +91,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("config", help="experiment YAML (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    look = p.add_argument_group(
+        "look before you launch (no process group; trainer/inspect_config.py)"
+    )
+    look.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+    look.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="also build the model on the meta device, plan memory",
+    )
+    look.add_argument(
+        "--diff", metavar="OTHER", help="differences from a config file or run folder"
+    )
+    look.add_argument(
+        "--world-size", type=int, default=None, help="ranks (default: WORLD_SIZE or 1)"
+    )
     return p.parse_args(argv)
 
 
@@ -106,6 +121,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.print_config or args.dry_run or args.diff:
+        from trainer.inspect_config import inspect_main
+
+        return inspect_main(args.config, args.overrides, args.dry_run, args.diff, args.world_size)
+    from trainer.slurm import slurm_env
+
+    try:
+        if slurm_env(os.environ) and os.environ["RANK"] == "0":  # `srun python -m trainer.train`
+            print(f"[arcscale] SLURM tasks as ranks: world size {os.environ['WORLD_SIZE']}")
+    except ValueError as e:
+        print(f"arcscale: config error: {e}", file=sys.stderr, flush=True)
+        return 2
     standalone = _standalone_env(os.environ)
     from trainer.logging_utils import run_log
 
@@ -119,24 +146,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     with run_log(cfg, sys.argv if argv is None else ["trainer.train", *argv], rank, world):
-        return _run(cfg, standalone)
+        try:
+            return _run(cfg, standalone, args.config)
+        except KeyboardInterrupt:  # Ctrl-C before the loop's handler is in place
+            print("arcscale: interrupted (SIGINT) before training; nothing saved", file=sys.stderr)
+            return 130
 
 
-def _run(cfg: Config, standalone: bool) -> int:
-    """Checks, trains and maps the known failures to exit codes (inside the run log)."""
+def _run(cfg: Config, standalone: bool, src: str = "experiment config") -> int:
+    """Checks, trains and maps the known failures to exit codes (inside the run log); `src`
+    names the experiment config in error messages."""
     from trainer.checkpoint import preflight_output
     from trainer.data_setup import preflight
+    from trainer.elastic import resized_config
     from trainer.engine import build_ds_config, resolve_engine_settings
     from trainer.faults import parse_faults
     from trainer.logging_utils import check_trackers
+    from trainer.signals import StoppedBySignal
 
     try:
         preflight(cfg)
         preflight_output(cfg)
+        cfg = resized_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), _rank0_print())
         check_trackers(cfg)
-        settings = resolve_engine_settings(cfg)
-        ds_config = build_ds_config(cfg, settings)
-        check_batch(cfg, settings)
+        settings = resolve_engine_settings(cfg, src=src)
+        ds_config = build_ds_config(cfg, settings, src)
+        check_batch(cfg, settings, src=src)
         faults = parse_faults()
     except ConfigError as e:
         print(f"arcscale: config error: {e}", file=sys.stderr, flush=True)
@@ -151,6 +186,8 @@ def _run(cfg: Config, standalone: bool) -> int:
     except TrainingDiverged as e:
         print(f"arcscale: training stopped: {e}", file=sys.stderr, flush=True)
         return 3
+    except StoppedBySignal as e:  # rank 0 logged the line; the checkpoint is complete
+        return e.code
     except Exception as e:
         if not _collective_failure(e):
             raise
@@ -169,6 +206,11 @@ def _run(cfg: Config, standalone: bool) -> int:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _rank0_print() -> Any:
+    """`print` on rank 0 (RANK from the launcher), a no-op elsewhere: before the process group."""
+    return print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
 
 
 def _latest_or_none(output: str) -> str:
@@ -192,33 +234,24 @@ def train(
     Raises:
         TrainingDiverged: the loss stayed non-finite for `engine.max_bad_steps` steps.
     """
-    from trainer.checkpoint import Checkpointer
     from trainer.lr import poly_lr
     from trainer.run import build_run, micro_batches
+    from trainer.signals import StopSignal
     from trainer.step import train_step
 
     run = build_run(cfg, settings, ds_config)
-    if run.rank == 0 and cfg.logging.trackers:
-        from trainer.logging_utils import open_trackers
+    if cfg.logging.trackers:  # Accelerate starts them on the main process
+        from trainer.logging_utils import init_trackers
 
-        run.logger.trackers = open_trackers(cfg)
-    checkpointer = Checkpointer(
-        cfg,
-        engine=run.engine,
-        head=run.head,
-        head_opt=run.head_opt,
-        loader=run.loader,
-        rank=run.rank,
-        world=run.world,
-        precision=run.settings.precision,
-        zero_stage=run.settings.zero_stage,
-        log=run.log,
-    )
+        init_trackers(run.accelerator, cfg, run.logger)
+    checkpointer = _checkpointer(cfg, run)
     step = checkpointer.resume()
     if faults is not None:
         faults.install(run.head)
     batches = micro_batches(run.loader, run.report_corrupt)
     total, bad_steps, skipped = run.res.total_steps, 0, 0
+    stop = StopSignal(cfg.preemption.signals, cfg.preemption.sync_every, run.device)
+    stop.install()  # a signal now only sets a flag: the step and any checkpoint write finish
     t_start = time.time()
     try:
         while step < total:
@@ -243,8 +276,11 @@ def train(
             if bad_steps >= cfg.engine.max_bad_steps:
                 raise _diverged(cfg, step, bad_steps, checkpointer.last_saved)
             scalars = functools.partial(_scalars, result, run.engine, lr, skipped)
-            run.logger.step(step, run.loader.epoch, scalars, cfg.logging.frequent)
+            finite_loss = result.loss if result.loss_finite else None  # interval mean
+            run.logger.step(step, run.loader.epoch, scalars, cfg.logging.frequent, finite_loss)
             checkpointer.maybe_save(step, finite=bad_steps == 0)  # saved before evaluating
+            if signum := stop.agreed(step, run.world):
+                _stop_on_signal(run, checkpointer, stop, signum, step, finite=bad_steps == 0)
             if step % cfg.eval.verbose == 0 and step < total:
                 run.evaluate(step)
         run.report_corrupt(run.loader.epoch, " (so far)")
@@ -254,7 +290,55 @@ def train(
         for name, acc in (run.evaluator.highest if run.evaluator else {}).items():
             run.log(f"[arcscale] highest accuracy {name}: {acc:.5f}")
     finally:
+        stop.restore()
         run.logger.close()
+
+
+def _checkpointer(cfg: Config, run: Any) -> Any:
+    """The run's `Checkpointer`, given the parts it saves."""
+    from trainer.checkpoint import Checkpointer
+
+    return Checkpointer(
+        cfg,
+        engine=run.engine,
+        head=run.head,
+        head_opt=run.head_opt,
+        loader=run.loader,
+        rank=run.rank,
+        world=run.world,
+        precision=run.settings.precision,
+        zero_stage=run.settings.zero_stage,
+        log=run.log,
+    )
+
+
+def _stop_on_signal(
+    run: Any, checkpointer: Any, stop: StopSignal, signum: int, step: int, finite: bool
+) -> None:
+    """Checkpoints the step the ranks agreed to stop at (unless already saved or non-finite),
+    logs one line, requeues the SLURM job when `preemption.requeue` asks (not on SIGINT: a
+    Ctrl-C means stop), then raises.
+
+    Raises:
+        StoppedBySignal: always (`code` = 128 + signum is the process's exit status).
+    """
+    import signal
+
+    from trainer.signals import StoppedBySignal, requeue_note, requeue_slurm_job, stop_line
+
+    path = checkpointer.last_saved
+    if finite and not (path and path.endswith(f"step_{step}")):
+        checkpointer.save(step)
+        path = checkpointer.last_saved
+    elif not finite:
+        path = None
+    seconds = time.monotonic() - stop.received_at if stop.received else 0.0
+    requeue = run.cfg.preemption.requeue and signum != signal.SIGINT  # Ctrl-C means stop
+    run.log(stop_line(signum, step, path, seconds, requeue_note(requeue, os.environ)))
+    sys.stdout.flush()
+    if requeue and run.rank == 0 and (why := requeue_slurm_job(os.environ)):
+        print(f"arcscale: {why}", file=sys.stderr, flush=True)
+    raise StoppedBySignal(signum, step, path)
 
 
 def _scalars(result: Any, engine: Any, lr: float, skipped: int) -> dict[str, float]:

@@ -66,6 +66,7 @@ def bad_configs(lfw16, tmp_path):
     return {
         "unknown key": ([*base, "data.bogus=1"], "data.bogus"),
         "wrong type": ([*base, "data.batch_size=abc"], "data.batch_size"),
+        "batch of one": ([*base, "data.batch_size=1"], "must be >= 2"),
         "num_classes": ([*base, "data.num_classes=17"], "data.num_classes"),
         "missing bin": ([*base, "eval.val_targets=[nope]"], "nope.bin"),
         "ds batch": ([*base, f"engine.ds_config={ds_json}"], "train_batch_size 100"),

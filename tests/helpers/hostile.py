@@ -47,3 +47,52 @@ def make_rec(folder, n=8, classes=4, side=112, sides=None, header=False):
             w.write(first + i, pack(IRHeader(0, float(i % classes), first + i, 0), img))
     write_property(folder, classes, side, side)
     return str(folder)
+
+
+def bomb_jpeg(height=50000, width=50000):
+    """A few-hundred-byte JPEG whose frame header (SOF0) declares height x width pixels: the
+    scan data is a 16x16 image's, so only a decoder that trusts the header allocates."""
+    buf = bytearray(flat_jpeg(16))
+    sof = buf.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
+    buf[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(buf)
+
+
+def bomb_png(height=30000, width=30000):
+    """A PNG (one IDAT of a 1x1 image) whose IHDR declares height x width pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00\x00\x00\x00")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def bmp_header(height=30000, width=30000):
+    """A 54-byte BMP header declaring height x width 24-bit pixels and no pixel data."""
+    import struct
+
+    return (
+        b"BM"
+        + struct.pack("<IHHI", 54, 0, 0, 54)
+        + struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    )
+
+
+def no_decoder(monkeypatch):
+    """Make every image decoder fail loudly: a guard that reads headers only never calls them."""
+    import cv2
+
+    import data.decode as dec
+
+    def called(*args, **kwargs):
+        raise AssertionError("a decoder ran on a file that declares a huge size")
+
+    monkeypatch.setattr(dec.simplejpeg, "decode_jpeg", called)
+    monkeypatch.setattr(dec.cv2, "imdecode", called)
+    monkeypatch.setattr(cv2, "imdecode", called)
+    monkeypatch.setattr(dec, "_decode_pil", called)

@@ -379,7 +379,8 @@ def test_config_fault_through_python_and_launcher(lfw16, tmp_path):
     assert run.wait() != 0
     stderr = run.stderr
     ours = [x for x in stderr.splitlines() if x.startswith("arcscale:")]
-    assert len(ours) == 2 and len(set(ours)) == 1 and needle in ours[0], stderr[-3000:]
+    # The agent stops the other rank once one exits 2: it may not have printed its line yet.
+    assert 1 <= len(ours) <= 2 and len(set(ours)) == 1 and needle in ours[0], stderr[-3000:]
     assert re.search(r"exitcode\s*:\s*2", stderr) and "world size" not in run.stdout
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -13,7 +14,7 @@ import torch.distributed as dist
 
 from data.atomic import atomic_path
 from heads import HeadOptimizer, PartialFC
-from models.weights import checkpoint_root, latest_checkpoint
+from models.weights import checkpoint_root, latest_checkpoint, read_state_dict, save_safetensors
 from trainer.config import Config, ConfigError, to_dict
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
 from trainer.checkpoint.layout import Log, prepare_fresh_output
 from trainer.checkpoint.store import Meta, load_checkpoint, load_meta, save_checkpoint
+from trainer.checkpoint.verify import check_meta_fits
 
 
 def _broadcast_str(value: str, rank: int) -> str:
@@ -114,6 +116,7 @@ class Checkpointer:
             "embedding_size": cfg.model.embedding_size,
             "model_kwargs": cfg.model.kwargs,
             "num_classes": cfg.data.num_classes,
+            "num_subcenters": cfg.head.num_subcenters,
             "precision": self.precision,
             "zero_stage": self.zero_stage,
             "config": to_dict(cfg),
@@ -128,11 +131,16 @@ class Checkpointer:
                 self.log(f"[checkpoint] no checkpoint in {self.root}: starting fresh")
             self.loader.set_epoch(0)
             return 0
+        meta = load_meta(path)
+        check_meta_fits(meta, self.cfg, path)
+        self.loader.set_epoch(int(meta["epoch"]))
+        try:  # global-sample offset, any world size; checked before the engine state is read
+            self.loader.load_state_dict(meta["loader"])
+        except ValueError as e:
+            raise ConfigError(f"{path}/meta.json: 'loader' does not fit this data ({e})") from None
         meta = load_checkpoint(
             path, self.engine, self.head, self.head_opt, self.rank, self.world, self.log
         )
-        self.loader.set_epoch(int(meta["epoch"]))
-        self.loader.load_state_dict(meta["loader"])  # global-sample offset: any world size
         self.log(f"[arcscale] resumed from {path} at step {meta['step']}, epoch {meta['epoch']}")
         return int(meta["step"])
 
@@ -163,7 +171,8 @@ class Checkpointer:
 
     def finish(self, step: int) -> None:
         """Saves the last step (if not saved yet) and exports its `backbone.pt` to the output
-        folder, where arcface_torch users look for the final weights."""
+        folder, where arcface_torch users look for the final weights, with the same weights as
+        `backbone.safetensors` beside it (no pickle; the header names the network)."""
         if self.last_saved is None or not self.last_saved.endswith(f"step_{step}"):
             self.save(step)
         if self.rank == 0:
@@ -171,6 +180,17 @@ class Checkpointer:
             target = os.path.join(self.cfg.output, "backbone.pt")
             with atomic_path(target) as tmp:
                 shutil.copyfile(final, tmp)
+            export_safetensors(
+                final, os.path.join(self.cfg.output, "backbone.safetensors"), self.meta(step)
+            )
+
+
+def export_safetensors(backbone_pt: str, target: str, meta: Meta) -> None:
+    """`backbone_pt` (a consolidated state dict) rewritten as safetensors at `target`,
+    atomically, with `meta`'s network, embedding size and builder kwargs in its header."""
+    state = read_state_dict(Path(backbone_pt))
+    with atomic_path(target) as tmp:
+        save_safetensors(state, tmp, meta)
 
 
 # What an arcscale run folder holds (docs/design.md): one of them marks a folder as a run's.
@@ -228,13 +248,16 @@ def preflight_output(cfg: Config) -> None:
         ConfigError: `output` refused by `prepare_output_folder`; an explicit
             `checkpoint.resume` path that is not a complete checkpoint; a fresh run
             (`checkpoint.resume=false`) in a folder holding another run's checkpoints without
-            `checkpoint.overwrite=true`.
+            `checkpoint.overwrite=true`; a checkpoint to resume whose meta.json fails its schema
+            or records other model/head sizes than the config (`verify.check_meta_fits`).
     """
     prepare_output_folder(cfg.output, cfg.checkpoint.overwrite)
     if resume_off(cfg.checkpoint.resume):
         prepare_fresh_output(cfg.output, cfg.checkpoint.overwrite)
     else:
-        resolve_resume(cfg.checkpoint.resume, cfg.output)  # an explicit path must resolve
+        path = resolve_resume(cfg.checkpoint.resume, cfg.output)  # an explicit path must resolve
+        if path is not None:  # before anything is allocated: sizes a resume cannot change
+            check_meta_fits(load_meta(path), cfg, path)
 
 
 def check_output_shared(output: str, rank: int, world: int, group: Any = None) -> None:

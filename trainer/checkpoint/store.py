@@ -20,13 +20,14 @@ import torch.distributed as dist
 
 from data.atomic import write_text_atomic
 from heads import HeadOptimizer, PartialFC, load_head, save_head
-from models.weights import checkpoint_root
+from models.weights import checkpoint_root, load_error, refused_global
 from trainer.config import ConfigError
 
 if TYPE_CHECKING:
     from deepspeed.runtime.engine import DeepSpeedEngine
 
 from trainer.checkpoint.layout import Log, prune_checkpoints
+from trainer.checkpoint.verify import check_engine_files, check_tensor, validate_meta
 
 # A checkpoint's meta.json (JSON: written by `Checkpointer.meta`, checked by `load_meta`).
 Meta = dict[str, Any]
@@ -84,11 +85,11 @@ def _engine_safe_globals() -> list[Callable[..., Any] | tuple[Callable[..., Any]
 
 
 def _refused(path: object, error: Exception) -> ConfigError:
-    first = (str(error).strip().splitlines() or [""])[0]
-    detail = next((ln.strip() for ln in str(error).splitlines() if "GLOBAL" in ln), first)
+    """One line naming the refused object (never torch's advice to load with weights_only=False)."""
+    what = refused_global(error)
     return ConfigError(
         f"{path}: refused to load: it holds objects other than tensors and the few DeepSpeed "
-        f"types a checkpoint needs, possibly code ({detail[:200]})"
+        f"types a checkpoint needs, possibly code (Unsupported global: {what or 'unknown'})"
     )
 
 
@@ -189,26 +190,30 @@ def consolidate_backbone(engine_dir: str, module: torch.nn.Module) -> dict[str, 
 
 
 def load_meta(path: str) -> Meta:
-    """Reads `meta.json` of a checkpoint directory.
+    """Reads `meta.json` of a checkpoint directory and checks it (`verify.validate_meta`: types,
+    ranges, the files it implies) before anything is allocated from it.
 
     Raises:
-        ConfigError: no `meta.json` (not a complete checkpoint), or one that is not a JSON object
-            with integer `step`, `epoch` and `world_size` (the message names the file).
+        ConfigError: no `meta.json` (not a complete checkpoint), or one that fails the schema
+            (the message names the file and the field).
     """
     meta_path = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_path):
         raise ConfigError(f"checkpoint.resume: {path} is not a complete checkpoint (no meta.json)")
     try:
         with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            meta = json.loads(f.read(1 << 20), parse_int=_bounded_int)
+    except RecursionError:
+        raise ConfigError(f"{meta_path}: not a checkpoint meta.json (nested too deeply)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ConfigError(f"{meta_path}: not a checkpoint meta.json ({e})") from None
-    if not isinstance(meta, dict):
-        raise ConfigError(f"{meta_path}: not a checkpoint meta.json (a JSON object expected)")
-    for key in ("step", "epoch", "world_size"):
-        if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool):
-            raise ConfigError(f"{meta_path}: '{key}' must be an integer, got {meta.get(key)!r}")
-    return meta
+    return validate_meta(meta, path)
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > 20:  # Python's int() of a huge digit string costs quadratic time
+        raise ValueError(f"integer of {len(text)} digits")
+    return int(text)
 
 
 def load_checkpoint(
@@ -230,6 +235,8 @@ def load_checkpoint(
     meta = load_meta(path)
     saved_world = int(meta["world_size"])
     if saved_world == world_size:
+        engine_dir = os.path.join(path, "engine", "engine")
+        check_engine_files(engine_dir, engine, rank, weights_only_loads)
         with weights_only_loads():
             engine.load_checkpoint(os.path.join(path, "engine"), tag="engine")
     else:
@@ -239,29 +246,60 @@ def load_checkpoint(
                 f"backbone.pt, backbone optimizer state restarts; head re-sharded exactly"
             )
         load_backbone_weights(engine, os.path.join(path, "backbone.pt"))
-    load_head(path, head, head_opt)
+    try:
+        load_head(path, head, head_opt)
+    except (ValueError, FileNotFoundError) as e:  # heads/ names the shard file
+        raise ConfigError(f"checkpoint.resume: {e}") from None
     rng_file = os.path.join(path, f"rng_rank{rank}.pt")
     if saved_world == world_size and os.path.isfile(rng_file):
         try:
-            set_rng_state(torch.load(rng_file, weights_only=True))
+            state = torch.load(rng_file, weights_only=True)
         except pickle.UnpicklingError as e:
             raise _refused(rng_file, e) from None
+        try:
+            check_tensor(rng_file, "torch", state["torch"], torch.get_rng_state().shape,
+                         torch.uint8)  # fmt: skip
+            set_rng_state(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"{rng_file}: not an RNG state of this run ({e})") from None
     return meta
 
 
 def load_backbone_weights(engine: DeepSpeedEngine, path: str) -> None:
-    """Copies an fp32 state dict into the engine's module and its fp32 master weights."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Copies an fp32 state dict into the engine's module and its fp32 master weights.
+
+    Every tensor is checked first (`verify.check_tensor`): a parameter's full shape (`ds_shape`
+    under ZeRO-3) and fp32 (a buffer: its own dtype, floating ones fp32), so a wrong file
+    changes nothing.
+
+    Raises:
+        ConfigError: unreadable or refused file, a missing parameter, or a tensor of another
+            shape or dtype (the message names the file and tensor).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _refused(path, e) from None
+    except Exception as e:  # torch raises several types for unreadable files
+        raise ConfigError(load_error(path, e)) from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path}: not a state dict (a dict of tensors expected)")
     module = engine.module
     import deepspeed
 
     params = dict(module.named_parameters())
-    for name, tensor in module.named_buffers():
-        if name in state:
-            tensor.data.copy_(state[name].to(tensor.dtype))
     for name, param in params.items():
         if name not in state:
-            raise KeyError(f"{path}: missing backbone parameter '{name}'")
+            raise ConfigError(f"{path}: missing backbone parameter '{name}'")
+        want = getattr(param, "ds_shape", param.shape)
+        check_tensor(path, name, state[name], want, torch.float32)
+    buffers = [(n, t) for n, t in module.named_buffers() if n in state]
+    for name, tensor in buffers:
+        dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
+        check_tensor(path, name, state[name], tensor.shape, dtype)
+    for name, tensor in buffers:
+        tensor.data.copy_(state[name].to(tensor.dtype))
+    for name, param in params.items():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             param.data.copy_(state[name].to(param.dtype))
     # ZeRO 1/2 keep fp32 masters apart from the module: refresh them from the loaded weights.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,9 @@ from trainer.config.schema import COMPAT_PRESETS, Config, ConfigError
 from trainer.config.validate import validate
 
 MAX_YAML_NODES = 100_000  # a real config has a few hundred; aliases may not expand past this
+MAX_YAML_DEPTH = 32  # a real config nests 3-4 levels; PyYAML recurses per level
+MAX_CONFIG_BYTES = 1 << 20  # a real config is a few KB
+_LONG_TOKEN = re.compile(r"\S{121,}")  # a value echoed in a message is cut to its first 60 chars
 
 # Clearer names accepted beside arcface_torch's (which stay the documented, saved names).
 ALIASES = {
@@ -33,20 +37,28 @@ ALIASES = {
 }
 
 
-def _count_nodes(node: yaml.Node, limit: int) -> int:
-    """Nodes of a YAML graph with every alias expanded (what `str()` or a dump would visit)."""
-    count, stack = 0, [node]
+def _count_nodes(node: yaml.Node, limit: int) -> tuple[int, int]:
+    """(nodes, depth) of a YAML graph with every alias expanded (what `str()` or a dump would
+    visit), counted without recursion up to `limit` nodes."""
+    count, deepest, stack = 0, 0, [(node, 1)]
     while stack:
-        current = stack.pop()
-        count += 1
+        current, depth = stack.pop()
+        count, deepest = count + 1, max(deepest, depth)
         if count > limit:
             break
         if isinstance(current, yaml.SequenceNode):
-            stack.extend(current.value)
+            stack.extend((child, depth + 1) for child in current.value)
         elif isinstance(current, yaml.MappingNode):
             for key, value in current.value:
-                stack.extend((key, value))
-    return count
+                stack.extend(((key, depth + 1), (value, depth + 1)))
+    return count, deepest
+
+
+def clip_message(text: str, limit: int = 2000) -> str:
+    """`text` with every run of more than 120 non-blank characters cut to its first 60 (a 1 MB
+    value is not echoed whole) and at most `limit` characters in all."""
+    text = _LONG_TOKEN.sub(lambda m: f"{m.group(0)[:60]}...({len(m.group(0))} characters)", text)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def safe_load_yaml(text: Any, src: str) -> Any:
@@ -60,22 +72,29 @@ def safe_load_yaml(text: Any, src: str) -> Any:
     Raises:
         ConfigError: invalid YAML, or more than `MAX_YAML_NODES` values once aliases expand.
     """
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # a file stream is read (and decoded) here
         node = loader.get_single_node()
         if node is None:
             return None
-        if _count_nodes(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+        count, depth = _count_nodes(node, MAX_YAML_NODES)
+        if count > MAX_YAML_NODES:
             raise ConfigError(
                 f"{src}: YAML anchors/aliases expand to more than {MAX_YAML_NODES} values; "
                 "write the values out instead"
             )
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{src}: YAML nested {depth} levels deep (limit {MAX_YAML_DEPTH})")
         return loader.construct_document(node)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise ConfigError(f"{src}: YAML nested too deeply (limit {MAX_YAML_DEPTH})") from None
+    except yaml.YAMLError as e:
         first = " ".join(str(e).split())  # one line: PyYAML's messages span several
         raise ConfigError(f"{src}: invalid YAML: {first}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -196,28 +215,47 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
     """Loads a YAML experiment file, applies dotted `key=value` overrides, validates.
 
     Args:
-        path: YAML file (None: defaults only).
+        path: YAML file (None: defaults only). A file that sets no `output` writes to
+            `work_dirs/<file name without .yaml>`, as arcface_torch (defaults: `work_dirs/run`).
         overrides: e.g. `["optim.lr=0.05", "data.batch_size=64"]`; values are parsed as YAML.
 
     Returns:
         A frozen, validated `Config`.
 
     Raises:
-        ConfigError: missing file, YAML syntax error, unknown key, wrong type or bad value; the
-            message names the file (or "command line") and the dotted field.
+        ConfigError: missing, over 1 MiB or non-UTF-8 file, YAML syntax error, nesting deeper
+            than `MAX_YAML_DEPTH`, unknown key, wrong type or bad value; one line (long values
+            cut: `clip_message`) naming the file (or "command line") and the dotted field.
     """
+    try:
+        return _load(path, overrides)
+    except ConfigError as e:  # one line, whatever value the file or command line held
+        raise ConfigError(clip_message(str(e))) from None
+
+
+def _load(path: str | None, overrides: Sequence[str]) -> Config:
     src = path or "<defaults>"
     raw: dict[str, Any] = {}
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"{path}: config file not found")
-        with open(path) as f:
-            raw = safe_load_yaml(f, path) or {}
+        if os.path.getsize(path) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {os.path.getsize(path)} bytes; a config is a few KB")
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            text = data.decode("utf-8-sig")  # a BOM, as some editors write, is dropped
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raw = safe_load_yaml(text, path) or {}
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(raw, key, value, "command line")
     if overrides:
         src = f"{src} + command line"
     _apply_compat(raw, src)
+    if path is not None and isinstance(raw, dict) and "output" not in raw:
+        # arcface_torch's default: work_dirs/<config name> (utils/utils_config.py)
+        raw["output"] = os.path.join("work_dirs", os.path.splitext(os.path.basename(path))[0])
     cfg: Config = _build(Config, raw, "", src)
     validate(cfg, src)
     return cfg

@@ -56,7 +56,9 @@ class DataConfig:
     num_classes: int = 0
     num_image: int = 0
     batch_size: int = 128
-    num_workers: int = 2
+    # Loader workers per rank (DALI: CPU threads); "auto" = this host's usable CPUs / local
+    # ranks - 1, at most 16 (trainer.data_setup.resolve_num_workers, docs/benchmarks.md).
+    num_workers: Any = "auto"  # an int >= 0 or "auto" (checked in validate.py)
     dali: bool = False
     flip: bool = True
     skip_corrupt: bool = False
@@ -127,6 +129,15 @@ class ScheduleConfig:
     power: float = 2.0
 
 
+# Why `engine.compile` refuses ZeRO-3 (validate.py at load, trainer/engine.py once the stage
+# is resolved from the launch config or the JSON).
+COMPILE_ZERO3 = (
+    "is ZeRO-1/2 only: under ZeRO-3 every module's parameter fetch/release hook breaks the "
+    "compiled graph (DeepSpeed's DeepCompile is not supported here); set engine.compile=false "
+    "or a ZeRO stage below 3"
+)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """DeepSpeed engine. `zero_stage` (-1: from the Accelerate launch config or the JSON),
@@ -138,7 +149,9 @@ class EngineConfig:
     the global batch (trainer/sync_bn.py), so the loss does not depend on how it is split over
     ranks: a run resumed on another world size continues the same loss curve. `memory_format`
     of the input batches: `channels_last` (faster CPU convolutions), `contiguous` (NCHW) or
-    `auto` (channels_last, except where a oneDNN bug needs NCHW: trainer/memory_format.py)."""
+    `auto` (channels_last, except where a oneDNN bug needs NCHW: trainer/memory_format.py).
+    `compile` runs the backbone through `torch.compile` (DeepSpeed's `engine.compile`, the
+    accelerator's backend: inductor) to fuse BatchNorm, PReLU and residual adds; ZeRO-1/2 only."""
 
     zero_stage: int = -1
     precision: str = ""
@@ -148,19 +161,28 @@ class EngineConfig:
     max_bad_steps: int = 20
     sync_bn: bool = False
     memory_format: str = "auto"
+    compile: bool = False
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
     """Console line and TensorBoard scalars every `frequent` optimizer steps (rank 0); the
-    console is also kept in `<output>/training.log`. `trackers`: experiment trackers started
-    through Accelerate's tracker interface with the same scalars (e.g. `[wandb]`, `[mlflow]`;
-    the package must be installed)."""
+    console is also kept in `<output>/training.log`. `trackers`: Accelerate's `log_with` (e.g.
+    `[wandb]`, `[mlflow]`; the package must be installed), started by
+    `accelerator.init_trackers(project, config, init_kwargs)` and sent the step scalars and the
+    verification metrics (docs/data.md). `project` is the tracker's project/experiment;
+    `run_name` ("": the output folder's name) and `tags` go to the trackers that take them
+    (wandb, mlflow); `init_kwargs`: tracker name -> keyword arguments of its start (wins over
+    the above), e.g. `{wandb: {mode: offline, entity: team}}`."""
 
     frequent: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
     trackers: tuple[str, ...] = ()
+    project: str = "arcscale"
+    run_name: str = ""
+    tags: tuple[str, ...] = ()
+    init_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -186,8 +208,32 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class PreemptionConfig:
+    """Stopping on a signal without losing a step (trainer/signals.py, docs/clusters.md): on one
+    of `signals` every rank finishes its step, the ranks agree on the stop step every
+    `sync_every` optimizer steps (one 8-byte all-reduce), the run checkpoints that step and
+    exits 128 + the signal number. `requeue`: then `scontrol requeue $SLURM_JOB_ID` (rank 0).
+    `signals: []` keeps the default actions (a signal kills the run)."""
+
+    signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGINT")
+    sync_every: int = 10
+    requeue: bool = False
+
+
+@dataclass(frozen=True)
+class ElasticConfig:
+    """A resume on another world size than the checkpoint's (elastic restart, requeue on another
+    allocation; trainer/elastic.py): `on_resize` keep_global_batch (gradient accumulation keeps
+    the checkpoint's global batch), scale_lr (LR scaled with the global batch) or none (as
+    configured)."""
+
+    on_resize: str = "keep_global_batch"
+
+
+@dataclass(frozen=True)
 class Config:
-    """A whole experiment. `output` is the run directory (checkpoints, TensorBoard, eval.jsonl)."""
+    """A whole experiment. `output` is the run directory (checkpoints, TensorBoard, eval.jsonl);
+    a config file that sets none gets `work_dirs/<its name>`, as arcface_torch (`load_config`)."""
 
     output: str = "work_dirs/run"
     seed: int = 2048
@@ -203,6 +249,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
 
 
 # `compat: NAME` -> the fields it sets (dotted key -> value) where the config does not set them.

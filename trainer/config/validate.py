@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from trainer.config.factories import build_head_margin
-from trainer.config.schema import COMPAT_PRESETS, Config, ConfigError, HeadConfig
+from trainer.config.schema import COMPAT_PRESETS, COMPILE_ZERO3, Config, ConfigError, HeadConfig
 from trainer.memory_format import CHOICES as MEMORY_FORMATS
 
 # bad(dotted field, why) -> the ConfigError to raise, the source already in its message.
@@ -34,6 +34,7 @@ _CHOICES = {
     "engine.memory_format": MEMORY_FORMATS,
     "head.margin_gradient": ("exact", "arcface_torch"),
     "head.clamping": ("none", "arcface_torch"),
+    "elastic.on_resize": ("keep_global_batch", "scale_lr", "none"),
 }
 
 
@@ -50,6 +51,7 @@ def validate(cfg: Config, src: str = "<config>") -> None:
     _check_switches(cfg, bad)
     _check_augment(cfg, src)
     _check_logging_and_resume(cfg, bad)
+    _check_preemption(cfg, bad)
     _check_numbers(cfg, bad)
     _check_model(cfg, bad)
     _check_loss(cfg, bad)
@@ -83,6 +85,8 @@ def _check_positive(cfg: Config, bad: _Bad) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise bad(name, f"must be > 0, got {value}")
+    if cfg.data.batch_size < 2:  # BatchNorm in training needs 2 samples per rank
+        raise bad("data.batch_size", "must be >= 2: every backbone has BatchNorm layers")
 
 
 def _check_head_and_optim_forms(cfg: Config, bad: _Bad) -> None:
@@ -107,6 +111,9 @@ def _check_data_and_schedule(cfg: Config, bad: _Bad) -> None:
         raise bad("data.rec", f"required for data.kind={cfg.data.kind}")
     if cfg.data.kind == "synthetic" and cfg.data.num_image <= 0:
         raise bad("data.num_image", "synthetic data needs num_image > 0")
+    workers = cfg.data.num_workers
+    if workers != "auto" and (type(workers) is not int or workers < 0):  # bool is not int here
+        raise bad("data.num_workers", f"must be an integer >= 0 or auto, got {workers!r}")
     if cfg.schedule.num_epoch <= 0 and cfg.schedule.max_steps <= 0:
         raise bad("schedule.num_epoch", "one of num_epoch or max_steps must be > 0")
     if cfg.schedule.warmup_epoch < 0:
@@ -127,6 +134,8 @@ def _check_switches(cfg: Config, bad: _Bad) -> None:
         )
     if cfg.model.freeze_steps and not cfg.model.freeze_stages:
         raise bad("model.freeze_steps", "needs model.freeze_stages > 0 (what to freeze)")
+    if cfg.engine.compile and cfg.engine.zero_stage == 3:
+        raise bad("engine.compile", COMPILE_ZERO3)
 
 
 def _check_augment(cfg: Config, src: str) -> None:
@@ -142,8 +151,39 @@ def _check_logging_and_resume(cfg: Config, bad: _Bad) -> None:
     trackers = cfg.logging.trackers
     if not all(isinstance(t, str) and t for t in trackers) or len(set(trackers)) < len(trackers):
         raise bad("logging.trackers", f"must be distinct tracker names, got {list(trackers)}")
+    _check_tracker_settings(cfg, bad)
     if not isinstance(cfg.checkpoint.resume, (bool, str)):
         raise bad("checkpoint.resume", f"must be true/false or a path: {cfg.checkpoint.resume!r}")
+
+
+def _check_preemption(cfg: Config, bad: _Bad) -> None:
+    """Signal names the trainer can catch (trainer/signals.py), a check interval >= 1."""
+    from trainer.signals import signal_number
+
+    for name in cfg.preemption.signals:
+        try:
+            signal_number(name)
+        except ValueError as e:
+            raise bad("preemption.signals", str(e)) from None
+    if cfg.preemption.sync_every < 1:
+        raise bad("preemption.sync_every", f"must be >= 1, got {cfg.preemption.sync_every}")
+
+
+def _check_tracker_settings(cfg: Config, bad: _Bad) -> None:
+    """`logging.project` named, `tags` strings, `init_kwargs` keyed by a tracker of the run."""
+    log = cfg.logging
+    if not log.project.strip():
+        raise bad("logging.project", "must be a non-empty name")
+    if not all(isinstance(t, str) and t for t in log.tags):
+        raise bad("logging.tags", f"must be non-empty strings, got {list(log.tags)}")
+    for name, kwargs in log.init_kwargs.items():
+        if name not in log.trackers:
+            raise bad(
+                f"logging.init_kwargs.{name}",
+                f"not a tracker of logging.trackers {list(log.trackers)}",
+            )
+        if not isinstance(kwargs, dict):
+            raise bad(f"logging.init_kwargs.{name}", f"must be a mapping, got {kwargs!r}")
 
 
 def _check_numbers(cfg: Config, bad: _Bad) -> None:
@@ -161,6 +201,8 @@ def _check_numbers(cfg: Config, bad: _Bad) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise bad(name, f"must be > 0, got {value}")
+    if cfg.data.batch_size < 2:  # BatchNorm in training needs 2 samples per rank
+        raise bad("data.batch_size", "must be >= 2: every backbone has BatchNorm layers")
     non_negative = {
         "schedule.max_steps": cfg.schedule.max_steps,
         "schedule.num_epoch": cfg.schedule.num_epoch,

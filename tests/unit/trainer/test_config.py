@@ -212,3 +212,15 @@ def test_finetune_fields_validated(override, message):
     base = ["data.kind=synthetic", "data.num_image=100", "data.num_classes=10"]
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         load_config(None, [*base, override])
+
+
+def test_default_output_is_work_dirs_config_name_as_arcface_torch(tmp_path):
+    synth = {"data": {"kind": "synthetic", "num_classes": 10, "num_image": 64}}
+    path = _write(tmp_path, synth, name="ms1mv3_r50_try.yaml")
+    assert load_config(path).output == os.path.join("work_dirs", "ms1mv3_r50_try")
+    assert load_config(path, ["output=/tmp/elsewhere"]).output == "/tmp/elsewhere"
+    given = _write(tmp_path, {**synth, "output": "runs/a"}, name="b.yaml")
+    assert load_config(given).output == "runs/a"
+    for shipped in CONFIGS:  # the shipped configs already name their output so
+        stem = os.path.splitext(os.path.basename(shipped))[0]
+        assert load_config(shipped).output == f"work_dirs/{stem}", shipped

@@ -10,9 +10,10 @@ from torch.overrides import TorchFunctionMode
 from data.datasets import SyntheticDataset
 from data.decode import normalize
 from data.loader import build_cpu_loader, flip_mask
-from trainer.device_batch import DevicePrefetcher, to_device
+from trainer.device_batch import DevicePrefetcher, StreamOps, to_device
 
 N, B, SEED = 16, 4, 5
+CPU = torch.device("cpu")
 
 
 def _reference(ds, labels, epoch):
@@ -110,24 +111,58 @@ def test_step_copies_uint8_and_normalizes_on_the_device():
     assert torch.equal(x, normalize(u8).to(torch.bfloat16))
 
 
-class _EagerPrefetcher(DevicePrefetcher):
-    """The CUDA prefetch order (one batch ahead) with CPU stand-ins for the stream work."""
+class _Stream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
 
-    def _prefetches(self, batch):
-        return True
+    def wait_event(self, event):
+        self.log.append(("wait", self.name, event.batch))
 
-    def _issue(self, batch):
-        return None if batch is None else self._convert(batch)
+    def wait_stream(self, stream):  # what the old prefetcher did: wait for all side work
+        self.log.append(("wait_stream", self.name, stream.name))
 
-    def _take(self, batch):
-        return batch
+
+def _fake_ops(log):
+    """CPU stand-ins for the CUDA stream calls that log their order: ``("issue", k)`` when
+    batch k's copy starts on the side stream, ``("record", stream, k)`` for its event,
+    ``("wait", stream, k)`` when a stream waits on batch k's event."""
+    issued = [0]
+
+    class Event:
+        def record(self, stream):
+            self.batch = issued[0]
+            log.append(("record", stream.name, self.batch))
+
+    @contextmanager
+    def use_stream(stream):
+        issued[0] += 1
+        log.append(("issue", issued[0]))
+        yield
+
+    main, side = _Stream("main", log), _Stream("side", log)
+    return StreamOps(lambda device: side, use_stream, lambda device: main, Event)
+
+
+def test_each_batch_waits_for_its_own_copy_only():
+    ds = SyntheticDataset(N, num_classes=N, image_size=112, seed=3)
+    plain = list(DevicePrefetcher(build_cpu_loader(ds, B, 0, 1, SEED, num_workers=0), CPU))
+    log = []
+    loader = build_cpu_loader(ds, B, 0, 1, SEED, num_workers=0)
+    batches = DevicePrefetcher(loader, CPU, stream_ops=_fake_ops(log))
+    for k, (x, y) in enumerate(batches, start=1):
+        assert log[-1] == ("wait", "main", k)  # the step waits on batch k's event ...
+        if k < len(plain):  # ... while batch k+1's copy is already issued behind it
+            assert log[-3:-1] == [("issue", k + 1), ("record", "side", k + 1)]
+        assert torch.equal(x, plain[k - 1][0]) and torch.equal(y, plain[k - 1][1])
+    assert k == len(plain) == N // B
+    assert [e for e in log if e[0] == "wait_stream"] == []
 
 
 def test_prefetch_ahead_state_counts_only_handed_out_batches():
     ds = SyntheticDataset(N, num_classes=N, image_size=112, seed=3)
     loader = build_cpu_loader(ds, B, 0, 1, SEED, num_workers=0)
     ref = [y for _, y in DevicePrefetcher(loader, torch.device("cpu"))]
-    batches = _EagerPrefetcher(loader, torch.device("cpu"))
+    batches = DevicePrefetcher(loader, CPU, stream_ops=_fake_ops([]))  # prefetches like CUDA
     it = iter(batches)
     got = [next(it)[1] for _ in range(2)]
     assert loader.state_dict()["offset"] == 3 * B  # the loader ran one batch ahead

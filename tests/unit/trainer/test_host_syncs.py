@@ -1,58 +1,29 @@
 """Host syncs per optimizer step, counted on CPU: the calls that would make the host wait for a
-CUDA device, during a steady-state 2-rank `train_step` (Accelerate + DeepSpeed + Partial FC).
-
-On CPU nothing waits, so the calls themselves are counted with a `TorchFunctionMode`: reading a
-value (`item`, `tolist`, `bool`/`int`/`float`/`format` of a tensor, `cpu`, `numpy`, `equal`),
-data-dependent shapes (`nonzero`, `unique`, `masked_select`, boolean-mask indexing) and tensors
-built from Python data (`torch.tensor`/`as_tensor`: a pageable copy on CUDA). DeepSpeed's own
-calls count too. Budget (issue 13): the replicated finite-loss check, plus one combined read on
-logging steps (`StepResult.read`); DeepSpeed's are listed in docs/benchmarks.md.
+CUDA device (`tests/helpers/host_syncs.py`), during steady-state 2-rank `train_step`s
+(Accelerate + DeepSpeed + Partial FC): the default recipe, and every shipped recipe's features
+(configs/*.yaml: dense head decay, gradient accumulation, each margin, sub-centers, AdamW, fp16,
+ZeRO-3). DeepSpeed's own calls count too. Budget (issues 13, 28): the replicated finite-loss
+check, one per micro-batch, plus one combined read on logging steps (`StepResult.read`);
+DeepSpeed's are listed in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import os
-import traceback
 
+import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from tests.helpers.distributed import run_distributed
+from tests.helpers.host_syncs import HostSyncCounter
+from tests.helpers.recipe_step import (
+    SHIPPED,
+    build_engine,
+    engine_key,
+    micro_batches,
+    recipe_config,
+)
 from tests.helpers.train_step import build_step
-
-_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__format__"}
-_READS |= {"cpu", "numpy", "equal", "allclose", "nonzero", "masked_select", "unique"}
-_READS |= {"unique_consecutive", "_unique", "_unique2", "tensor", "as_tensor"}
-_TORCH = os.sep + "torch" + os.sep
-
-
-def _is_mask_index(args) -> bool:
-    idx = args[1] if len(args) > 1 else None
-    items = idx if isinstance(idx, tuple) else (idx,)
-    return any(torch.is_tensor(i) and i.dtype == torch.bool and i.dim() > 0 for i in items)
-
-
-def _site() -> str:
-    """Innermost caller outside torch and this file: who asked for the sync."""
-    for frame in reversed(traceback.extract_stack()):
-        if _TORCH not in frame.filename and frame.filename != __file__:
-            return f"{frame.filename.split('site-packages' + os.sep)[-1]}:{frame.lineno}"
-    return "?"
-
-
-class HostSyncCounter(TorchFunctionMode):
-    """Records ``(function name, call site)`` of every call that would sync on CUDA."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[str, str]] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", str(func))
-        if name in _READS or (name in ("__getitem__", "__setitem__") and _is_mask_index(args)):
-            self.calls.append((name, _site()))
-        return func(*args, **(kwargs or {}))
-
 
 # arcface_torch's recipe: clipping at 5, momentum, weight decay; half the classes sampled.
 RECIPE = ["optim.clip_grad=5.0", "optim.momentum=0.9", "optim.weight_decay=5e-4"]
@@ -104,3 +75,123 @@ def test_two_rank_step_syncs_at_most_twice():
         assert set(v) >= {"loss", "grad_norm", "num_positive", "head_finite", "num_sampled"}
         assert all(isinstance(x, float) for x in v.values()), v
         assert v["head_finite"] == 1.0 and v["grad_norm"] > 0 and v["num_positive"] >= 1
+
+
+def _head_key(cfg):
+    h, o = cfg.head, cfg.optim
+    return (
+        engine_key(cfg),
+        h.loss,
+        repr(h.loss_kwargs),
+        h.num_subcenters,
+        h.sample_rate,
+        h.margin_gradient,
+        h.clamping,
+        o.optimizer,
+        o.head_decay,
+        o.momentum,
+        o.weight_decay,
+    )
+
+
+def _recipes():
+    """Shipped configs with distinct features, grouped by engine: {engine key: {head key:
+    [config names]}}."""
+    groups: dict = {}
+    for path in SHIPPED:
+        cfg = recipe_config(path)
+        names = groups.setdefault(engine_key(cfg), {}).setdefault(_head_key(cfg), [])
+        names.append(os.path.basename(path))
+    return groups
+
+
+def _recipes_worker(rank, world, groups):
+    from trainer.run import build_head
+    from trainer.step import train_step
+
+    cpu = torch.device("cpu")
+    out = []
+    for heads in groups.values():
+        names = next(iter(heads.values()))
+        cfg = recipe_config(os.path.join(os.path.dirname(SHIPPED[0]), names[0]))
+        accelerator, engine, precision, _ = build_engine(rank, world, cfg)
+        micro = micro_batches(rank, world, cfg.optim.gradient_acc)
+        for names in heads.values():
+            cfg = recipe_config(os.path.join(os.path.dirname(SHIPPED[0]), names[0]))
+            head, head_opt = build_head(cfg, cpu, precision)
+            for _ in range(2):  # start-up (batch size agreed once), then a steady step
+                train_step(accelerator, engine, head, head_opt, micro, precision, cpu)
+            counter = HostSyncCounter()
+            with counter:
+                result = train_step(accelerator, engine, head, head_opt, micro, precision, cpu)
+            own = [c for c in counter.calls if not c[1].startswith("deepspeed")]
+            out.append(
+                {
+                    "configs": names,
+                    "micro": len(micro),
+                    "own": own,
+                    "deepspeed": len(counter.calls) - len(own),
+                    "applied": result.applied,
+                    "finite": bool(result.head_finite),
+                }
+            )
+    return out
+
+
+def test_every_shipped_recipe_syncs_once_per_micro_batch():
+    """Every feature a shipped config turns on (compat's dense head decay at sample rate < 1,
+    gradient_acc 2 and 3, each margin incl. ElasticFace's per-step draws, sub-centers, AdamW,
+    fp16 ZeRO-1, bf16 ZeRO-2/3): our code reads the device once per micro-batch (the finite-loss
+    check), on both ranks."""
+    results = run_distributed(_recipes_worker, 2, args=(_recipes(),), timeout=600)
+    for r in results[0]:  # the table in docs/benchmarks.md (pytest -s)
+        own = sorted({site for _, site in r["own"]})
+        print(
+            f"{','.join(r['configs'])}: own {len(r['own'])}/{r['micro']} micro-batches "
+            f"{own}, deepspeed {r['deepspeed']}"
+        )
+    assert results[0] and len(results[0]) == len(results[1])
+    for rank_results in results:
+        for r in rank_results:
+            assert r["applied"] and r["finite"], r["configs"]
+            assert len(r["own"]) <= r["micro"], (r["configs"], r["own"])
+    covered = {name for r in results[0] for name in r["configs"]}
+    assert covered == {os.path.basename(p) for p in SHIPPED}
+
+
+@pytest.mark.parametrize("name", ["zero2_bf16.json", "zero3_bf16.json", "zero3_bf16_offload.json"])
+def test_bf16_configs_drop_deepspeeds_overflow_read(name):
+    """The bf16 JSONs switch DeepSpeed's bf16 overflow check off (a flag read per step, ZeRO-1/2;
+    ZeRO-3 checks fp16 only) and the resolved config keeps it: the step's finite-loss check and
+    the head's finiteness gate cover a non-finite loss (docs/benchmarks.md)."""
+    from trainer.config import load_config
+    from trainer.engine import EngineSettings, build_ds_config
+
+    path = os.path.join(os.path.dirname(SHIPPED[0]), "..", "ds_configs", name)
+    stage = 2 if "zero2" in name else 3
+    cfg = load_config(None, ["data.kind=synthetic", "data.num_classes=10", "data.num_image=100"])
+    ds = build_ds_config(cfg, EngineSettings(stage, "bf16", os.path.normpath(path)))
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": False}
+
+
+def _sync_bn_worker(rank, world):
+    from torch import nn
+
+    from trainer.sync_bn import convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.BatchNorm1d(144))
+    net = convert_sync_batchnorm(net)
+    x = torch.randn(3 + rank, 3, 8, 8)  # unequal per-rank batches
+    net(x).sum().backward()  # start-up
+    counter = HostSyncCounter()
+    with counter:
+        net(x).square().sum().backward()
+    return counter.calls
+
+
+def test_sync_bn_reads_nothing():
+    """engine.sync_bn: forward and backward of two synchronized BatchNorm layers on 2 ranks
+    make no host read (torch's SyncBatchNorm masks empty ranks: one sync per layer)."""
+    for calls in run_distributed(_sync_bn_worker, 2, timeout=120):
+        assert calls == [], calls

@@ -4,6 +4,8 @@ code 2 before any process group. docs/reliability.md maps each case to its test.
 the trainer's checks are called in this process.
 """
 
+import re
+
 import pytest
 
 from data.verification_bin import write_bin
@@ -17,7 +19,7 @@ SYNTHETIC = "data: {kind: synthetic, num_image: 64, num_classes: 8}\n"
 @pytest.fixture
 def cfg_file(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text(SYNTHETIC + f"output: {tmp_path / 'run'}\n")  # never the default work_dirs/run
+    path.write_text(SYNTHETIC + f"output: {tmp_path / 'run'}\n")  # never work_dirs/ of the checkout
     return str(path)
 
 
@@ -37,6 +39,29 @@ def _laughs(levels):
     for prev, name in zip("abcdefgh", "bcdefghi"[: levels - 1]):
         out.append(f"{name}: &{name} [{','.join([f'*{prev}'] * 9)}]")
     return out
+
+
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_deep_nesting_non_utf8_and_huge_values_are_one_short_line(tmp_path, cfg_file, where):
+    """Issue 32 item 12: 500+ nesting levels raised RecursionError, a non-UTF-8 file a
+    UnicodeDecodeError outside the try, and a 1 MB value came back whole in the error."""
+    deep = "[" * 600 + "]" * 600
+    huge = "x" * 10**6
+    if where == "file":
+        nested = tmp_path / "deep.yaml"
+        nested.write_text(SYNTHETIC + f"model: {{kwargs: {{a: {deep}}}}}\n")
+        assert "nested" in _config_error(str(nested))
+        latin1 = tmp_path / "latin1.yaml"
+        latin1.write_bytes(SYNTHETIC.encode() + "output: /tmp/caf\xe9\n".encode("latin-1"))
+        msg = _config_error(str(latin1))
+        assert "latin1.yaml: not UTF-8 text (invalid continuation byte" in msg
+        big = tmp_path / "big.yaml"
+        big.write_text(SYNTHETIC + f"model: {{network: {huge}}}\n")
+        msg = _config_error(str(big))
+    else:
+        assert "nested" in _config_error(cfg_file, [f"model.kwargs={deep}"])
+        msg = _config_error(cfg_file, [f"model.network={huge}"])
+    assert re.search(r"x{10}\.\.\.\(100000\d characters\)", msg) and len(msg) < 2200, len(msg)
 
 
 def test_yaml_alias_bomb_is_refused(tmp_path, cfg_file):
@@ -132,3 +157,33 @@ def test_two_eval_targets_with_one_name_are_refused(tmp_path, cfg_file, capsys):
         write_bin(tmp_path / sub / "lfw.bin", [flat_jpeg(112)] * 20, [True, False] * 5)
     targets = f"eval.val_targets=[{tmp_path}/a/lfw.bin,{tmp_path}/b/lfw.bin]"
     _one_line_exit2(capsys, [cfg_file, targets], "have the same name 'lfw'")
+
+
+def test_pretrained_that_expands_past_the_network_is_refused(tmp_path):
+    """Issue 32 item 9: a 0.5 MB .pt given as model.pretrained added 516 MB of RSS (measured
+    after the fix: refused with +0.1 MB); the zip's member sizes are checked against the
+    network's before anything is inflated."""
+    import zipfile
+
+    import torch
+
+    import models
+    from trainer.config import ConfigError, load_config
+    from trainer.pretrained import load_pretrained
+
+    model = models.create("r18", embedding_size=64, base_width=8)
+    path = tmp_path / "backbone.pt"
+    torch.save({**model.state_dict(), "extra": torch.zeros(2**23)}, path)
+    with zipfile.ZipFile(path) as src:
+        members = [(info.filename, src.read(info)) for info in src.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name, data in members:
+            dst.writestr(name, data)
+    overrides = [f"output={tmp_path / 'run'}", "data.kind=synthetic", "data.num_classes=8",
+                 "data.num_image=64",
+                 "model.embedding_size=64",
+                 "model.kwargs={base_width: 8}", f"model.pretrained={path}",
+                 "model.pretrained_strict=false"]  # fmt: skip
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError, match="backbone.pt: refused: its members expand to"):
+        load_pretrained(cfg, model, log=lambda line: None)

@@ -1,4 +1,5 @@
-"""training.log (console, config, versions, world size, errors) and Accelerate trackers."""
+"""training.log (console, native writes, config, versions, world size, errors); tracker names.
+The trackers themselves: test_trackers.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import pytest
 
 from trainer.config import ConfigError, load_config
-from trainer.logging_utils import TrainLogger, check_trackers, open_trackers, run_log
+from trainer.logging_utils import check_trackers, run_log
 
 SYNTH = ["data.kind=synthetic", "data.num_classes=10", "data.num_image=64", "model.network=mbf"]
 
@@ -64,6 +65,42 @@ def test_other_ranks_add_only_prefixed_stderr(tmp_path):
     assert "[rank 1] first\n[rank 1] second part\n" in text
 
 
+def test_native_writes_reach_the_log(tmp_path):
+    """Lines written by native code to descriptors 1 and 2 (NCCL, c10 warnings) are kept."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    cfg = _cfg(tmp_path)
+    with run_log(cfg, ["t"], 0, 2) as path:
+        libc.write(1, b"libc write to fd 1\n", 19)
+        os.write(2, b"NCCL WARN native fd 2\n")
+        libc.fprintf(ctypes.c_void_p.in_dll(libc, "stderr"), b"c10 warning via stdio\n")
+    with run_log(cfg, ["t"], 1, 2):
+        os.write(2, b"rank one native\n")
+        os.write(1, b"rank one stdout stays out\n")
+    text = _read(path)
+    for line in ("libc write to fd 1", "NCCL WARN native fd 2", "c10 warning via stdio"):
+        assert f"\n{line}\n" in text, line
+    assert "[rank 1] rank one native\n" in text and "stays out" not in text
+    assert os.fstat(1) and os.fstat(2)  # descriptors restored and open
+
+
+def test_step_line_loss_is_the_interval_mean_as_arcface_torch(tmp_path, capsys):
+    """arcface_torch's CallBackLogging prints its AverageMeter (reset at each line): the mean
+    of the step losses since the last line, not the last step's."""
+    import torch
+
+    from trainer.logging_utils import TrainLogger
+
+    logger = TrainLogger(str(tmp_path), 0, 6, 8, use_tensorboard=False, progress_bar=False)
+    for step, loss in enumerate([1.0, 2.0, 6.0, float("nan"), 5.0, 7.0], 1):
+        finite = torch.tensor(loss) if loss == loss else None  # a non-finite step: no value
+        logger.step(step, 0, {"loss": loss, "lr": 0.1}, frequent=3, loss=finite)
+    logger.close()
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("Step ")]
+    assert [x.split(" Loss ")[1].split()[0] for x in lines] == ["3.0000", "6.0000"]
+
+
 def test_tracker_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="logging.trackers: unknown tracker 'nope'"):
         check_trackers(_cfg(tmp_path, "logging.trackers=[nope]"))
@@ -72,48 +109,6 @@ def test_tracker_errors_name_the_field(tmp_path):
     if importlib.util.find_spec("wandb") is None:
         with pytest.raises(ConfigError, match=r"'wandb' package, which is not installed"):
             check_trackers(_cfg(tmp_path, "logging.trackers=[wandb]"))
-
-
-def test_registered_tracker_gets_config_and_scalars(tmp_path):
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker
-
-    seen: dict = {"logs": []}
-
-    class Recorder(GeneralTracker):
-        name = "recorder_test"
-        requires_logging_directory = False
-
-        def __init__(self, run_name):
-            super().__init__()
-            seen["run_name"] = run_name
-
-        @property
-        def tracker(self):
-            return self
-
-        def store_init_configuration(self, values):
-            seen["config"] = values
-
-        def log(self, values, step=None, **kwargs):
-            seen["logs"].append((step, values))
-
-        def finish(self):
-            seen["finished"] = True
-
-    LOGGER_TYPE_TO_CLASS["recorder_test"] = Recorder
-    try:
-        cfg = _cfg(tmp_path, "logging.trackers=[recorder_test]")
-        logger = TrainLogger(cfg.output, 0, 4, 32, use_tensorboard=False, progress_bar=False)
-        logger.trackers = open_trackers(cfg)
-        for step in range(1, 5):
-            logger.step(step, 0, lambda: {"loss": 3.0, "lr": 0.1, "grad_norm": 2.0}, frequent=2)
-        logger.close()
-    finally:
-        del LOGGER_TYPE_TO_CLASS["recorder_test"]
-    assert seen["run_name"] == "run" and seen["finished"]
-    assert seen["config"]["optim.lr"] == 0.1 and seen["config"]["model.network"] == "mbf"
-    assert [s for s, _ in seen["logs"]] == [2, 4]
-    assert seen["logs"][0][1]["train/loss"] == 3.0 and "train/samples_per_sec" in seen["logs"][0][1]
 
 
 def test_entry_point_logs_run_and_its_error(tmp_path, monkeypatch, capsys):
