@@ -54,6 +54,14 @@ if [ "$(cd / && "$venv/bin/python" -c "$where" 2>/dev/null)" != "$(pwd -P)" ] ||
     rm -f "$venv"/.project-* && touch "$project"
 fi
 
+# One path to the venv for every process: `.venv/bin/python` (README's test command) and console
+# scripts (their shebang names the cache path) would otherwise import deepspeed and torch by two
+# paths, and DeepSpeed's JIT ops, whose compile flags carry those paths, would rebuild (~30 s) each
+# time the other kind of process loads them. Site-packages' .pth lines run at start-up.
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo 'import os, sys; sys.path[:] = list(dict.fromkeys(os.path.realpath(p) if os.path.isabs(p) else p for p in sys.path))' \
+    >"$site/zz_arcscale_realpath.pth"
+
 # DeepSpeed JIT-builds its CPU ops (shm_comm, cpu_adam) on first use: keep them in a cached folder.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$CACHE/torch_extensions}
 # DeepSpeed must agree with torch about CUDA (trainer/engine.py resolve_device): CPU only then.

@@ -107,3 +107,23 @@ def test_commands_are_on_path_in_the_venv():
     )
     assert out.returncode == 0, out.stderr
     assert "usage:" in out.stdout
+
+
+def test_every_process_imports_the_venv_by_one_path():
+    # `.venv/bin/python` and the console scripts' shebang (the cache path) must import packages by
+    # one path: DeepSpeed's JIT ops carry it in their compile flags and rebuild when it changes.
+    venv_python = ROOT / ".venv" / "bin" / "python"
+    shebang = (Path(sys.executable).parent / "arcscale-train").read_text().splitlines()[0]
+    assert shebang.startswith("#!"), shebang
+    found = {}
+    for python in (str(venv_python), shebang[2:].strip()):
+        out = subprocess.run(
+            [python, "-c", "import yaml; print(yaml.__file__)"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
+        assert out.returncode == 0, out.stderr
+        found[python] = out.stdout.strip()
+    assert len(set(found.values())) == 1, f"one venv, two import paths: {found}"
