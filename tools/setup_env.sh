@@ -54,13 +54,26 @@ if [ "$(cd / && "$venv/bin/python" -c "$where" 2>/dev/null)" != "$(pwd -P)" ] ||
     rm -f "$venv"/.project-* && touch "$project"
 fi
 
-# One path to the venv for every process: `.venv/bin/python` (README's test command) and console
-# scripts (their shebang names the cache path) would otherwise import deepspeed and torch by two
-# paths, and DeepSpeed's JIT ops, whose compile flags carry those paths, would rebuild (~30 s) each
-# time the other kind of process loads them. Site-packages' .pth lines run at start-up.
+# One venv for every process, however it was started: `.venv/bin/python` (README's test command) and
+# console scripts (their shebang names the cache path) would import deepspeed and torch by two paths,
+# and only processes with the venv's bin/ on PATH would run the locked ninja (others a system one,
+# whose build log hashes commands differently). DeepSpeed's JIT ops (shm_comm, cpu_adam) would then
+# rebuild (~30 s) each time the two kinds of process take turns. Site-packages' .pth lines run at
+# start-up: real paths on sys.path, the venv's bin/ first on PATH (as `activate` does).
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-echo 'import os, sys; sys.path[:] = list(dict.fromkeys(os.path.realpath(p) if os.path.isabs(p) else p for p in sys.path))' \
-    >"$site/zz_arcscale_realpath.pth"
+cat >"$site/arcscale_venv_paths.py" <<'PY'
+"""One venv for every process (written by arcscale's tools/setup_env.sh, run by zz_arcscale_venv.pth)."""
+
+import os
+import sys
+
+sys.path[:] = list(dict.fromkeys(os.path.realpath(p) if os.path.isabs(p) else p for p in sys.path))
+_bin = os.path.join(os.path.realpath(sys.prefix), "bin")
+_path = os.environ.get("PATH", "")
+if _path.split(os.pathsep)[0] != _bin:
+    os.environ["PATH"] = _bin + os.pathsep + _path if _path else _bin
+PY
+echo "import arcscale_venv_paths" >"$site/zz_arcscale_venv.pth"
 
 # DeepSpeed JIT-builds its CPU ops (shm_comm, cpu_adam) on first use: keep them in a cached folder.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$CACHE/torch_extensions}

@@ -52,7 +52,7 @@ STEP_RE = re.compile(r"^Step (\d+)/(\d+) Epoch (\d+) Loss (\S+) LR (\S+)", re.M)
 # import torch from the same path as this process, so a DeepSpeed op JIT-built into
 # TORCH_EXTENSIONS_DIR (its build flags name torch's include path) is not rebuilt whenever the
 # venv is reached once through a symlink (.venv) and once through its real path (the shebang).
-# tools/setup_env.sh's zz_arcscale_realpath.pth does the same for every other process.
+# tools/setup_env.sh's zz_arcscale_venv.pth does the same for every other process.
 _SCRIPT = [sys.executable]
 # Variables a launcher sets for its ranks: a started process never inherits this one's.
 _RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")

@@ -7,6 +7,7 @@ must hold every locked package at its locked version and nothing else.
 
 import importlib
 import inspect
+import os
 import re
 import subprocess
 import sys
@@ -111,19 +112,23 @@ def test_commands_are_on_path_in_the_venv():
 
 def test_every_process_imports_the_venv_by_one_path():
     # `.venv/bin/python` and the console scripts' shebang (the cache path) must import packages by
-    # one path: DeepSpeed's JIT ops carry it in their compile flags and rebuild when it changes.
+    # one path and run one ninja (whatever PATH they started with): DeepSpeed's JIT ops carry the
+    # path in their compile flags, ninja versions hash commands differently; either rebuilds them.
     venv_python = ROOT / ".venv" / "bin" / "python"
     shebang = (Path(sys.executable).parent / "arcscale-train").read_text().splitlines()[0]
     assert shebang.startswith("#!"), shebang
     found = {}
     for python in (str(venv_python), shebang[2:].strip()):
         out = subprocess.run(
-            [python, "-c", "import yaml; print(yaml.__file__)"],
+            [python, "-c", "import shutil, yaml; print(yaml.__file__, shutil.which('ninja'))"],
             capture_output=True,
             text=True,
             timeout=60,
             cwd="/",
+            env={**os.environ, "PATH": "/usr/local/bin:/usr/bin:/bin"},
         )
         assert out.returncode == 0, out.stderr
         found[python] = out.stdout.strip()
-    assert len(set(found.values())) == 1, f"one venv, two import paths: {found}"
+    assert len(set(found.values())) == 1, f"one venv, two import paths or ninjas: {found}"
+    ninja = next(iter(found.values())).split()[1]
+    assert os.path.realpath(ninja) == os.path.realpath(os.path.join(sys.prefix, "bin", "ninja"))
