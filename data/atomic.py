@@ -72,3 +72,16 @@ def same_place(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # one of them does not exist (yet): not the same place
         return False
+
+
+def make_writable_folder(path: str | os.PathLike[str]) -> None:
+    """Create folder `path` (and its parents) and prove a file can be written in it.
+
+    Raises:
+        OSError: the folder cannot be created, or a temporary file cannot be written there.
+    """
+    import tempfile
+
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+        pass

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.atomic import atomic_path, write_text_atomic
+from data.atomic import atomic_path, make_writable_folder, write_text_atomic
 from data.ijb import AlignedFaces, IJBMeta, IJBProtocol1N, check_templates, load_1n, load_meta
 from evaluation.embedders import Embedder, check_input_size, embed_batch, load_embedder
 from evaluation.ijb_metrics import (
@@ -259,14 +259,10 @@ def _reason(error: BaseException) -> str:
 def _prepare_out(out: str) -> None:
     """`--out` is a folder this process can write (created if missing), checked before the
     embedding pass: a file, a path under a file or a read-only folder fails in seconds."""
-    import tempfile
-
     if os.path.lexists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} exists and is not a folder")
     try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
+        make_writable_folder(out)
     except OSError as e:
         raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from data.atomic import atomic_path
+from data.atomic import atomic_path, make_writable_folder
 from heads import HeadOptimizer, PartialFC
 from models.weights import checkpoint_root, latest_checkpoint, read_state_dict, save_safetensors
 from trainer.config import Config, ConfigError, to_dict
@@ -216,8 +216,6 @@ def prepare_output_folder(output: str, overwrite: bool = False) -> None:
     Raises:
         ConfigError: one line naming `output` and the reason.
     """
-    import tempfile
-
     if not output.strip():
         raise ConfigError("output: empty; name the run's folder (e.g. work_dirs/<config name>)")
     real = os.path.realpath(output)
@@ -234,9 +232,7 @@ def prepare_output_folder(output: str, overwrite: bool = False) -> None:
                 "arcscale run; pick a new or empty folder, or set checkpoint.overwrite=true"
             )
     try:
-        os.makedirs(output, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output):
-            pass
+        make_writable_folder(output)
     except OSError as e:
         raise ConfigError(f"output: cannot write to {output} ({e.strerror or e})") from None
 
